@@ -64,7 +64,7 @@ def test_presets_and_config_errors():
     assert vg.VARConfig.preset("d16") == vg.VARConfig()
     d30 = vg.VARConfig.preset("d30")
     assert (d30.embed_dim, d30.num_heads, d30.seq_len, d30.image_size) == (1920, 30, 680, 256)
-    assert vg.VARConfig.preset("tiny").seq_len == 30
+    assert vg.VARConfig.preset("tiny").seq_len == 30 and vg.VARConfig.preset("tiny").image_size == 64
     with pytest.raises(ValueError, match="unknown preset 'd17'"):
         vg.VARConfig.preset("d17")
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -91,14 +91,10 @@ def test_block_causal_mask(patch_nums):
 
 
 def test_phi_index_matches_official_ticks():
-    # Official PhiPartiallyShared: argmin |linspace(1/12, 11/12, 4) - si/(K-1)|, first on ties.
+    # What the official PhiPartiallyShared picks (run on the official code): argmin over ticks
+    # linspace(1/12, 11/12, 4) of |tick - si/(K-1)|, the first on ties (K=10, si=2 and 7 are ties).
     assert [vg.phi_index(si, 4) for si in range(4)] == [0, 1, 2, 3]
-    d16 = [vg.phi_index(si, 10) for si in range(10)]
-    assert d16[0] == 0 and d16[-1] == 3 and d16 == sorted(d16)
-    # si=2, K=10 sits exactly between ticks 0 and 1 in exact arithmetic; float64 decides as numpy does
-    import numpy as np
-    ticks = np.linspace(1 / 12, 11 / 12, 4)
-    assert d16 == [int(np.argmin(np.abs(ticks - si / 9))) for si in range(10)]
+    assert [vg.phi_index(si, 10) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
 def test_split_scales_rejects_partial_scale():
@@ -142,10 +138,9 @@ def test_d36_preset_builds():
 @pytest.fixture(scope="module")
 def official():
     f = torch.load(FIXTURE, weights_only=False)  # plain dicts/lists/tensors written by the official code
-    cfg = vg.VARConfig.preset("tiny")
-    assert (cfg.vocab_size, cfg.z_channels, cfg.vae_ch, cfg.depth, cfg.num_classes, cfg.patch_nums) == (
-        f["config"]["V"], f["config"]["Cvae"], f["config"]["ch"], f["config"]["depth"],
-        f["config"]["num_classes"], tuple(f["config"]["patch_nums"]))
+    c = f["config"]
+    cfg = vg.VARConfig(depth=c["depth"], patch_nums=tuple(c["patch_nums"]), vocab_size=c["V"], z_channels=c["Cvae"],
+                       vae_ch=c["ch"], num_classes=c["num_classes"])
     vae, var = vg.build_vae_var(cfg)
     vae.load_state_dict(f["vae_state_dict"], strict=True)
     var.load_state_dict(f["var_state_dict"], strict=True)

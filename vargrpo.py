@@ -35,7 +35,8 @@ import os
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, asdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,10 @@ PRESETS = {
     "d24": VARConfig(depth=24), "d30": VARConfig(depth=30),
     # d36 (512 px) follows the official build arguments; its file layout is not checked by a fixture.
     "d36": VARConfig(depth=36, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32), shared_aln=True),
-    # The layout of ../shared/fixtures/official_var_tiny.pt: 64 px images, 30 tokens, 4 scales.
-    "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=32,
+    # CPU demos and tests: 64 px images, 30 tokens, 4 scales. The official code's reference outputs
+    # (../shared/fixtures/official_var_tiny.pt) use the same shape with vae_ch=32; 64 lets the demo
+    # tokenizer carry colours through the decoder's GroupNorms (colour_tokenizer_).
+    "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64,
                       num_classes=10),
 }
 
@@ -583,6 +586,59 @@ def build_vae_var(cfg: VARConfig, seed: int = 0) -> tuple[VQVAE, VAR]:
     return vae, var
 
 
+def colour_tokenizer_(vae: VQVAE, seed: int = 0, gain: float = 1.0) -> VQVAE:
+    """Make a random VQVAE of the `tiny` preset a tokenizer whose tokens are colours (CPU demos).
+
+    A random decoder maps every token choice to nearly the same brightness (its GroupNorms remove
+    per-image means), leaving RL no signal (../shared/notes/tiny-demo-feasibility.md). Here, in the
+    official layout and code path:
+      - token v's vector holds an RGB colour in dims 0-2 (each spread evenly over [-1, 1] across the
+        vocabulary, shuffled per dim), the other dims stay random (they only feed the VAR's input);
+      - Phi, quant_conv, post_quant_conv are identities, so f_hat = sum of the upsampled scales;
+      - the decoder's residual branches are zero and its other maps carry 6 channels
+        (R, -R, G, -G, B, -B) unchanged; the last GroupNorm sees each (+c, -c) pair as one group,
+        so it divides c by its root-mean-square over the image without removing its mean, and
+        conv_out recovers c from SiLU(c) - SiLU(-c) = c.
+    Pixel = clamp(gain * c / rms(c)): a mosaic of colours whose brightness the tokens decide.
+    """
+    cfg = vae.cfg
+    if cfg.vae_ch != 64 or cfg.z_channels < 3:
+        raise ValueError(f"colour_tokenizer_ needs vae_ch=64 and z_channels>=3 (the tiny preset), got {cfg}")
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1, 1, cfg.vocab_size)
+    carry = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # source, sign
+
+    def identity_(conv: nn.Conv2d, n: int = 6):
+        nn.init.zeros_(conv.weight), nn.init.zeros_(conv.bias)
+        k = conv.weight.shape[-1] // 2
+        conv.weight[torch.arange(n), torch.arange(n), k, k] = 1.0
+
+    with torch.no_grad():
+        E = vae.quantize.embedding.weight
+        for d in range(3):
+            E[:, d] = ramp[torch.randperm(cfg.vocab_size, generator=g)]
+        for phi in vae.quantize.quant_resi.qresi_ls:
+            identity_(phi, cfg.z_channels)
+        identity_(vae.quant_conv, cfg.z_channels), identity_(vae.post_quant_conv, cfg.z_channels)
+        dec = vae.decoder
+        nn.init.zeros_(dec.conv_in.weight), nn.init.zeros_(dec.conv_in.bias)
+        dec.conv_in.weight[torch.arange(6), carry[0], 1, 1] = carry[1]
+        for m in dec.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
+                if isinstance(m.nin_shortcut, nn.Conv2d):
+                    identity_(m.nin_shortcut)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
+            elif isinstance(m, Upsample2x):
+                identity_(m.conv)
+        nn.init.ones_(dec.norm_out.weight), nn.init.zeros_(dec.norm_out.bias)
+        nn.init.zeros_(dec.conv_out.weight), nn.init.zeros_(dec.conv_out.bias)
+        for rgb in range(3):
+            dec.conv_out.weight[rgb, 2 * rgb, 1, 1], dec.conv_out.weight[rgb, 2 * rgb + 1, 1, 1] = gain, -gain
+    return vae
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The VAR inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
@@ -823,3 +879,791 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, 
     cfg_t = (cfg * (si_l.double() / (cfgm.num_scales - 1))).float().view(1, l, 1)
     logits_BlV = process_logits(logits_BlV, uncond_BlV, cfg_t=cfg_t, temperature=temperature, top_k=top_k, top_p=top_p)
     return logits_BlV.gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1) - logits_BlV.logsumexp(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out.
+# Sign convention: we maximise the objective J; the loss is -J.
+
+
+def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4):
+    """A_i = (r_i - mean(r)) / (std(r) + eps) over the G samples of one group (a row)  [GRPO-VAR eq. 2].
+
+    Population std (ddof 0), in float64. A group whose rewards are all equal carries no signal and
+    gets A = 0 exactly (not rounding noise blown up by the division). Non-finite rewards are left
+    out of their group's statistics and get A = 0. The same A is then used for every token of the
+    sample [GRPO-VAR 4.2]. Returns (A (N, G) float32, number of groups with zero spread).
+    """
+    r = rewards_NG.double()
+    valid = torch.isfinite(r)
+    n = valid.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n
+    centred = torch.where(valid, r - mean, 0.0)
+    std = (centred.square().sum(dim=1, keepdim=True) / n).sqrt()
+    hi = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
+    lo = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
+    flat = ~(hi > lo)  # all equal, or fewer than two finite rewards
+    adv = torch.where(flat, 0.0, centred / (std + eps))
+    return adv.float(), int(flat.sum())
+
+
+def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2, clip_eps_high=None):
+    """PPO's clipped objective per token  [GRPO-VAR eq. 1]:
+        min(rho A, clip(rho, 1 - eps, 1 + eps_high) A),  rho = pi / pi_old = exp(logp - old_logp).
+    eps_high defaults to eps. Returns (objective (B, L), rho (B, L), clipped (B, L) bool: the clipped
+    term is the smaller one, so this token gives no gradient)."""
+    ratio = torch.exp(logp_BL - old_logp_BL)
+    A = adv_B.unsqueeze(1)
+    upper = 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
+    unclipped, clipped = ratio * A, ratio.clamp(1 - clip_eps, upper) * A
+    return torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def kl_k3(logp_BL, ref_logp_BL):
+    """Per-token KL(pi || pi_ref) estimate k3 = pi_ref/pi - log(pi_ref/pi) - 1  [GRPO-VAR eq. 1],
+    written expm1(d) - d with d = ref_logp - logp: >= 0 always, exactly 0 where pi = pi_ref, and its
+    expectation over tokens drawn from pi is the exact KL."""
+    d = ref_logp_BL - logp_BL
+    return torch.expm1(d) - d
+
+
+def kl_exact(logits_BLV, ref_logits_BLV):
+    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary."""
+    logp, ref_logp = logits_BLV.log_softmax(-1), ref_logits_BLV.log_softmax(-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)
+
+
+def entropy(logits_BLV):
+    """Per-token entropy of the policy, -sum_v pi_v log pi_v."""
+    logp = logits_BLV.log_softmax(-1)
+    return -torch.where(logp > -torch.inf, logp.exp() * logp, 0.0).sum(-1)
+
+
+def uniform_token_weights(B: int, L: int, device=None):
+    """w_bt = 1/L: the plain mean over a sample's tokens."""
+    return torch.full((B, L), 1.0 / L, device=device)
+
+
+def grpo_loss(surrogate_BL, kl_BL, token_weights_BL, beta, kl_weights_BL=None):
+    """loss = -J,  J = (1/B) sum_b sum_t [ w_bt surrogate_bt - beta u_bt kl_bt ]   [GRPO-VAR eq. 1].
+
+    w: policy-gradient token weights, each sample's summing to 1 (uniform 1/L = the token mean;
+    PANW and mask propagation change it); a sample with w = 0 gets no policy gradient.
+    u: KL token weights, default w (mask propagation keeps the KL outside its mask).
+    """
+    u = token_weights_BL if kl_weights_BL is None else kl_weights_BL
+    return -((token_weights_BL * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is
+# rank 0 of 1 and never touches torch.distributed.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device=None) -> Dist:
+    device = device or default_device()
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if distributed():
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+               "min": torch.distributed.ReduceOp.MIN}
+        torch.distributed.all_reduce(t, ops[op])
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0 (rank order)."""
+    if not distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def derive_seed(*keys: int) -> int:
+    """A seed for one explicit random stream, mixed from integers (seed, step, stream, index, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_PREVIEW = 1, 2, 3, 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer. `python vargrpo.py train --help` lists every setting; defaults are the GRPO-VAR paper's.
+
+
+def arg(default, help, **extra):
+    return field(default=default, metadata=dict(help=help, **extra))
+
+
+@dataclass
+class TrainArgs:
+    reward: str = arg("brightness", "reward spec: brightness | bright | dark | weighted sums such as '0.5*bright+dark'")
+    preset: str = arg("d16", "model: d16 d20 d24 d30 d36 (official weights, --weights-dir) or tiny (random, CPU demo)")
+    out: str = arg("", "run directory (metrics, checkpoints, images); required unless --resume")
+    steps: int = arg(1000, "training steps (one step = one rollout batch and its updates)")
+    seed: int = arg(0, "seed of every random stream: labels, sampling, minibatch order")
+    labels_per_step: int = arg(32, "class labels drawn per step, GLOBAL: split across ranks, a group never spans ranks [paper: 32]")
+    group_size: int = arg(16, "G: samples per label; advantages are normalised within these groups [paper: 16]")
+    minibatch: int = arg(32, "samples per optimizer step, global [paper: 32]; labels*G/minibatch updates per step")
+    micro_batch: int = arg(0, "samples per forward/backward on each rank (gradient accumulation); 0 = minibatch/ranks")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    lr: float = arg(1e-4, "AdamW learning rate [paper: 1e-4]")
+    weight_decay: float = arg(0.01, "AdamW weight decay (torch default; the paper does not say)")
+    beta: float = arg(0.2, "KL coefficient [paper: 0.2]")
+    kl: str = arg("k3", "per-token KL to the pre-trained model: k3 (estimator, as the paper) or exact (whole vocabulary)", choices=("k3", "exact"))
+    clip_eps: float = arg(0.2, "PPO clip range epsilon [paper: 0.2]")
+    clip_eps_high: float = arg(None, "separate upper clip bound (1 + eps_high); default = clip_eps", type=float)
+    temperature: float = arg(0.7, "sampling temperature while training (no CFG / top-k / top-p) [paper: 0.7]")
+    adv_eps: float = arg(1e-4, "epsilon added to the group std")
+    max_grad_norm: float = arg(0.0, "clip the gradient norm to this (0 = off; the paper does not clip)")
+    reward_batch: int = arg(64, "images per reward-model call")
+    save_every: int = arg(100, "checkpoint every this many steps (and at the end, and on Ctrl-C / SIGTERM)")
+    keep_last: int = arg(3, "checkpoints to keep")
+    image_every: int = arg(50, "write a PNG grid of samples every this many steps (0 = off)")
+    resume: str = arg(None, "continue the run in this directory from its last checkpoint", type=str)
+    overwrite: bool = arg(False, "allow --out to name a directory that already holds a run (its run files are replaced)")
+    weights_dir: str = arg(None, "folder with the official .pth files (else cache, else download)", type=str)
+    init_seed: int = arg(0, "seed of the random 'pre-trained' model of the tiny preset")
+    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU), bf16, fp32", choices=("auto", "bf16", "fp32"))
+
+
+RESUME_OVERRIDABLE = ("steps", "save_every", "keep_last", "image_every", "device")
+
+
+class UsageError(ValueError):
+    """A bad flag or argument combination; the message says what to change."""
+
+
+def check_train_args(a: TrainArgs, world: int):
+    if a.preset not in PRESETS:
+        raise UsageError(f"--preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
+    if not a.out:
+        raise UsageError("--out DIR is required (or --resume DIR)")
+    positive = dict(steps=a.steps, labels_per_step=a.labels_per_step, minibatch=a.minibatch, ppo_epochs=a.ppo_epochs,
+                    lr=a.lr, temperature=a.temperature, save_every=a.save_every, keep_last=a.keep_last,
+                    reward_batch=a.reward_batch)
+    for name, v in positive.items():
+        if not v > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if a.group_size < 2:
+        raise UsageError(f"--group-size must be >= 2 (advantages compare samples of one label), got {a.group_size}")
+    if a.labels_per_step % world:
+        raise UsageError(f"--labels-per-step {a.labels_per_step} must be divisible by the {world} processes (groups never span ranks)")
+    n = a.labels_per_step * a.group_size
+    if n % a.minibatch or a.minibatch % world:
+        raise UsageError(f"--minibatch {a.minibatch} must divide labels*group = {n} and be divisible by the {world} processes")
+    if a.micro_batch and (a.minibatch // world) % a.micro_batch:
+        raise UsageError(f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
+    if not 0 < a.clip_eps < 1 or (a.clip_eps_high is not None and not a.clip_eps_high > 0):
+        raise UsageError(f"need 0 < --clip-eps < 1 and --clip-eps-high > 0, got {a.clip_eps}, {a.clip_eps_high}")
+    if a.beta < 0 or a.adv_eps <= 0 or a.max_grad_norm < 0 or a.weight_decay < 0 or a.image_every < 0:
+        raise UsageError("--beta, --max-grad-norm, --weight-decay, --image-every must be >= 0 and --adv-eps > 0")
+
+
+def build_models(a: TrainArgs, device):
+    """(vae, policy, ref): the frozen tokenizer, the policy to train, the frozen pre-trained VAR."""
+    cfg = VARConfig.preset(a.preset)
+    if a.preset == "tiny":
+        vae, ref = build_vae_var(cfg, seed=a.init_seed)
+        colour_tokenizer_(vae, seed=a.init_seed)
+    else:
+        vae, ref = load_pretrained(cfg.depth, a.weights_dir)
+    policy = VAR(cfg, vae)
+    policy.load_state_dict(ref.state_dict())
+    ref.requires_grad_(False)  # never holds gradients or optimizer state
+    return vae.to(device), policy.to(device), ref.to(device)
+
+
+def autocast_ctx(a: TrainArgs, device: str):
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16, "fp32": None}[a.dtype]
+    return (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if dtype else nullcontext
+
+
+# ---- run directory: checkpoints, metrics, images
+
+
+def save_checkpoint(out: Path, state: dict, step: int, keep_last: int) -> Path:
+    """Atomic: written to a temp file and renamed; last.pt is a hard link to the newest."""
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}.pt"
+    torch.save(state, path.with_name(path.name + ".tmp"))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    tmp_last = folder / "last.pt.tmp"
+    tmp_last.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp_last)
+    except OSError:  # a filesystem without hard links
+        import shutil
+        shutil.copyfile(path, tmp_last)
+    os.replace(tmp_last, folder / "last.pt")
+    for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
+        old.unlink()
+    return folder / "last.pt"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def all_rng_states() -> list:
+    states = [rng_state()]
+    if distributed():
+        states = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def save_grid(images_B3HW, captions, path: Path, ncol: int = 8):
+    """A PNG grid with a caption under each image (nearest-upscaled to >= 128 px)."""
+    from PIL import Image, ImageDraw
+    imgs = (images_B3HW.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    B, H, W = imgs.shape[:3]
+    s = max(1, 128 // W)
+    cw, ch, pad = W * s, H * s, 14
+    ncol = min(ncol, B)
+    grid = Image.new("RGB", (ncol * cw, ((B + ncol - 1) // ncol) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        x, y = (i % ncol) * cw, (i // ncol) * (ch + pad)
+        grid.paste(Image.fromarray(imgs[i]).resize((cw, ch), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + ch + 1), captions[i], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def plot_reward_curve(metrics_path: Path, out_path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward/mean"] for r in rows], label="reward (mean)", color="C0")
+    ax.fill_between(steps, [r["reward/mean"] - r["reward/std"] for r in rows],
+                    [r["reward/mean"] + r["reward/std"] for r in rows], color="C0", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["policy/kl"] for r in rows], color="C3", label="KL to pre-trained (per token)")
+    ax2.set_ylabel("KL", color="C3")
+    ax.set_title(title, fontsize=9)
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+    def __init__(self):
+        import signal
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def handle(self, signum, frame):
+        import signal
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[vargrpo] signal {signum}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class RewardFailed(RuntimeError):
+    pass
+
+
+def compute_rewards(reward, images_N3HW, batch: int):
+    """Rewards (N,) and component means, in chunks; a failure is retried once, then raised."""
+    for attempt in (1, 2):
+        try:
+            totals, comps = [], {}
+            with torch.no_grad():
+                for i in range(0, len(images_N3HW), batch):
+                    t, c = reward(images_N3HW[i:i + batch], return_components=True)
+                    totals.append(t.float())
+                    for k, v in c.items():
+                        comps.setdefault(k, []).append(v.float())
+            return torch.cat(totals), {k: torch.cat(v) for k, v in comps.items()}
+        except Exception as e:  # a user's reward can fail in any way
+            if attempt == 2:
+                raise RewardFailed(f"{type(e).__name__}: {e}") from e
+            print(f"[vargrpo] the reward raised {type(e).__name__}: {e}; retrying once", file=sys.stderr, flush=True)
+
+
+# ---- one training step
+
+
+def rollout(policy, vae, labels_n, group_ids, a: TrainArgs, step: int, amp, device):
+    """G samples per label from the current policy (old = pi at sampling time). Each group has
+    its own generator seeded by (seed, step, global group index): the samples do not depend on how
+    many processes share the batch."""
+    G, t0 = a.group_size, time.perf_counter()
+    idx, old_logp = [], []
+    with torch.no_grad(), amp():
+        for label, gid in zip(labels_n.tolist(), group_ids):
+            gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, step, STREAM_SAMPLE, gid))
+            out = sample(policy, torch.full((G,), label, device=device), temperature=a.temperature,
+                         generator=gen, decode=False)
+            idx.append(out.idx)
+            old_logp.append(out.logprobs.float())
+        sync(device)
+        t1 = time.perf_counter()
+        idx = torch.cat(idx)
+        images = torch.cat([vae.idx_to_img(idx[i:i + a.reward_batch]).float() for i in range(0, len(idx), a.reward_batch)])
+        sync(device)
+    labels = labels_n.repeat_interleave(G)
+    return labels, idx, torch.cat(old_logp), images, t1 - t0, time.perf_counter() - t1
+
+
+def policy_update(model, ref, opt, labels, idx, old_logp, adv, sample_w, a: TrainArgs, step: int, d: Dist, amp):
+    """PPO-style passes over the rollout batch in minibatches; returns summed statistics."""
+    cfgm = unwrap(model).cfg
+    N, L, K = len(idx), cfgm.seq_len, cfgm.num_scales
+    mb = a.minibatch // d.world
+    micro = a.micro_batch or mb
+    sid_L = scale_ids(cfgm.patch_nums).to(idx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = {k: torch.zeros(K, device=idx.device) for k in ("kl", "clip", "ent", "tokens")}
+    ratio_min, ratio_max, ratio_sum, first_dev, losses, norms = math.inf, -math.inf, 0.0, None, [], []
+    for epoch in range(a.ppo_epochs):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_ORDER, d.rank, epoch)))
+        for m in range(N // mb):
+            opt.zero_grad(set_to_none=True)
+            ids_mb = order[m * mb:(m + 1) * mb].to(idx.device)
+            loss_mb = 0.0
+            for c0 in range(0, mb, micro):
+                ids = ids_mb[c0:c0 + micro]
+                last = c0 + micro >= mb
+                sync_ctx = model.no_sync() if (d.world > 1 and not last) else nullcontext()
+                with sync_ctx:
+                    with amp():
+                        logits = process_logits(model(labels[ids], idx[ids]), temperature=a.temperature)
+                        with torch.no_grad():
+                            ref_logits = process_logits(ref(labels[ids], idx[ids]), temperature=a.temperature)
+                    tok = idx[ids].unsqueeze(-1)
+                    logp = logits.gather(-1, tok).squeeze(-1) - logits.logsumexp(-1)
+                    ref_logp = ref_logits.gather(-1, tok).squeeze(-1) - ref_logits.logsumexp(-1)
+                    kl = kl_k3(logp, ref_logp) if a.kl == "k3" else kl_exact(logits, ref_logits)
+                    surr, ratio, clipped = clipped_surrogate(logp, old_logp[ids], adv[ids], a.clip_eps, a.clip_eps_high)
+                    w = uniform_token_weights(len(ids), L, idx.device) * sample_w[ids, None]
+                    loss = grpo_loss(surr, kl, w, a.beta) * (len(ids) / mb)
+                    loss.backward()
+                with torch.no_grad():
+                    on = (sample_w[ids] > 0).float()[:, None].expand(-1, L)
+                    for key, v in (("kl", kl), ("clip", clipped.float()), ("ent", entropy(logits)), ("tokens", torch.ones_like(kl))):
+                        acc[key].index_add_(0, sid_L, (v.detach().float() * on).sum(0))
+                    r = ratio.detach()[on > 0]
+                    if r.numel():
+                        ratio_min, ratio_max = min(ratio_min, r.min().item()), max(ratio_max, r.max().item())
+                        ratio_sum += r.sum().item()
+                        if first_dev is None:
+                            first_dev = (r - 1).abs().max().item()
+                    loss_mb += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm if a.max_grad_norm > 0 else math.inf)
+            opt.step()
+            losses.append(loss_mb)
+            norms.append(norm.item())
+    return dict(acc=acc, ratio_min=ratio_min, ratio_max=ratio_max, ratio_sum=ratio_sum,
+                first_dev=first_dev if first_dev is not None else 0.0,
+                loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)))
+
+
+def step_labels(a: TrainArgs, step: int, pool: torch.Tensor) -> torch.Tensor:
+    """The step's global labels (the same on every rank): uniform over the label pool."""
+    g = torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_LABELS))
+    return pool[torch.randint(len(pool), (a.labels_per_step,), generator=g)]
+
+
+def step_metrics(step, rewards, comps, adv, n_flat_groups, n_groups, upd, times, n_samples, lr) -> dict:
+    """One metrics.jsonl line from this rank's numbers; call on every rank (it all-reduces)."""
+    all_r = all_gather_cat(rewards)
+    finite = all_r[torch.isfinite(all_r)]
+    all_adv = all_gather_cat(adv)
+    acc = {k: all_reduce(v.clone()) for k, v in upd["acc"].items()}
+    counts = all_reduce(torch.tensor([float(n_flat_groups), float(n_groups), upd["ratio_sum"]], device=rewards.device))
+    rmin = all_reduce(torch.tensor([upd["ratio_min"]], device=rewards.device), "min").item()
+    rmax = all_reduce(torch.tensor([upd["ratio_max"]], device=rewards.device), "max").item()
+    tokens = acc["tokens"].sum().clamp_min(1)
+    m = {"step": step,
+         "reward/mean": finite.mean().item() if finite.numel() else float("nan"),
+         "reward/std": finite.std(unbiased=False).item() if finite.numel() else float("nan"),
+         "reward/min": finite.min().item() if finite.numel() else float("nan"),
+         "reward/max": finite.max().item() if finite.numel() else float("nan"),
+         "reward/nonfinite": int((~torch.isfinite(all_r)).sum()),
+         "adv/mean": all_adv.mean().item(), "adv/std": all_adv.std(unbiased=False).item(),
+         "adv/abs_max": all_adv.abs().max().item(),
+         "adv/zero_std_group_frac": (counts[0] / counts[1]).item(),
+         "policy/kl": (acc["kl"].sum() / tokens).item(),
+         "policy/clip_frac": (acc["clip"].sum() / tokens).item(),
+         "policy/entropy": (acc["ent"].sum() / tokens).item(),
+         "policy/ratio_mean": (counts[2] / tokens).item(), "policy/ratio_min": rmin, "policy/ratio_max": rmax,
+         "policy/ratio_dev_first_minibatch": upd["first_dev"],
+         "loss/loss": upd["loss"], "loss/grad_norm": upd["grad_norm"], "lr": lr}
+    for name, v in comps.items():
+        v = all_gather_cat(v)
+        m[f"reward/{name}"] = v[torch.isfinite(v)].mean().item()
+    for si in range(len(acc["kl"])):
+        n = acc["tokens"][si].clamp_min(1)
+        m[f"scale/kl_s{si}"] = (acc["kl"][si] / n).item()
+        m[f"scale/clip_frac_s{si}"] = (acc["clip"][si] / n).item()
+        m[f"scale/entropy_s{si}"] = (acc["ent"][si] / n).item()
+    total = sum(times.values())
+    m.update({f"time/{k}": v for k, v in times.items()})
+    m["time/step"] = total
+    m["perf/samples_per_s"] = n_samples / total
+    return m
+
+
+def preview(policy, vae, reward, a: TrainArgs, device, amp, path: Path):
+    """Fixed labels and seed: before.png / after.png are comparable. Returns the mean reward."""
+    ncls = policy.cfg.num_classes
+    labels = torch.arange(8, device=device).repeat_interleave(2) % ncls
+    gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, STREAM_PREVIEW))
+    with torch.no_grad(), amp():
+        images = sample(policy, labels, temperature=a.temperature, generator=gen).images.float()
+        r = reward(images)
+    save_grid(images, [f"{l} r={v:.2f}" for l, v in zip(labels.tolist(), r.tolist())], path)
+    return r.mean().item()
+
+
+def train(a: TrainArgs, given=frozenset()) -> dict:
+    """The GRPO loop [GRPO-VAR 4]: sample G images per label, reward, group-normalise, clipped
+    updates with a per-token KL to the pre-trained model. `given`: the flags set on the command
+    line (a resumed run keeps its saved settings but these). Returns the last step's metrics."""
+    import reward_models
+    from tqdm import tqdm
+    d = setup_distributed(a.device)
+    resume_ckpt = None
+    if a.resume:
+        last = Path(a.resume) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UsageError(f"--resume {a.resume}: no checkpoints/last.pt there; start a new run with --out instead")
+        resume_ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        saved = dict(resume_ckpt["args"])
+        changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
+        if changed:
+            raise UsageError(f"--resume keeps the run's settings; {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                             f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} can)")
+        saved.update({k: getattr(a, k) for k in RESUME_OVERRIDABLE if k in given})
+        a = TrainArgs(**{**saved, "resume": a.resume, "out": a.resume})
+    check_train_args(a, d.world)
+    out = Path(a.out)
+    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if not a.resume and holds_run and not a.overwrite:
+            raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
+    reward = reward_models.build_reward(a.reward, d.device)
+    amp = autocast_ctx(a, d.device)
+    vae, policy, ref = build_models(a, d.device)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
+    start = 0
+    if resume_ckpt is not None:
+        policy.load_state_dict(resume_ckpt["model"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        start = resume_ckpt["step"]
+        if len(resume_ckpt["rng"]) == d.world:
+            set_rng_state(resume_ckpt["rng"][d.rank])
+    model = policy
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None, broadcast_buffers=False)
+    metrics_path = out / "metrics.jsonl"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if a.resume:  # drop log lines of steps after the checkpoint (they will be redone)
+            keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start] if metrics_path.exists() else []
+            metrics_path.write_text("".join(l + "\n" for l in keep))
+        else:
+            for stale in [metrics_path, out / "reward_curve.png", out / "before.png", out / "after.png"]:
+                stale.unlink(missing_ok=True)
+            (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
+            print(f"[vargrpo] preview before training: mean reward {preview(policy, vae, reward, a, d.device, amp, out / 'before.png'):.4f}")
+    pool = torch.arange(policy.cfg.num_classes)
+    n_local = a.labels_per_step // d.world
+    stop = StopRequest()
+
+    def checkpoint(step):
+        states = all_rng_states()
+        if d.main:
+            state = {"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "config": asdict(policy.cfg), "args": asdict(a), "rng": states}
+            return save_checkpoint(out, state, step, a.keep_last)
+
+    bar = tqdm(total=a.steps, initial=start, disable=not d.main, dynamic_ncols=True, desc="grpo")
+    m, step = {}, start
+    try:
+        for step in range(start, a.steps):
+            labels_all = step_labels(a, step, pool)
+            group_ids = list(range(d.rank * n_local, (d.rank + 1) * n_local))
+            labels, idx, old_logp, images, t_sample, t_decode = rollout(
+                policy, vae, labels_all[group_ids].to(d.device), group_ids, a, step, amp, d.device)
+            t0 = time.perf_counter()
+            failed = None
+            try:
+                rewards, comps = compute_rewards(reward, images, a.reward_batch)
+            except RewardFailed as e:
+                failed, rewards, comps = e, torch.zeros(len(images), device=d.device), {}
+            t_reward = time.perf_counter() - t0
+            if all_reduce(torch.tensor([float(failed is not None)], device=d.device), "max").item():
+                path = checkpoint(step)
+                raise RewardFailed(f"the reward raised twice at step {step} ({failed or 'on another rank'}); saved "
+                                   f"{path or 'a checkpoint'} of the {step} completed steps; fix the reward and continue with --resume {out}")
+            rewards = rewards.to(d.device)
+            adv_NG, n_flat = group_advantages(rewards.view(n_local, a.group_size), a.adv_eps)
+            sample_w = torch.isfinite(rewards).float()  # non-finite reward: no gradient for that sample
+            t0 = time.perf_counter()
+            upd = policy_update(model, ref, opt, labels, idx, old_logp, adv_NG.view(-1), sample_w, a, step, d, amp)
+            t_update = time.perf_counter() - t0
+            times = dict(sample=t_sample, decode=t_decode, reward=t_reward, update=t_update)
+            m = step_metrics(step, rewards, comps, adv_NG.view(-1), n_flat, n_local, upd, times,
+                             a.labels_per_step * a.group_size, opt.param_groups[0]["lr"])
+            if d.main:
+                if m["reward/nonfinite"]:
+                    print(f"\n[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient",
+                          file=sys.stderr, flush=True)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if a.image_every and step % a.image_every == 0:
+                    pick = torch.arange(len(idx)).view(n_local, a.group_size).T.reshape(-1)[:16]  # one per group first
+                    save_grid(images[pick], [f"{l} r={v:.2f}" for l, v in zip(labels[pick].tolist(), rewards[pick].tolist())],
+                              out / "images" / f"step_{step:06d}.png")
+                bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['policy/kl']:.4f}")
+                bar.update(1)
+            done = step + 1
+            stop_all = all_reduce(torch.tensor([float(stop.requested)], device=d.device), "max").item()
+            if stop_all or done % a.save_every == 0 or done == a.steps:
+                checkpoint(done)
+                if stop_all and done < a.steps:
+                    if d.main:
+                        print(f"\n[vargrpo] stopped after step {done}; continue with --resume {out}", file=sys.stderr)
+                    break
+    finally:
+        bar.close()
+        stop.restore()
+    if d.main and metrics_path.exists() and metrics_path.read_text().strip():
+        plot_reward_curve(metrics_path, out / "reward_curve.png", f"{a.preset}, reward {a.reward}")
+        after = preview(policy, vae, reward, a, d.device, amp, out / "after.png")
+        rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+        first, last3 = rows[0]["reward/mean"], float(np.mean([r["reward/mean"] for r in rows[-3:]]))
+        print(f"[vargrpo] mean reward: first step {first:.4f} -> last 3 steps {last3:.4f} ({last3 - first:+.4f}); "
+              f"preview after training {after:.4f}; run in {out}")
+    if distributed():
+        torch.distributed.destroy_process_group()
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: `python vargrpo.py bench`. Every row runs in a fresh process so that its peak memory
+# is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
+
+BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    while len(times) < min_calls or sum(times) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak_flops(device) -> float:
+    """This machine's fp32 matmul throughput (FLOP/s), best of several square matmuls."""
+    n = 8192 if str(device).startswith("cuda") else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / time_call(lambda: a @ b, device, min_calls=5, min_seconds=1.0)
+
+
+def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None) -> dict:
+    """One measurement, in this process: sampler (cfg 0 / cfg+top-k/top-p, ours or the official
+    code's) or teacher forcing (fwd / fwd+bwd) of a random model of this preset."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = VARConfig.preset(preset)
+    vae, var = build_vae_var(cfg, seed=0)
+    vae.to(device), var.to(device)
+    labels = torch.arange(batch, device=device) % cfg.num_classes
+    guided_kw = BENCH_SAMPLER_KW.get(preset, BENCH_SAMPLER_KW["default"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    if what in ("sample cfg=0", "sample cfg+top-k/p"):
+        kw = {} if what == "sample cfg=0" else guided_kw
+        fn = lambda: sample(var, labels, generator=gen, **kw)
+        unit, per_call = "img/s", batch
+    elif what == "official sample cfg+top-k/p":
+        sys.path.insert(0, str(official_dir))
+        from models import build_vae_var as official_build  # the official repository's package
+        o_vae, o_var = official_build(device=device, patch_nums=cfg.patch_nums, V=cfg.vocab_size, Cvae=cfg.z_channels,
+                                      ch=cfg.vae_ch, share_quant_resi=4, num_classes=cfg.num_classes, depth=cfg.depth,
+                                      shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm,
+                                      flash_if_available=False, fused_if_available=False)
+        o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
+        o_var.eval()
+        fn = lambda: o_var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, more_smooth=False, **guided_kw)
+        unit, per_call = "img/s", batch
+    else:
+        idx = sample(var, labels, decode=False).idx
+        if what == "teacher-forced fwd":
+            fn = lambda: token_logprobs(var, labels, idx).sum()
+            fn = torch.no_grad()(fn)
+        else:
+            def fn():
+                var.zero_grad(set_to_none=True)
+                token_logprobs(var, labels, idx).sum().backward()
+        unit, per_call = "tok/s", batch * cfg.seq_len
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = time_call(fn, device)
+    if str(device).startswith("cuda"):
+        peak_mem = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(preset=preset, what=what, batch=batch, seconds=seconds, throughput=per_call / seconds, unit=unit,
+                flops=counter.get_total_flops(), peak_mem=peak_mem, device=device)
+
+
+def bench(args):
+    import subprocess
+    device = args.device or default_device()
+    if args.row:  # child process: one measurement, printed as JSON
+        preset, what, batch = args.row.split(":")
+        print(json.dumps(bench_row(preset, what, int(batch), device, args.official_var)))
+        return
+    peak = matmul_peak_flops(device)
+    on_gpu = device.startswith("cuda")
+    print(f"device: {device} ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    whats = ["sample cfg=0", "sample cfg+top-k/p"] + (["official sample cfg+top-k/p"] if args.official_var else []) \
+        + ["teacher-forced fwd", "teacher-forced fwd+bwd"]
+    header = "| preset | what | batch | s/call | throughput | GFLOP/call | GFLOP/s | % of matmul peak | peak memory |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for preset in args.presets.split(","):
+        sample_batch = (32 if on_gpu else 16) if preset == "tiny" else (32 if on_gpu else 2)
+        tf_batch = (32 if on_gpu else 16) if preset == "tiny" else (16 if on_gpu else 2)
+        for what in whats:
+            batch = tf_batch if what.startswith("teacher") else sample_batch
+            cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
+            if args.official_var:
+                cmd += ["--official-var", args.official_var]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"| {preset} | {what} | {batch} | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            flops_per_s = r["flops"] / r["seconds"]
+            print(f"| {preset} | {what} | {batch} | {r['seconds']:.3f} | {r['throughput']:.1f} {r['unit']} | "
+                  f"{r['flops'] / 1e9:.1f} | {flops_per_s / 1e9:.1f} | {100 * flops_per_s / peak:.0f}% | "
+                  f"{r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
+    print(f"(peak memory: {'max CUDA memory allocated' if on_gpu else 'peak RSS of the row process, Python and torch included'};"
+          " sampler rows include decoding the images; teacher-forced rows compute per-token log-probs)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_dataclass_args(parser, cls):
+    """One --flag per dataclass field, its help from the field's metadata. Defaults are suppressed
+    so that the namespace holds only the flags actually given."""
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        help = f"{meta.pop('help')} (default: {f.default})"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            parser.add_argument(flag, type=meta.pop("type", type(f.default)), help=help, **meta)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="vargrpo.py", description="GRPO fine-tuning of VAR image models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", argument_default=argparse.SUPPRESS,
+                       help="GRPO fine-tuning (also under torchrun --nproc_per_node=N)",
+                       description="GRPO fine-tuning of a VAR model. Labels per step and minibatch sizes are global: "
+                                   "torchrun splits them across processes.")
+    add_dataclass_args(p, TrainArgs)
+    p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
+    p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--official-var", default=None, metavar="DIR",
+                   help="a checkout of FoundationVision/VAR: also time its sampler on the same weights")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            given = {k for k in vars(args) if k != "command"}
+            return train(TrainArgs(**{k: getattr(args, k) for k in given}), given)
+        if args.command == "bench":
+            return bench(args)
+    except (UsageError, CheckpointError, RewardFailed) as e:
+        print(f"vargrpo: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, UsageError) else 1)
+
+
+if __name__ == "__main__":
+    main()
