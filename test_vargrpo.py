@@ -428,3 +428,281 @@ def test_load_pretrained_d16_end_to_end_with_download(isolated_cache, monkeypatc
     assert torch.equal(vg.token_logits(var2, labels, idx), vg.token_logits(var, labels, idx))
     assert not any(p.requires_grad for p in vae2.parameters()) and var2.vae is vae2
     vg.load_pretrained(16)  # second call: found in the cache, no server needed
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo tokenizer
+
+
+def test_colour_tokenizer_makes_tokens_decide_brightness():
+    import reward_models as rm
+    cfg = vg.VARConfig.preset("tiny")
+    vae, var = vg.build_vae_var(cfg, seed=0)
+    plain = layout(vae)
+    vg.colour_tokenizer_(vae, seed=0)
+    assert layout(vae) == plain  # still the official layout and code path
+    with torch.no_grad():
+        one_token = vae.idx_to_img(torch.arange(cfg.vocab_size)[:, None].expand(-1, cfg.seq_len))
+        b = rm.luma(one_token)
+        assert b.min() < 0.05 and b.max() > 0.95  # a single token can make the image black or white
+        spread = rm.luma(vg.sample(var, torch.arange(32) % 10, generator=torch.Generator().manual_seed(0)).images)
+    assert spread.std() > 0.05  # the random policy already yields a spread of brightness to learn from
+    with pytest.raises(ValueError, match="vae_ch=64"):
+        vg.colour_tokenizer_(vg.VQVAE(vg.VARConfig(depth=1, patch_nums=(1, 2), vae_ch=32)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the RL maths
+
+
+rewards_st = st.integers(0, 2**16).map(lambda s: torch.randn(3, 6, generator=torch.Generator().manual_seed(s)))
+
+
+@given(seed=st.integers(0, 2**16), G=st.integers(2, 9), scale=st.floats(0.5, 4.0), shift=st.floats(-3, 3))
+def test_group_advantages_properties(seed, G, scale, shift):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(4, G, generator=g) * torch.rand(4, 1, generator=g) * 3  # per-row different spreads
+    assume((r.std(1, unbiased=False) > 0.05).all())
+    A, n_flat = vg.group_advantages(r)
+    assert n_flat == 0 and A.dtype == torch.float32
+    torch.testing.assert_close(A.mean(1), torch.zeros(4), atol=1e-6, rtol=0)  # zero mean per group
+    std = A.std(1, unbiased=False)
+    assert ((std <= 1) & (std > 1 - 1e-4 / 0.05)).all()  # unit std, up to eps / (std + eps)
+    A2, _ = vg.group_advantages(scale * r + shift)  # positive affine map of the rewards
+    torch.testing.assert_close(A2, A, atol=5e-3, rtol=0)
+    perm = torch.randperm(G, generator=g)  # permutation within a group
+    torch.testing.assert_close(vg.group_advantages(r[:, perm])[0], A[:, perm])
+    halves = torch.cat([vg.group_advantages(r[:2])[0], vg.group_advantages(r[2:])[0]])  # per rank, whole groups
+    assert torch.equal(halves, A)
+    assert not torch.allclose(A, vg.group_advantages(r.view(1, -1))[0].view(4, G), atol=1e-3)  # batch-normalising differs
+
+
+@given(value=st.floats(-1e6, 1e6, allow_nan=False), G=st.integers(1, 16))
+def test_identical_rewards_give_exactly_zero(value, G):
+    r = torch.tensor([[value] * G, [0.1] * G, [0.0, 1.0] * 1 + [0.5] * (G - 2 if G > 2 else 0)][: 2 if G < 2 else 3])
+    A, n_flat = vg.group_advantages(r)
+    assert torch.equal(A[:2], torch.zeros_like(A[:2])) and n_flat >= 2
+    assert torch.isfinite(A).all()
+
+
+def test_nonfinite_rewards_are_left_out():
+    r = torch.tensor([[1.0, float("nan"), 3.0, float("inf")], [float("nan")] * 4])
+    A, n_flat = vg.group_advantages(r)
+    assert A[0, 1] == 0 and A[0, 3] == 0 and torch.equal(A[1], torch.zeros(4)) and n_flat == 1
+    torch.testing.assert_close(A[0, [0, 2]], torch.tensor([-1.0, 1.0]), atol=1e-3, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), eps=st.floats(0.05, 0.5), eps_high=st.sampled_from([None, 0.1, 0.3]))
+def test_clipped_surrogate_properties(seed, eps, eps_high):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(4, 7, generator=g) * 5
+    adv = torch.randn(4, generator=g)  # per-row different advantages
+    # at the first inner step the policy is the sampling policy: ratio 1, objective = A, grad = w A
+    logp = old.clone().requires_grad_(True)
+    obj, ratio, clipped = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    assert torch.equal(ratio, torch.ones_like(ratio)) and not clipped.any()
+    assert torch.equal(obj, adv[:, None].expand(4, 7))
+    w = torch.rand(4, 7, generator=g)
+    w = w / w.sum(1, keepdim=True)
+    loss = vg.grpo_loss(obj, torch.zeros_like(obj), w, beta=0.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, -w * adv[:, None] / 4)
+    # away from it: never above the unclipped term, clipped tokens get no gradient
+    logp = (old + torch.randn(4, 7, generator=g) * 0.5).requires_grad_(True)
+    obj, ratio, clipped = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    assert (obj <= ratio * adv[:, None] + 1e-6).all()
+    (grad,) = torch.autograd.grad(obj.sum(), logp)
+    assert (grad[clipped] == 0).all() and (grad[~clipped] != 0).all()
+    hi = 1 + (eps if eps_high is None else eps_high)
+    expect = ((ratio > hi) & (adv[:, None] > 0)) | ((ratio < 1 - eps) & (adv[:, None] < 0))
+    assert torch.equal(clipped, expect)
+
+
+@given(seed=st.integers(0, 2**16), closeness=st.sampled_from([0.0, 1e-4, 1e-2, 1.0, 5.0]))
+def test_kl_estimators(seed, closeness):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 11, generator=g) * 2
+    ref_logits = logits + closeness * torch.randn(2, 3, 11, generator=g)  # equal, very close, or far
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    k3 = vg.kl_k3(logp, ref_logp)  # for every token of the vocabulary
+    assert (k3 >= 0).all()
+    if closeness == 0:
+        assert torch.equal(k3, torch.zeros_like(k3)) and torch.equal(vg.kl_exact(logits, ref_logits), torch.zeros(2, 3))
+    exact = vg.kl_exact(logits, ref_logits)
+    lp64, rp64 = logits.double().log_softmax(-1), ref_logits.double().log_softmax(-1)
+    textbook = (lp64.exp() * (lp64 - rp64)).sum(-1)  # sum_v p log(p / q), float64
+    torch.testing.assert_close(exact.double(), textbook, atol=1e-6, rtol=1e-4)
+    assert (exact >= 0).all()
+    torch.testing.assert_close(vg.entropy(logits), -(logp.exp() * logp).sum(-1))
+
+
+@given(seed=st.integers(0, 2**16), beta=st.floats(0.0, 1.0))
+def test_kl_term_never_decreases_the_loss_and_masked_samples_get_no_gradient(seed, beta):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(3, 5, generator=g) * 4
+    logp = (old + torch.randn(3, 5, generator=g) * 0.3).requires_grad_(True)
+    ref = old + torch.randn(3, 5, generator=g) * 0.3
+    obj, _, _ = vg.clipped_surrogate(logp, old, torch.randn(3, generator=g))
+    kl = vg.kl_k3(logp, ref)
+    w = vg.uniform_token_weights(3, 5)
+    assert vg.grpo_loss(obj, kl, w, beta) >= vg.grpo_loss(obj, kl, w, 0.0)
+    w[1] = 0  # a sample with all tokens masked out
+    loss = vg.grpo_loss(obj, kl, w, beta)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and torch.equal(grad[1], torch.zeros(5))
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer (tiny preset, CPU)
+
+TINY = ["--preset", "tiny", "--reward", "brightness", "--labels-per-step", "2", "--group-size", "4",
+        "--minibatch", "4", "--lr", "1e-3", "--beta", "0.05", "--temperature", "1.0", "--image-every", "1"]
+
+
+def read_metrics(run):
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def policy_state(run):
+    return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    vg.main(["train", *TINY, "--out", str(straight), "--steps", "4"])
+    vg.main(["train", *TINY, "--out", str(split), "--steps", "2", "--save-every", "1", "--keep-last", "1"])
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt"]
+    vg.main(["train", "--resume", str(split), "--steps", "4"])
+    a, b = policy_state(straight), policy_state(split)
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [m["reward/mean"] for m in read_metrics(straight)] == [m["reward/mean"] for m in read_metrics(split)]
+    for name in ["before.png", "after.png", "reward_curve.png", "images/step_000003.png", "args.json"]:
+        assert (split / name).is_file(), name
+    keys = read_metrics(split)[0].keys()
+    for k in ["reward/mean", "reward/std", "reward/min", "reward/max", "adv/std", "policy/kl", "policy/clip_frac",
+              "policy/entropy", "policy/ratio_max", "scale/kl_s3", "scale/clip_frac_s0", "scale/entropy_s2",
+              "adv/zero_std_group_frac", "loss/grad_norm", "lr", "time/sample", "time/decode", "time/reward",
+              "time/update", "perf/samples_per_s", "policy/ratio_dev_first_minibatch"]:
+        assert k in keys, k
+    assert read_metrics(split)[0]["policy/ratio_dev_first_minibatch"] < 1e-4  # sampling == training policy
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", *TINY, "--out", str(straight), "--steps", "1"])
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vg.main(["train", "--resume", str(split), "--lr", "0.5"])
+    assert "--lr cannot change" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--labels-per-step", "3", "--minibatch", "8"], "must divide labels\\*group = 12"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--preset", "d17"], "--preset 'd17'"),
+    (["--clip-eps", "1.5"], "0 < --clip-eps < 1"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--reward", "brightnes"], "cannot parse reward term 'brightnes'"),
+])
+def test_bad_flags_give_one_clear_message(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", *TINY, "--out", str(tmp_path / "r"), "--steps", "1", *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code in (1, 2) and len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
+class FlakyReward(torch.nn.Module):
+    """luma, with NaN for every 3rd image, and raising on chosen calls."""
+    calls = 0
+    fail_on = ()
+
+    def forward(self, images):
+        FlakyReward.calls += 1
+        if FlakyReward.calls in FlakyReward.fail_on:
+            raise RuntimeError("reward server down")
+        import reward_models as rm
+        r = rm.luma(images)
+        r[::3] = float("nan")
+        return r
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    import reward_models as rm
+    monkeypatch.setitem(rm.REGISTRY, "flaky", lambda arg, device, **o: FlakyReward())
+    FlakyReward.calls = 0
+    return FlakyReward
+
+
+def test_nonfinite_rewards_and_a_failing_reward(tmp_path, capsys, flaky):
+    flaky.fail_on = (2,)  # the second call fails once: retried, the run goes on
+    m = vg.main(["train", *TINY, "--reward", "flaky", "--out", str(tmp_path / "a"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert "retrying once" in err and "non-finite rewards; those samples get no gradient" in err
+    assert m["reward/nonfinite"] > 0 and len(read_metrics(tmp_path / "a")) == 2 and math.isfinite(m["loss/loss"])
+    flaky.calls, flaky.fail_on = 0, (3, 4)  # fails twice in step 1 (call 1 = preview, 2 = step 0)
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", *TINY, "--reward", "flaky", "--out", str(tmp_path / "b"), "--steps", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "raised twice at step 1" in err and "--resume" in err
+    assert policy_state(tmp_path / "b")["step"] == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "1000"],
+                            cwd=Path(vg.__file__).parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, err
+    step = policy_state(run)["step"]
+    assert 1 <= step < 1000 and f"stopped after step {step}" in err and len(read_metrics(run)) == step
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """One step under torchrun --nproc_per_node=2 (gloo) gives the parameters of one process with
+    the same global batch: groups never span ranks, each group's sampler seed is global, DDP averages."""
+    import subprocess
+    import sys
+    common = [*TINY, "--labels-per-step", "4", "--minibatch", "16", "--steps", "1", "--image-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cwd = Path(vg.__file__).parent
+    subprocess.run([sys.executable, "vargrpo.py", "train", *common, "--out", str(tmp_path / "one")],
+                   cwd=cwd, env=env, check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "vargrpo.py", "train", *common, "--out", str(tmp_path / "two")],
+                         cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = policy_state(tmp_path / "one"), policy_state(tmp_path / "two")
+    assert len(two["rng"]) == 2
+    init = vg.build_vae_var(vg.VARConfig.preset("tiny"))[1].state_dict()
+    assert any(not torch.equal(one["model"][k], init[k]) for k in init)  # the step did change the weights
+    assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in init) <= 1e-5
+    assert read_metrics(tmp_path / "one")[0]["reward/mean"] == pytest.approx(read_metrics(tmp_path / "two")[0]["reward/mean"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# rewards
+
+
+def test_brightness_rewards():
+    import reward_models as rm
+    img = torch.zeros(3, 3, 4, 4)
+    img[0] = 1.0
+    img[1, 1] = 0.8 / 0.5870  # pure green of luma exactly 0.8
+    img[2, 0] = 0.19 / 0.2989
+    torch.testing.assert_close(rm.luma(img), torch.tensor([0.9999, 0.8, 0.19]))
+    r = rm.build_reward("bright", "cpu")
+    assert r(img).tolist() == [1.0, 1.0, 0.0]
+    assert rm.build_reward("dark", "cpu")(img).tolist() == [0.0, 0.0, 1.0]
+    total, parts = rm.build_reward("0.5*bright+2*dark", "cpu")(img, return_components=True)
+    assert total.tolist() == [0.5, 0.5, 2.0] and set(parts) == {"bright", "dark"}

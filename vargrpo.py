@@ -928,10 +928,13 @@ def kl_k3(logp_BL, ref_logp_BL):
 
 
 def kl_exact(logits_BLV, ref_logits_BLV):
-    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary."""
+    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary.
+
+    Computed as sum_v pi_v k3_v (equal, since sum_v pi_v (pi_ref_v / pi_v - 1) = 0): every term is
+    >= 0 in floating point, so the result never dips below 0 for nearly equal policies."""
     logp, ref_logp = logits_BLV.log_softmax(-1), ref_logits_BLV.log_softmax(-1)
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)
+    return torch.where(p > 0, p * kl_k3(logp, ref_logp), 0.0).sum(-1)
 
 
 def entropy(logits_BLV):
@@ -1064,6 +1067,11 @@ class UsageError(ValueError):
 
 
 def check_train_args(a: TrainArgs, world: int):
+    import reward_models
+    try:
+        reward_models.parse_spec(a.reward)
+    except ValueError as e:
+        raise UsageError(f"--reward: {e}") from None
     if a.preset not in PRESETS:
         raise UsageError(f"--preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
     if not a.out:
