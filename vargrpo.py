@@ -1054,7 +1054,9 @@ class TrainArgs:
     resume: str = arg(None, "continue the run in this directory from its last checkpoint", type=str)
     overwrite: bool = arg(False, "allow --out to name a directory that already holds a run (its run files are replaced)")
     weights_dir: str = arg(None, "folder with the official .pth files (else cache, else download)", type=str)
-    init_seed: int = arg(0, "seed of the random 'pre-trained' model of the tiny preset")
+    init_seed: int = arg(0, "seed of the random 'pre-trained' model of the tiny preset (and of --random-init)")
+    random_init: bool = arg(False, "start from random weights instead of the official ones (benchmarks, smoke tests)")
+    preview_images: int = arg(16, "images in before.png / after.png (fixed labels and seed; 0 = off)")
     device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU), bf16, fp32", choices=("auto", "bf16", "fp32"))
 
@@ -1093,8 +1095,8 @@ def check_train_args(a: TrainArgs, world: int):
         raise UsageError(f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
     if not 0 < a.clip_eps < 1 or (a.clip_eps_high is not None and not a.clip_eps_high > 0):
         raise UsageError(f"need 0 < --clip-eps < 1 and --clip-eps-high > 0, got {a.clip_eps}, {a.clip_eps_high}")
-    if a.beta < 0 or a.adv_eps <= 0 or a.max_grad_norm < 0 or a.weight_decay < 0 or a.image_every < 0:
-        raise UsageError("--beta, --max-grad-norm, --weight-decay, --image-every must be >= 0 and --adv-eps > 0")
+    if min(a.beta, a.max_grad_norm, a.weight_decay, a.image_every, a.preview_images) < 0 or a.adv_eps <= 0:
+        raise UsageError("--beta, --max-grad-norm, --weight-decay, --image-every, --preview-images must be >= 0 and --adv-eps > 0")
 
 
 def build_models(a: TrainArgs, device):
@@ -1103,6 +1105,8 @@ def build_models(a: TrainArgs, device):
     if a.preset == "tiny":
         vae, ref = build_vae_var(cfg, seed=a.init_seed)
         colour_tokenizer_(vae, seed=a.init_seed)
+    elif a.random_init:
+        vae, ref = build_vae_var(cfg, seed=a.init_seed)
     else:
         vae, ref = load_pretrained(cfg.depth, a.weights_dir)
     policy = VAR(cfg, vae)
@@ -1373,7 +1377,7 @@ def step_metrics(step, rewards, comps, adv, n_flat_groups, n_groups, upd, times,
 def preview(policy, vae, reward, a: TrainArgs, device, amp, path: Path):
     """Fixed labels and seed: before.png / after.png are comparable. Returns the mean reward."""
     ncls = policy.cfg.num_classes
-    labels = torch.arange(8, device=device).repeat_interleave(2) % ncls
+    labels = torch.arange((a.preview_images + 1) // 2, device=device).repeat_interleave(2)[:a.preview_images] % ncls
     gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, STREAM_PREVIEW))
     with torch.no_grad(), amp():
         images = sample(policy, labels, temperature=a.temperature, generator=gen).images.float()
@@ -1432,7 +1436,9 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
             for stale in [metrics_path, out / "reward_curve.png", out / "before.png", out / "after.png"]:
                 stale.unlink(missing_ok=True)
             (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-            print(f"[vargrpo] preview before training: mean reward {preview(policy, vae, reward, a, d.device, amp, out / 'before.png'):.4f}")
+            if a.preview_images:
+                r = preview(policy, vae, reward, a, d.device, amp, out / "before.png")
+                print(f"[vargrpo] preview before training ({out / 'before.png'}): mean reward {r:.4f}")
     pool = torch.arange(policy.cfg.num_classes)
     n_local = a.labels_per_step // d.world
     stop = StopRequest()
@@ -1497,11 +1503,12 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
         stop.restore()
     if d.main and metrics_path.exists() and metrics_path.read_text().strip():
         plot_reward_curve(metrics_path, out / "reward_curve.png", f"{a.preset}, reward {a.reward}")
-        after = preview(policy, vae, reward, a, d.device, amp, out / "after.png")
         rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
         first, last3 = rows[0]["reward/mean"], float(np.mean([r["reward/mean"] for r in rows[-3:]]))
-        print(f"[vargrpo] mean reward: first step {first:.4f} -> last 3 steps {last3:.4f} ({last3 - first:+.4f}); "
-              f"preview after training {after:.4f}; run in {out}")
+        print(f"[vargrpo] mean reward: first step {first:.4f} -> last 3 steps {last3:.4f} ({last3 - first:+.4f}); run in {out}")
+        if a.preview_images:
+            r = preview(policy, vae, reward, a, d.device, amp, out / "after.png")
+            print(f"[vargrpo] preview after training ({out / 'after.png'}): mean reward {r:.4f}")
     if distributed():
         torch.distributed.destroy_process_group()
     return m
@@ -1537,16 +1544,26 @@ def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
 
 
 def matmul_peak_flops(device) -> float:
-    """This machine's fp32 matmul throughput (FLOP/s), best of several square matmuls."""
+    """This machine's fp32 matmul throughput (FLOP/s): the fastest of 10 square matmuls."""
     n = 8192 if str(device).startswith("cuda") else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n ** 3 / time_call(lambda: a @ b, device, min_calls=5, min_seconds=1.0)
+    a @ b
+    best = math.inf
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None) -> dict:
     """One measurement, in this process: sampler (cfg 0 / cfg+top-k/top-p, ours or the official
     code's) or teacher forcing (fwd / fwd+bwd) of a random model of this preset."""
     from torch.utils.flop_counter import FlopCounterMode
+    if what.startswith("GRPO step"):
+        return bench_grpo_step(preset, batch, device)
     cfg = VARConfig.preset(preset)
     vae, var = build_vae_var(cfg, seed=0)
     vae.to(device), var.to(device)
@@ -1567,7 +1584,19 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
         o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
         o_var.eval()
         fn = lambda: o_var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, more_smooth=False, **guided_kw)
-        unit, per_call = "img/s", batch
+        ours = lambda: sample(var, labels, generator=gen, **guided_kw)
+        # this machine's speed drifts: time the two samplers interleaved, in one process
+        fn(), ours()
+        t = {fn: [], ours: []}
+        for rep in range(6):
+            for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
+                t0 = time.perf_counter()
+                f()
+                sync(device)
+                t[f].append(time.perf_counter() - t0)
+        what = f"official sample cfg+top-k/p, interleaved with ours: {np.median(t[ours]):.3f} s/call"
+        return dict(what=what, seconds=float(np.median(t[fn])), throughput=batch / float(np.median(t[fn])),
+                    unit="img/s", flops=None, peak_mem=0)
     else:
         idx = sample(var, labels, decode=False).idx
         if what == "teacher-forced fwd":
@@ -1593,6 +1622,23 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
                 flops=counter.get_total_flops(), peak_mem=peak_mem, device=device)
 
 
+def bench_grpo_step(preset: str, labels_per_step: int, device: str) -> dict:
+    """One full GRPO step of the real trainer (random weights, brightness reward): the second of
+    two steps, so that the first absorbs warm-up."""
+    import tempfile
+    G = 8 if preset == "tiny" or device.startswith("cuda") else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        a = TrainArgs(preset=preset, random_init=True, out=tmp, steps=2, labels_per_step=labels_per_step, group_size=G,
+                      minibatch=min(16, labels_per_step * G), preview_images=0, image_every=0, device=device)
+        train(a)
+        m = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][-1]
+    split = " / ".join(f"{k} {100 * m['time/' + k] / m['time/step']:.0f}%" for k in ("sample", "decode", "reward", "update"))
+    peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+    return dict(what=f"GRPO step, {labels_per_step}x{G} samples ({split})", seconds=m["time/step"],
+                throughput=m["perf/samples_per_s"], unit="samples/s", flops=None, peak_mem=peak_mem)
+
+
 def bench(args):
     import subprocess
     device = args.device or default_device()
@@ -1605,7 +1651,7 @@ def bench(args):
     print(f"device: {device} ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads'}), "
           f"torch {torch.__version__}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     whats = ["sample cfg=0", "sample cfg+top-k/p"] + (["official sample cfg+top-k/p"] if args.official_var else []) \
-        + ["teacher-forced fwd", "teacher-forced fwd+bwd"]
+        + ["teacher-forced fwd", "teacher-forced fwd+bwd", "GRPO step"]
     header = "| preset | what | batch | s/call | throughput | GFLOP/call | GFLOP/s | % of matmul peak | peak memory |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -1614,6 +1660,8 @@ def bench(args):
         tf_batch = (32 if on_gpu else 16) if preset == "tiny" else (16 if on_gpu else 2)
         for what in whats:
             batch = tf_batch if what.startswith("teacher") else sample_batch
+            if what == "GRPO step":  # labels per step
+                batch = (8 if on_gpu else 4) if preset == "tiny" else (4 if on_gpu else 1)
             cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
             if args.official_var:
                 cmd += ["--official-var", args.official_var]
@@ -1622,10 +1670,10 @@ def bench(args):
                 print(f"| {preset} | {what} | {batch} | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
-            flops_per_s = r["flops"] / r["seconds"]
-            print(f"| {preset} | {what} | {batch} | {r['seconds']:.3f} | {r['throughput']:.1f} {r['unit']} | "
-                  f"{r['flops'] / 1e9:.1f} | {flops_per_s / 1e9:.1f} | {100 * flops_per_s / peak:.0f}% | "
-                  f"{r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
+            flop_cols = "- | - | -" if r["flops"] is None else \
+                f"{r['flops'] / 1e9:.1f} | {r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}%"
+            print(f"| {preset} | {r.get('what', what)} | {batch} | {r['seconds']:.3f} | {r['throughput']:.3g} {r['unit']} | "
+                  f"{flop_cols} | {r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
     print(f"(peak memory: {'max CUDA memory allocated' if on_gpu else 'peak RSS of the row process, Python and torch included'};"
           " sampler rows include decoding the images; teacher-forced rows compute per-token log-probs)")
 
