@@ -1196,7 +1196,7 @@ def plot_reward_curve(metrics_path: Path, out_path: Path, title: str):
     ax2.plot(steps, [r["policy/kl"] for r in rows], color="C3", label="KL to pre-trained (per token)")
     ax2.set_ylabel("KL", color="C3")
     ax.set_title(title, fontsize=9)
-    fig.legend(loc="lower right", fontsize=8)
+    ax.legend(handles=ax.get_lines() + ax2.get_lines(), loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
