@@ -1,15 +1,32 @@
 """Reward models for vargrpo.
 
 A reward is a callable: images (B, 3, H, W) float in [0, 1] on its device -> rewards (B,) float.
-`build_reward(spec, device)` parses a spec such as `brightness`, `dark` or `0.5*bright+1*dark`
-into one `Reward` that also reports each component's value for logging.
+`build_reward(spec, device)` parses a spec such as `aesthetic`, `clip:a painting`, `brightness`,
+`aesthetic+clip:a painting` or `0.5*aesthetic+1*clip:an old picture` into one `Reward` that also
+reports each component's value (and CLIPScore) for logging.
+
+Components  [GRPO-VAR 5.1-5.3]:
+  brightness / bright / dark   mean luma; 1 if luma >= 0.8; 1 if luma < 0.2
+  aesthetic                    LAION improved-aesthetic-predictor v2 on OpenAI CLIP ViT-L/14 embeddings
+  clip:PROMPT                  cosine similarity of the CLIP image and prompt embeddings
+  brightness:region=x0,y0,x1,y1  mean luma inside a box (fractions of the image), with a region mask
+
+Importing this module loads nothing and touches no network; open_clip is imported when a CLIP
+reward is built, after deciding whether the Hugging Face hub may be used.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import socket
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,24 +55,244 @@ class Brightness(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# CLIP (open_clip) and the LAION aesthetic predictor v2
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# The aesthetic head was trained on OpenAI's ViT-L/14, whose weights need QuickGELU: open_clip's
+# plain 'ViT-L-14' config with the 'openai' weights runs GELU and only warns (wrong embeddings).
+AESTHETIC_CLIP = ("ViT-L-14-quickgelu", "openai")
+AESTHETIC_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                      "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+AESTHETIC_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+# A random CLIP small enough for CPU tests and smoke runs (--clip-model tiny-random); its 768-d
+# embedding fits the real aesthetic head, so every code path runs, with meaningless scores.
+TINY_CLIP_CONFIG = {"embed_dim": 768,
+                    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def clip_preprocess(images_B3HW, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """CLIP's preprocessing on tensors, on their device, differentiable: bicubic resize (antialiased)
+    of the shorter side to `size` (torchvision's size rule), centre crop, clamp to [0, 1] (as the
+    uint8 images of the PIL pipeline are), normalise with OpenAI's mean / std."""
+    B, C, H, W = images_B3HW.shape
+    short, long = min(H, W), max(H, W)
+    new_long = int(size * long / short)
+    nh, nw = (size, new_long) if H <= W else (new_long, size)
+    x = F.interpolate(images_B3HW.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    x = x[:, :, top:top + size, left:left + size].clamp(0, 1)
+    m, s = x.new_tensor(mean).view(1, 3, 1, 1), x.new_tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline():
+    """Tell huggingface_hub (imported or not yet) not to use the network: no ~45 s of retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub
+        hub.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def register_clip_model(name: str) -> str:
+    """'tiny-random' or a path to an open_clip JSON config -> a registered open_clip model name."""
+    import open_clip
+    if name == "tiny-random" or name.endswith(".json"):
+        path = Path(name)
+        if name == "tiny-random":
+            path = Path(tempfile.mkdtemp()) / "tiny-random.json"
+            path.write_text(json.dumps(TINY_CLIP_CONFIG))
+        elif not path.is_file():
+            raise ValueError(f"--clip-model {name}: no such open_clip config file")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"--clip-model {name!r} is not an open_clip model; see open_clip.list_models()")
+    return name
+
+
+def check_clip_pair(model_name: str, pretrained: str):
+    """Refuse weights trained with another activation than the config's (open_clip only warns)."""
+    import open_clip
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag_cfg and tag_cfg.get("quick_gelu", False) != open_clip.get_model_config(model_name).get("quick_gelu", False):
+        raise ValueError(f"CLIP weights '{pretrained}' were trained with quick_gelu={tag_cfg.get('quick_gelu', False)} "
+                         f"but model '{model_name}' does not match; use '{model_name}-quickgelu' (OpenAI weights) or drop the suffix")
+
+
+def load_clip(model_name: str, pretrained: str | None, weights: str | None, device):
+    """(frozen open_clip model, tokenizer). `weights`: a local checkpoint file (no network used);
+    else `pretrained` is an open_clip tag ('openai') fetched through its cache, failing fast when
+    neither the cache nor the hub can serve it; pretrained None / 'none': random weights."""
+    source = weights or (None if pretrained in (None, "", "none") else pretrained)
+    if weights or not source or not hub_reachable():
+        go_offline()  # before open_clip imports huggingface_hub: nothing to fetch, or no way to
+    import open_clip
+    name = register_clip_model(model_name)
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(f"--clip-weights {weights}: no such file")
+    if source and not weights:
+        check_clip_pair(name, source)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-weight models (tests, smoke runs) are reproducible
+            model = open_clip.create_model(name, pretrained=source, device=device)
+    except RuntimeError as e:
+        if weights:
+            raise
+        raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({str(e).splitlines()[0][:160]}); they are not in "
+                           f"open_clip's cache and the hub {'is off (HF_HUB_OFFLINE=1)' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'failed'}; "
+                           "download the open_clip checkpoint elsewhere and pass --clip-weights PATH") from None
+    model.eval().requires_grad_(False)
+    return model, open_clip.get_tokenizer(name)
+
+
+class AestheticHead(nn.Module):
+    """LAION improved-aesthetic-predictor v2: an MLP 768-1024-128-64-16-1 with dropouts 0.2/0.2/0.1
+    and no activations (an affine map), fed the L2-normalised CLIP ViT-L/14 image embedding."""
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, emb_BD):
+        return self.layers(emb_BD).squeeze(-1)
+
+
+def load_aesthetic_head(path: str | None) -> AestheticHead:
+    """From `path` (--aesthetic-head), else the cache, else LAION's repository (sha256 checked)."""
+    from vargrpo import find_or_download
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"--aesthetic-head {path}: no such file")
+    file = Path(path) if path else find_or_download(AESTHETIC_HEAD, None, AESTHETIC_HEAD_URL, "--aesthetic-head PATH")
+    if not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
+        raise RuntimeError(f"{file} does not have the sha256 of LAION's {AESTHETIC_HEAD}; delete it and retry")
+    head = AestheticHead()
+    head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)  # saved on CUDA
+    return head.eval().requires_grad_(False)
+
+
+class ClipImageEmbedder(nn.Module):
+    """L2-normalised CLIP image embeddings of images in [0, 1] (differentiable)."""
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        size = clip.visual.image_size
+        self.size = size if isinstance(size, int) else size[0]
+
+    def forward(self, images_B3HW):
+        return F.normalize(self.clip.encode_image(clip_preprocess(images_B3HW, self.size)).float(), dim=-1)
+
+
+class Aesthetic(nn.Module):
+    def __init__(self, embedder: ClipImageEmbedder, head: AestheticHead):
+        super().__init__()
+        self.embedder, self.head = embedder, head
+
+    def forward(self, images_B3HW):
+        return self.head(self.embedder(images_B3HW))
+
+
+class ClipScore(nn.Module):
+    """cos(CLIP image embedding, CLIP prompt embedding); the prompt is embedded once."""
+    def __init__(self, embedder: ClipImageEmbedder, tokenizer, prompt: str):
+        super().__init__()
+        self.embedder = embedder
+        device = next(embedder.clip.parameters()).device
+        with torch.no_grad():
+            text = embedder.clip.encode_text(tokenizer([prompt]).to(device)).float()
+        self.register_buffer("text_D", F.normalize(text, dim=-1)[0])
+
+    def forward(self, images_B3HW):
+        return self.embedder(images_B3HW) @ self.text_D
+
+    @staticmethod
+    def extra_logs(cos_B):
+        """CLIPScore as usually reported: 100 * max(cos, 0)."""
+        return {"clipscore": 100 * cos_B.clamp_min(0)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and weighted sums
 
 
-def _make_brightness(kind):
-    return lambda arg, device, **opts: Brightness(kind)
+class Region(nn.Module):
+    """brightness:region=x0,y0,x1,y1: mean luma inside a box given as fractions of the image. It
+    also provides the box as a mask (`region_mask`), the clean case for mask propagation."""
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def region_mask(self, H: int, W: int, device=None):
+        x0, y0, x1, y1 = self.box
+        m = torch.zeros(H, W, device=device)
+        m[round(y0 * H):round(y1 * H), round(x0 * W):round(x1 * W)] = 1
+        return m
+
+    def forward(self, images_B3HW):
+        m = self.region_mask(*images_B3HW.shape[-2:], device=images_B3HW.device)
+        w = images_B3HW.new_tensor([0.2989, 0.5870, 0.1140]).view(1, 3, 1, 1)
+        return ((images_B3HW * w).sum(1) * m).sum((1, 2)) / m.sum()
+
+
+def _brightness(kind):
+    def make(arg, ctx):
+        if arg is None:
+            return Brightness(kind)
+        m = re.fullmatch(r"region=([0-9.]+),([0-9.]+),([0-9.]+),([0-9.]+)", arg.replace(" ", ""))
+        box = tuple(float(v) for v in m.groups()) if m and kind == "brightness" else None
+        if box is None or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise ValueError(f"{kind}:{arg}: expected brightness:region=x0,y0,x1,y1 with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+        return Region(box)
+    return make
+
+
+def _embedder(ctx):
+    """One CLIP per build, shared by the components that use it."""
+    if "embedder" not in ctx:
+        name, tag = ctx.get("clip_model") or AESTHETIC_CLIP[0], ctx.get("clip_pretrained", AESTHETIC_CLIP[1])
+        clip, tokenizer = load_clip(name, tag, ctx.get("clip_weights"), ctx["device"])
+        ctx["embedder"], ctx["tokenizer"] = ClipImageEmbedder(clip).to(ctx["device"]), tokenizer
+    return ctx["embedder"]
+
+
+def _aesthetic(arg, ctx):
+    if arg:
+        raise ValueError(f"aesthetic takes no argument, got {arg!r}")
+    return Aesthetic(_embedder(ctx), load_aesthetic_head(ctx.get("aesthetic_head")).to(ctx["device"]))
+
+
+def _clip(arg, ctx):
+    if not arg:
+        raise ValueError("clip needs a prompt: clip:a painting")
+    return ClipScore(_embedder(ctx), ctx["tokenizer"], arg)
 
 
 REGISTRY = {
-    "brightness": _make_brightness("brightness"),
-    "bright": _make_brightness("bright"),
-    "dark": _make_brightness("dark"),
+    "brightness": _brightness("brightness"),
+    "bright": _brightness("bright"),
+    "dark": _brightness("dark"),
+    "aesthetic": _aesthetic,
+    "clip": _clip,
 }
 
 
 class Reward(nn.Module):
     """sum_i w_i * component_i(images). Call: reward(images) -> (B,), or with
-    return_components=True -> ((B,), {component name: (B,)}). No autograd graph unless built
-    with differentiable=True."""
+    return_components=True -> ((B,), {component name: (B,)} plus CLIPScore entries). No autograd
+    graph unless built with differentiable=True (gradients then reach the images)."""
     def __init__(self, terms, differentiable: bool = False):
         super().__init__()
         self.names = [name for _, name, _ in terms]
@@ -67,7 +304,18 @@ class Reward(nn.Module):
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             values = {name: part(images_B3HW).float() for name, part in zip(self.names, self.parts)}
             total = sum(w * values[name] for w, name in zip(self.weights, self.names))
-        return (total, values) if return_components else total
+        if not return_components:
+            return total
+        logs = dict(values)
+        for name, part in zip(self.names, self.parts):
+            for key, v in getattr(part, "extra_logs", lambda _: {})(values[name]).items():
+                logs[f"{name}/{key}"] = v
+        return total, logs
+
+    def region_mask(self, H: int, W: int, device=None):
+        """The union of the components' region masks (H, W), or None if none has one."""
+        masks = [p.region_mask(H, W, device) for p in self.parts if hasattr(p, "region_mask")]
+        return torch.stack(masks).amax(0) if masks else None
 
 
 TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)(?::(.*))?$")
@@ -89,10 +337,18 @@ def parse_spec(spec: str):
     return terms
 
 
-def build_reward(spec: str, device="cpu", differentiable: bool = False, **opts) -> Reward:
-    """One Reward for a spec; opts are passed to the components that take them (weights paths)."""
+def build_reward(spec: str, device="cpu", differentiable: bool = False, clip_model: str | None = None,
+                 clip_pretrained: str | None = AESTHETIC_CLIP[1], clip_weights: str | None = None,
+                 aesthetic_head: str | None = None) -> Reward:
+    """One Reward for a spec. CLIP options: clip_model (open_clip name, a JSON config path, or
+    'tiny-random'; default ViT-L-14-quickgelu), clip_pretrained (tag, 'none' = random),
+    clip_weights (local checkpoint file), aesthetic_head (local head file)."""
+    ctx = dict(device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
+               clip_weights=clip_weights, aesthetic_head=aesthetic_head)
+    if clip_model == "tiny-random" and clip_pretrained == AESTHETIC_CLIP[1]:
+        ctx["clip_pretrained"] = None  # there are no pretrained weights for the tiny config
     terms = []
     for weight, name, arg in parse_spec(spec):
         label = name if arg is None else f"{name}:{arg}"
-        terms.append((weight, label, REGISTRY[name](arg, device, **opts)))
+        terms.append((weight, label, REGISTRY[name](arg, ctx)))
     return Reward(terms, differentiable).to(device)

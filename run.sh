@@ -4,6 +4,9 @@
 #   bash run.sh test [pytest args]   the test suite (what CI runs)
 #   bash run.sh demo [train flags]   CPU demo: a tiny VAR learns brightness in ~2 minutes -> runs/demo
 #   bash run.sh brightness | dark    the GRPO-VAR paper's toy experiment, VAR-d16, one process per GPU
+#   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
+#   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)
+#   bash run.sh aesthetic+painting   both rewards summed, VAR-d30, 10k steps (paper 5.3)
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,6 +37,9 @@ case "$cmd" in
            --lr 1e-3 --beta 0.1 --temperature 1.0 --image-every 10 --save-every 25 "$@" ;;
   brightness) launch --preset d16 --reward bright --out runs/brightness --steps 200 "$@" ;;
   dark)       launch --preset d16 --reward dark --out runs/dark --steps 200 "$@" ;;
+  aesthetic)  launch --preset d16 --reward aesthetic --out runs/aesthetic --steps 40000 "$@" ;;
+  painting)   launch --preset d30 --reward "clip:a painting" --out runs/painting --steps 10000 "$@" ;;
+  aesthetic+painting) launch --preset d30 --reward "aesthetic+clip:a painting" --out runs/aesthetic+painting --steps 10000 "$@" ;;
   bench) exec "$PY" vargrpo.py bench "$@" ;;
-  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

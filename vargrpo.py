@@ -659,14 +659,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
 
 
-def find_or_download(filename: str, weights_dir=None) -> Path:
-    """Path of `filename` in weights_dir or the cache; otherwise download it into the cache."""
+def find_or_download(filename: str, weights_dir=None, url=None, flag="--weights-dir") -> Path:
+    """Path of `filename` in weights_dir or the cache; otherwise download it (from `url`, default the
+    official VAR files) into the cache. Offline or unreachable: one line naming the file, the URL and
+    the flag that points at a local copy."""
     folders = [Path(d) for d in (weights_dir, cache_dir()) if d]
     for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    url = OFFICIAL_URL.format(filename)
-    todo = f"download {url} yourself and pass --weights-dir DIR (weights_dir=DIR) naming its folder"
+    url = url or OFFICIAL_URL.format(filename)
+    todo = f"download {url} yourself and pass {flag} naming it (or put it in {cache_dir()})"
     where = " or ".join(str(f) for f in folders)
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
         raise CheckpointError(f"{filename} is not in {where} and offline mode is on; {todo}")
@@ -1015,7 +1017,7 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_PREVIEW = 1, 2, 3, 4
+STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_PREVIEW, STREAM_SUBSET, STREAM_EVAL = 1, 2, 3, 4, 5, 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1048,6 +1050,11 @@ class TrainArgs:
     adv_eps: float = arg(1e-4, "epsilon added to the group std")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this (0 = off; the paper does not clip)")
     reward_batch: int = arg(64, "images per reward-model call")
+    clip_model: str = arg(None, "open_clip model of the CLIP rewards (default ViT-L-14-quickgelu; 'tiny-random' or a JSON config for CPU smoke runs)", type=str)
+    clip_pretrained: str = arg("openai", "open_clip weights tag of --clip-model ('none' = random)")
+    clip_weights: str = arg(None, "local open_clip checkpoint file for --clip-model (no download)", type=str)
+    aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth (else cache, else download)", type=str)
+    label_subset: str = arg("all", "train on all classes, or 'half': a fixed 50%% of them (seeded by --seed, saved in DIR/labels.json); eval reports seen and unseen", choices=("all", "half"))
     save_every: int = arg(100, "checkpoint every this many steps (and at the end, and on Ctrl-C / SIGTERM)")
     keep_last: int = arg(3, "checkpoints to keep")
     image_every: int = arg(50, "write a PNG grid of samples every this many steps (0 = off)")
@@ -1113,6 +1120,24 @@ def build_models(a: TrainArgs, device):
     policy.load_state_dict(ref.state_dict())
     ref.requires_grad_(False)  # never holds gradients or optimizer state
     return vae.to(device), policy.to(device), ref.to(device)
+
+
+def make_reward(spec: str, device, a):
+    """reward_models.build_reward with the CLIP / aesthetic options of `a`; its errors become one line."""
+    import reward_models
+    try:
+        return reward_models.build_reward(spec, device, clip_model=a.clip_model, clip_pretrained=a.clip_pretrained,
+                                          clip_weights=a.clip_weights, aesthetic_head=a.aesthetic_head)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"reward {spec!r}: {e}") from None
+
+
+def label_pool(a: TrainArgs, num_classes: int) -> torch.Tensor:
+    """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1, 'seen 50% labels']."""
+    if a.label_subset == "all":
+        return torch.arange(num_classes)
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(derive_seed(a.seed, STREAM_SUBSET)))
+    return perm[:num_classes // 2].sort().values
 
 
 def autocast_ctx(a: TrainArgs, device: str):
@@ -1411,7 +1436,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if not a.resume and holds_run and not a.overwrite:
             raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
-    reward = reward_models.build_reward(a.reward, d.device)
+    reward = make_reward(a.reward, d.device, a)
     amp = autocast_ctx(a, d.device)
     vae, policy, ref = build_models(a, d.device)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
@@ -1439,7 +1464,9 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
             if a.preview_images:
                 r = preview(policy, vae, reward, a, d.device, amp, out / "before.png")
                 print(f"[vargrpo] preview before training ({out / 'before.png'}): mean reward {r:.4f}")
-    pool = torch.arange(policy.cfg.num_classes)
+    pool = label_pool(a, policy.cfg.num_classes)
+    if d.main and not a.resume:
+        (out / "labels.json").write_text(json.dumps({"label_subset": a.label_subset, "seen": pool.tolist()}))
     n_local = a.labels_per_step // d.world
     stop = StopRequest()
 
@@ -1512,6 +1539,105 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     if distributed():
         torch.distributed.destroy_process_group()
     return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation [GRPO-VAR Table 1]: aesthetic score, CLIP score and ResNet-50 top-5 accuracy of
+# images sampled with the official inference settings, for the pre-trained and fine-tuned models.
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = arg("", "a vargrpo checkpoint (RUN/checkpoints/last.pt) or its run directory")
+    samples_per_class: int = arg(10, "images per class [paper: 10 for each of the 1000 classes]")
+    max_classes: int = arg(0, "evaluate only the first N classes of each subset (0 = all)")
+    cfg: float = arg(1.5, "classifier-free guidance [official VAR inference: 1.5]")
+    top_k: int = arg(900, "top-k [official: 900]")
+    top_p: float = arg(0.96, "top-p [official: 0.96]")
+    temperature: float = arg(1.0, "sampling temperature")
+    prompt: str = arg("a painting", "prompt of the CLIP score")
+    batch: int = arg(50, "images per sampling call")
+    seed: int = arg(0, "sampling seed (the same images are drawn for both models up to their differences)")
+    out: str = arg(None, "folder for eval.md, eval.json and the grids (default: the run directory)", type=str)
+    clip_model: str = arg(None, "open_clip model (default ViT-L-14-quickgelu; 'tiny-random' for smoke runs)", type=str)
+    clip_pretrained: str = arg("openai", "open_clip weights tag ('none' = random)")
+    clip_weights: str = arg(None, "local open_clip checkpoint file", type=str)
+    aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth", type=str)
+    resnet_weights: str = arg(None, "local torchvision resnet50 IMAGENET1K_V2 state_dict (else torch hub cache, else download)", type=str)
+    weights_dir: str = arg(None, "folder with the official VAR .pth files", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+
+
+def load_resnet50(weights, device):
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
+    from torchvision.models import ResNet50_Weights, resnet50
+    spec = ResNet50_Weights.IMAGENET1K_V2
+    model = resnet50()
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"--resnet-weights {weights}: no such file")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        import reward_models
+        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
+            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
+                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
+        state = spec.get_state_dict(progress=True, check_hash=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False).to(device), spec.transforms()
+
+
+def evaluate(e: EvalArgs) -> dict:
+    path = Path(e.ckpt)
+    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--ckpt {e.ckpt}: no checkpoint there (expected RUN/checkpoints/last.pt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    device = e.device or default_device()
+    a = TrainArgs(**{**ckpt["args"], "weights_dir": e.weights_dir or ckpt["args"]["weights_dir"]})
+    vae, finetuned, pretrained = build_models(a, device)
+    finetuned.load_state_dict(ckpt["model"])
+    reward = make_reward(f"aesthetic+clip:{e.prompt}", device, e)
+    classifier, classifier_preprocess = load_resnet50(e.resnet_weights, device)
+    ncls = finetuned.cfg.num_classes
+    seen = label_pool(a, ncls)
+    subsets = {"all": seen} if a.label_subset == "all" else \
+        {"seen": seen, "unseen": torch.tensor(sorted(set(range(ncls)) - set(seen.tolist())))}
+    out = Path(e.out) if e.out else path.parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model_name, model in (("pre-trained", pretrained), ("fine-tuned", finetuned)):
+        for subset, classes in subsets.items():
+            classes = classes[:e.max_classes] if e.max_classes else classes
+            labels = classes.repeat_interleave(e.samples_per_class).to(device)
+            sums, grid = {"aesthetic": 0.0, "clipscore": 0.0, "top5": 0.0}, []
+            for i in range(0, len(labels), e.batch):
+                gen = torch.Generator(device=device).manual_seed(derive_seed(e.seed, STREAM_EVAL, i))
+                with torch.no_grad():
+                    images = sample(model, labels[i:i + e.batch], temperature=e.temperature, cfg=e.cfg, top_k=e.top_k,
+                                    top_p=e.top_p, generator=gen).images.float()
+                    _, parts = reward(images, return_components=True)
+                    top5 = classifier(classifier_preprocess(images)).topk(5, dim=-1).indices
+                sums["aesthetic"] += parts["aesthetic"].sum().item()
+                sums["clipscore"] += parts[f"clip:{e.prompt}/clipscore"].sum().item()
+                sums["top5"] += (top5 == labels[i:i + e.batch, None]).any(-1).float().sum().item()
+                grid += [(img, lab) for img, lab in zip(images, labels[i:i + e.batch].tolist())
+                         if lab in classes[:8].tolist() and sum(1 for _, l in grid if l == lab) < 4]
+            n = len(labels)
+            results.append({"model": model_name, "subset": subset, "images": n, "aesthetic": sums["aesthetic"] / n,
+                            "clipscore": sums["clipscore"] / n, "resnet50_top5": sums["top5"] / n})
+            save_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid],
+                      out / f"eval_{model_name}_{subset}.png")
+    table = [f"| model | labels | images | aesthetic score | CLIPScore '{e.prompt}' | ResNet-50 top-5 |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | {r['aesthetic']:.3f} | {r['clipscore']:.2f} | "
+              f"{100 * r['resnet50_top5']:.1f}% |" for r in results]
+    settings = {k: getattr(e, k) for k in ("samples_per_class", "cfg", "top_k", "top_p", "temperature", "prompt", "seed")}
+    (out / "eval.json").write_text(json.dumps({"checkpoint": str(path), "step": ckpt["step"], "settings": settings,
+                                               "results": results}, indent=1))
+    (out / "eval.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return {"results": results}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1703,6 +1829,9 @@ def main(argv=None):
                        description="GRPO fine-tuning of a VAR model. Labels per step and minibatch sizes are global: "
                                    "torchrun splits them across processes.")
     add_dataclass_args(p, TrainArgs)
+    p = sub.add_parser("eval", argument_default=argparse.SUPPRESS,
+                       help="aesthetic / CLIP score / ResNet-50 top-5 of a checkpoint and its pre-trained model (Table 1)")
+    add_dataclass_args(p, EvalArgs)
     p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
     p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -1714,9 +1843,11 @@ def main(argv=None):
         if args.command == "train":
             given = {k for k in vars(args) if k != "command"}
             return train(TrainArgs(**{k: getattr(args, k) for k in given}), given)
+        if args.command == "eval":
+            return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
         if args.command == "bench":
             return bench(args)
-    except (UsageError, CheckpointError, RewardFailed) as e:
+    except (UsageError, CheckpointError, RewardFailed, FileNotFoundError) as e:
         print(f"vargrpo: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UsageError) else 1)
 
