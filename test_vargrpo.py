@@ -893,3 +893,174 @@ def test_clip_score_with_a_real_architecture():
     r = rm.build_reward("clip:an old picture", "cpu", clip_model="ViT-B-32", clip_pretrained="none")
     out = r(torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)))
     assert out.shape == (2,) and ((-1 <= out) & (out <= 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# VAR-RL: PANW, VMR, mask propagation
+
+
+@given(patch_nums=patch_nums_st, alpha=st.floats(0.0, 2.0))
+def test_panw_weights(patch_nums, alpha):
+    w = vg.panw_weights(patch_nums, alpha).double()
+    s = vg.scale_ids(patch_nums)
+    K = len(patch_nums)
+    assert w.shape == (sum(p * p for p in patch_nums),) and (w > 0).all()
+    assert abs(w.sum().item() - 1) < 1e-6
+    share = torch.zeros(K, dtype=torch.float64).index_add_(0, s, w)
+    for k, pn in enumerate(patch_nums):  # inside a scale every token weighs the same, (pn^2)^-alpha relative
+        assert torch.allclose(w[s == k], w[s == k][0].expand(pn * pn))
+    if alpha == 0:
+        torch.testing.assert_close(w, torch.full_like(w, 1 / len(w)))
+    w1 = vg.panw_weights(patch_nums, 1.0).double()
+    torch.testing.assert_close(torch.zeros(K, dtype=torch.float64).index_add_(0, s, w1), torch.full((K,), 1 / K, dtype=torch.float64))
+    finer = vg.panw_weights(patch_nums, alpha + 0.5).double()  # larger alpha: the finest scale's share shrinks
+    assert torch.zeros(K, dtype=torch.float64).index_add_(0, s, finer)[-1] < share[-1] + 1e-12
+
+
+@given(seed=st.integers(0, 2**16), K=st.integers(2, 6), eta=st.floats(0.01, 100.0))
+def test_middle_value_between_mean_and_max(seed, K, eta):
+    r = torch.randn(5, K, generator=torch.Generator().manual_seed(seed)).double()
+    v = vg.middle_value(r, eta)
+    assert (v >= r.mean(1) - 1e-9).all() and (v <= r.amax(1) + 1e-9).all()
+    torch.testing.assert_close(vg.middle_value(r, 1e6), r.mean(1), atol=1e-5, rtol=0)   # eta -> inf: the mean
+    torch.testing.assert_close(vg.middle_value(r, 1e-4), r.amax(1), atol=1e-3, rtol=0)  # eta -> 0: the max
+    same = torch.full((2, K), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(vg.middle_value(same, eta), same[:, 0])
+    bigger = r.clone()
+    bigger[:, 0] += 0.5  # monotone in every completion's reward
+    assert (vg.middle_value(bigger, eta) >= v).all()  # (strictly, but below the max the change can underflow)
+
+
+def test_default_vmr_split():
+    d16 = vg.VARConfig.preset("d16").patch_nums
+    m = vg.default_vmr_split(d16)
+    assert m == 5 and vg.scale_begin_ends(d16)[m - 1][1] == 55  # after the 5x5 scale: 55 of 680 tokens (8%)
+    assert vg.default_vmr_split((1, 2, 3, 4)) == 1  # 30 tokens: boundaries 1, 5, 14; 8% = 2.4
+    assert vg.vmr_stage(vg.TrainArgs(vmr=True), 0) == "prefix"
+    stages = [vg.vmr_stage(vg.TrainArgs(vmr=True, vmr_schedule="3:1"), s) for s in range(8)]
+    assert stages == ["prefix"] * 3 + ["suffix"] + ["prefix"] * 3 + ["suffix"]
+    assert [vg.vmr_stage(vg.TrainArgs(vmr=True, vmr_schedule="30:10"), s) for s in (29, 30, 39, 40)] == ["prefix", "suffix", "suffix", "prefix"]
+    assert vg.vmr_stage(vg.TrainArgs(), 3) is None
+
+
+@given(patch_nums=patch_nums_st, seed=st.integers(0, 2**16), density=st.floats(0.0, 1.0))
+def test_propagate_mask_covers(patch_nums, seed, density):
+    H = patch_nums[-1]
+    fine = (torch.rand(3, H, H, generator=torch.Generator().manual_seed(seed)) < density).float()
+    out = vg.propagate_mask(fine, patch_nums)
+    assert out.shape == (3, sum(p * p for p in patch_nums)) and set(out.unique().tolist()) <= {0.0, 1.0}
+    for si, (pn, (bg, ed)) in enumerate(zip(patch_nums, vg.scale_begin_ends(patch_nums))):
+        coarse = out[:, bg:ed].view(3, pn, pn)
+        for i in range(pn):  # the fine cells a coarse cell covers (area interpolation's windows)
+            r0, r1 = (i * H) // pn, -((-(i + 1) * H) // pn)
+            for j in range(pn):
+                c0, c1 = (j * H) // pn, -((-(j + 1) * H) // pn)
+                assert torch.equal(coarse[:, i, j] > 0, fine[:, r0:r1, c0:c1].flatten(1).amax(1) > 0)
+    assert torch.equal(out[:, -H * H:], fine.view(3, -1))
+    assert torch.equal(vg.propagate_mask(torch.ones(1, H, H), patch_nums), torch.ones(1, out.shape[1]))
+
+
+@given(seed=st.integers(0, 2**16), beta=st.sampled_from([0.0, 0.3]))
+def test_masked_tokens_get_no_policy_gradient(seed, beta):
+    g = torch.Generator().manual_seed(seed)
+    pn = (1, 2, 3)
+    mask = vg.propagate_mask((torch.rand(4, 3, 3, generator=g) < 0.4).float(), pn)
+    mask[0] = 0  # an all-masked sample
+    base = vg.panw_weights(pn, 0.5).expand(4, -1)
+    w, u = vg.normalise_rows(base * mask), vg.normalise_rows(base)
+    assert torch.equal(w[0], torch.zeros(14)) and torch.allclose(w[1:].sum(1), torch.ones(3))
+    old = -torch.rand(4, 14, generator=g) * 3
+    logp = (old + 0.3 * torch.randn(4, 14, generator=g)).requires_grad_(True)
+    ref = old + 0.3 * torch.randn(4, 14, generator=g)
+    surr, _, _ = vg.clipped_surrogate(logp, old, torch.randn(4, generator=g))
+    loss = vg.grpo_loss(surr, vg.kl_k3(logp, ref), w, beta, kl_weights_BL=u)
+    (grad,) = torch.autograd.grad(loss, logp)
+    (kl_grad,) = torch.autograd.grad(beta * (u * vg.kl_k3(logp, ref)).sum(1).mean(), logp)
+    off = mask == 0
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad[off], kl_grad[off])  # outside the mask only the KL acts
+    ones = vg.normalise_rows(base * torch.ones_like(mask))
+    assert torch.equal(ones, u)  # an all-ones mask is a no-op
+
+
+def stage_batch(stage, mp_mask=None, **kw):
+    a = vg.TrainArgs(group_size=3, vmr=stage is not None, vmr_k=2, **kw)
+    pn, n_labels = (1, 2, 3), 2
+    K = 2 if stage else 1
+    N = n_labels * 3 * K
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(N, generator=g)
+    idx, old = torch.randint(0, 8, (N, 14), generator=g), -torch.rand(N, 14, generator=g)
+    labels = torch.arange(n_labels).repeat_interleave(3 * K)
+    return rewards, vg.update_batch(a, stage, pn, labels, idx, old, rewards, mp_mask, n_labels, split_m=2)
+
+
+def test_update_batch_stages():
+    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch(None)
+    assert len(idx) == 6 and n_groups == 2 and torch.equal(w, u) and torch.allclose(w, torch.full_like(w, 1 / 14))
+    torch.testing.assert_close(adv, vg.group_advantages(r.view(2, 3))[0].view(-1))
+    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch("prefix")
+    assert len(idx) == 6 and n_groups == 2  # one row per prefix
+    value = vg.middle_value(r.view(6, 2), 1.0)
+    torch.testing.assert_close(adv, vg.group_advantages(value.view(2, 3))[0].view(-1))
+    assert (w[:, 5:] == 0).all() and torch.allclose(w[:, :5].sum(1), torch.ones(6))  # prefix = scales 0, 1 (5 tokens)
+    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch("suffix")
+    assert len(idx) == 12 and n_groups == 2 and (w[:, :5] == 0).all() and torch.allclose(w.sum(1), torch.ones(12))
+    torch.testing.assert_close(adv, vg.group_advantages(r.view(2, 6))[0].view(-1))
+    r, (*_, adv, w, u, n_flat, n_groups) = stage_batch("suffix", vmr_suffix_group="prefix")
+    assert n_groups == 6
+    torch.testing.assert_close(adv, vg.group_advantages(r.view(6, 2))[0].view(-1))
+    mask = torch.zeros(12, 14)
+    mask[:, 5:9] = 1
+    r, (*_, w, u, _, _) = stage_batch("suffix", mp_mask=mask, panw_alpha=1.0)
+    assert (w[:, 9:] == 0).all() and torch.allclose(w.sum(1), torch.ones(12)) and (u[:, 9:] > 0).all()
+
+
+def test_initial_mask_region_and_saliency():
+    import reward_models as rm
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    region = rm.build_reward("brightness:region=0,0,0.5,0.25", "cpu")
+    m = vg.initial_mask(region, images, 4, keep=0.5)
+    expect = torch.zeros(4, 4)
+    expect[0, :2] = 1
+    assert torch.equal(m, expect.expand(2, 4, 4))
+    left = lambda x: rm.luma(x[..., :32] ** 2)  # depends on the left half only
+    m = vg.initial_mask(left, images, 4, keep=0.5)
+    assert torch.equal(m, torch.cat([torch.ones(2, 4, 2), torch.zeros(2, 4, 2)], -1))
+    assert torch.equal(vg.initial_mask(rm.build_reward("bright", "cpu"), images, 4, 0.5), torch.ones(2, 4, 4))
+    assert torch.equal(vg.initial_mask(rm.build_reward("brightness", "cpu", differentiable=True), images, 4, 0.5),
+                       torch.ones(2, 4, 4))  # a uniform saliency: nothing to choose by
+
+
+def test_vmr_rollout_shares_prefixes(tmp_path):
+    a = vg.TrainArgs(preset="tiny", group_size=3, vmr=True, vmr_k=3, temperature=1.0)
+    vae, var = vg.build_vae_var(vg.VARConfig.preset("tiny"))
+    from contextlib import nullcontext
+    labels, idx, old, images, *_ = vg.rollout(var, vae, torch.tensor([1, 7]), [0, 1], a, 0, nullcontext, "cpu", prefix_len=5)
+    assert idx.shape == (18, 30) and images.shape == (18, 3, 64, 64) and labels.tolist() == [1] * 9 + [7] * 9
+    by_prefix = idx.view(6, 3, 30)
+    assert (by_prefix[:, :, :5] == by_prefix[:, :1, :5]).all()  # the K completions of a prefix share it
+    assert not (by_prefix[:, :, 5:] == by_prefix[:, :1, 5:]).all()  # and differ after it
+    torch.testing.assert_close(old, vg.token_logprobs(var, labels, idx, temperature=1.0), atol=1e-4, rtol=0)
+
+
+def test_nextflow_trains_and_counts_its_budget(tmp_path):
+    run = tmp_path / "nf"
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "4", "--method", "nextflow", "--scale-grad-norms",
+             "--reward", "brightness:region=0.25,0.25,0.75,0.75", "--preview-images", "0"])
+    rows = read_metrics(run)
+    args = json.loads((run / "args.json").read_text())
+    assert args["vmr"] and args["mask_propagation"] and args["panw_alpha"] == 1.0
+    assert [r["vmr/stage"] for r in rows] == ["prefix"] * 3 + ["suffix"]
+    assert [r["budget/samples"] for r in rows] == [16, 32, 48, 64]  # 2 labels x 4 prefixes x 2 completions
+    assert all(0 < r["mp/kept_fraction"] <= 1 for r in rows) and "scale/grad_norm_s3" in rows[-1]
+    assert rows[0]["scale/grad_norm_s3"] == 0 and rows[-1]["scale/grad_norm_s0"] == 0  # each stage: its own scales
+
+
+@pytest.mark.slow
+def test_ablation_smoke(tmp_path):
+    vg.main(["ablate", "--seeds", "0", "--budget", "64", "--out", str(tmp_path)])
+    table = (tmp_path / "ablation.md").read_text()
+    for name in vg.ABLATION_METHODS:
+        assert f"| {name} |" in table
+    assert (tmp_path / "ablation.png").is_file() and json.loads((tmp_path / "ablation.json").read_text()).keys() == vg.ABLATION_METHODS.keys()

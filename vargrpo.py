@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -962,6 +963,89 @@ def grpo_loss(surrogate_BL, kl_BL, token_weights_BL, beta, kl_weights_BL=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return
+# (VMR) and mask propagation (MP). Pure functions; the trainer combines them through the loss's
+# token weights and the advantages.
+
+
+def normalise_rows(w_BL: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum; an all-zero row stays zero (that sample gets no gradient)."""
+    s = w_BL.sum(dim=1, keepdim=True)
+    return torch.where(s > 0, w_BL / torch.where(s > 0, s, 1.0), 0.0)
+
+
+def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
+    """PANW token weights (L,)  [VAR-RL, PANW]: a token of scale t (an h_t x w_t grid) weighs
+    k_t = (h_t w_t)^(-alpha), normalised so that one sample's L weights sum to 1.
+    alpha = 0: the plain token mean (1/L); alpha = 1: every scale gets an equal share 1/K."""
+    n_L = torch.cat([torch.full((pn * pn,), float(pn * pn), dtype=torch.float64) for pn in patch_nums])
+    k_L = n_L.pow(-alpha)
+    return (k_L / k_L.sum()).float()
+
+
+def scale_token_mask(patch_nums, first_scale: int, end_scale: int) -> torch.Tensor:
+    """(L,) 1.0 on the tokens of scales first_scale .. end_scale - 1, else 0."""
+    s_L = scale_ids(patch_nums)
+    return ((s_L >= first_scale) & (s_L < end_scale)).float()
+
+
+def middle_value(rewards_NK: torch.Tensor, eta: float) -> torch.Tensor:
+    """Value as middle return  [VAR-RL, Eq. 10]: V_m(s_m) = eta log( (1/K) sum_k exp(R_k / eta) ),
+    a soft maximum of the K on-policy completions' rewards of one prefix (a row). It lies between
+    their mean (eta -> inf) and their max (eta -> 0). Computed in float64 with logsumexp."""
+    r = rewards_NK.double()
+    K = r.shape[1]
+    return (eta * (torch.logsumexp(r / eta, dim=1) - math.log(K))).to(rewards_NK.dtype)
+
+
+def default_vmr_split(patch_nums) -> int:
+    """The middle scale m (prefix = scales 0..m-1): the scale boundary nearest 8% of the tokens
+    (VAR-RL's m256 fraction). For the 256 px models that is after the 5x5 scale: 55 of 680 tokens."""
+    ends = [e for _, e in scale_begin_ends(patch_nums)][:-1]  # the prefix must leave a suffix
+    L = sum(p * p for p in patch_nums)
+    return 1 + min(range(len(ends)), key=lambda i: abs(ends[i] - 0.08 * L))
+
+
+def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums) -> torch.Tensor:
+    """Mask propagation  [VAR-RL, MP]: a binary mask on the finest token grid (B, pn_K, pn_K) ->
+    a mask on every token of every scale (B, L). A coarser token is relevant if any finest-scale
+    token its area covers is relevant: area-downsample the binary mask and threshold > 0."""
+    m = (mask_fine_BHW > 0).float().unsqueeze(1)  # (B, 1, H, W)
+    B = m.shape[0]
+    return torch.cat([(F.interpolate(m, size=(pn, pn), mode="area") > 0).float().view(B, pn * pn)
+                      for pn in patch_nums], dim=1)
+
+
+def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> torch.Tensor:
+    """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from.
+
+    The reward's own region mask if it has one (a box: the pixels it scores); otherwise gradient
+    saliency |d reward / d image| summed over channels, area-pooled to the token grid, keeping the
+    top `keep` fraction of cells per image. An image whose saliency is flat (a reward with no
+    gradient, or a uniform one) keeps every cell: there is nothing to choose by.
+    """
+    B, _, H, W = images_B3HW.shape
+    region = reward.region_mask(H, W, images_B3HW.device) if hasattr(reward, "region_mask") else None
+    if region is not None:
+        pooled = F.interpolate(region[None, None].float(), size=(pn, pn), mode="area")[:, 0]
+        return (pooled > 0).float().expand(B, pn, pn)
+    x = images_B3HW.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        r = reward(x)
+        grad = torch.autograd.grad(r.sum(), x, allow_unused=True)[0] if r.requires_grad else None
+    if grad is None:  # a reward without a gradient (a threshold, or not built differentiable)
+        return torch.ones(B, pn, pn, device=images_B3HW.device)
+    sal_Bpp = F.interpolate(grad.abs().sum(1, keepdim=True), size=(pn, pn), mode="area")[:, 0]
+    flat = sal_Bpp.view(B, -1)
+    n_keep = max(1, round(keep * pn * pn))
+    kth = flat.topk(n_keep, dim=1).values[:, -1:]
+    mask = (flat >= kth).float()
+    uniform = (flat.amax(1) - flat.amin(1)) <= 1e-12 * flat.amax(1).clamp_min(1e-30)
+    mask[uniform] = 1.0
+    return mask.view(B, pn, pn)
+
+
+# ----------------------------------------------------------------------------------------------
 # Distributed helpers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is
 # rank 0 of 1 and never touches torch.distributed.
 
@@ -1054,6 +1138,17 @@ class TrainArgs:
     clip_pretrained: str = arg("openai", "open_clip weights tag of --clip-model ('none' = random)")
     clip_weights: str = arg(None, "local open_clip checkpoint file for --clip-model (no download)", type=str)
     aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth (else cache, else download)", type=str)
+    method: str = arg("grpo", "grpo (the GRPO-VAR paper) or nextflow (VAR-RL: VMR + PANW alpha 1 + mask propagation)", choices=("grpo", "nextflow"))
+    panw_alpha: float = arg(0.0, "PANW: a scale-t token weighs (h_t w_t)^-alpha, normalised per sample; 0 = off (token mean), 1 = equal share per scale")
+    vmr: bool = arg(False, "VMR: value as middle return, alternating prefix and suffix updates")
+    vmr_m: int = arg(0, "VMR split: the prefix is scales 0..m-1 (0 = the boundary nearest 8%% of the tokens)")
+    vmr_k: int = arg(2, "VMR: on-policy completions per prefix for the middle value [VAR-RL: 2]")
+    vmr_eta: float = arg(1.0, "VMR: temperature eta of the soft middle value [VAR-RL: 1]")
+    vmr_schedule: str = arg("3:1", "VMR: prefix updates : suffix updates, repeating [VAR-RL 'fine-grained': 3:1]")
+    vmr_suffix_group: str = arg("label", "VMR suffix advantages: normalised over a label's G*K completions, or a prefix's K", choices=("label", "prefix"))
+    mask_propagation: bool = arg(False, "MP: policy-gradient weight only on reward-relevant tokens, propagated fine to coarse")
+    mp_keep: float = arg(0.5, "MP: fraction of finest-grid cells kept by gradient saliency (rewards without a region)")
+    scale_grad_norms: bool = arg(False, "log the parameter-gradient norm of each scale's tokens (first minibatch; K extra backward passes)")
     label_subset: str = arg("all", "train on all classes, or 'half': a fixed 50%% of them (seeded by --seed, saved in DIR/labels.json); eval reports seen and unseen", choices=("all", "half"))
     save_every: int = arg(100, "checkpoint every this many steps (and at the end, and on Ctrl-C / SIGTERM)")
     keep_last: int = arg(3, "checkpoints to keep")
@@ -1102,6 +1197,16 @@ def check_train_args(a: TrainArgs, world: int):
         raise UsageError(f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
     if not 0 < a.clip_eps < 1 or (a.clip_eps_high is not None and not a.clip_eps_high > 0):
         raise UsageError(f"need 0 < --clip-eps < 1 and --clip-eps-high > 0, got {a.clip_eps}, {a.clip_eps_high}")
+    if a.vmr:
+        K = len(VARConfig.preset(a.preset).patch_nums)
+        if not 0 <= a.vmr_m < K:
+            raise UsageError(f"--vmr-m {a.vmr_m}: the split must leave scales on both sides (1 .. {K - 1}, or 0 = auto)")
+        if a.vmr_k < 2 or a.vmr_eta <= 0 or not re.fullmatch(r"\d+:\d+", a.vmr_schedule) or \
+                sum(map(int, a.vmr_schedule.split(":"))) == 0:
+            raise UsageError(f"need --vmr-k >= 2, --vmr-eta > 0 and --vmr-schedule P:S (e.g. 3:1 or 30:10); "
+                             f"got {a.vmr_k}, {a.vmr_eta}, {a.vmr_schedule!r}")
+    if a.panw_alpha < 0 or not 0 < a.mp_keep <= 1:
+        raise UsageError(f"need --panw-alpha >= 0 and 0 < --mp-keep <= 1, got {a.panw_alpha}, {a.mp_keep}")
     if min(a.beta, a.max_grad_norm, a.weight_decay, a.image_every, a.preview_images) < 0 or a.adv_eps <= 0:
         raise UsageError("--beta, --max-grad-norm, --weight-decay, --image-every, --preview-images must be >= 0 and --adv-eps > 0")
 
@@ -1122,12 +1227,13 @@ def build_models(a: TrainArgs, device):
     return vae.to(device), policy.to(device), ref.to(device)
 
 
-def make_reward(spec: str, device, a):
+def make_reward(spec: str, device, a, differentiable: bool = False):
     """reward_models.build_reward with the CLIP / aesthetic options of `a`; its errors become one line."""
     import reward_models
     try:
-        return reward_models.build_reward(spec, device, clip_model=a.clip_model, clip_pretrained=a.clip_pretrained,
-                                          clip_weights=a.clip_weights, aesthetic_head=a.aesthetic_head)
+        return reward_models.build_reward(spec, device, differentiable, clip_model=a.clip_model,
+                                          clip_pretrained=a.clip_pretrained, clip_weights=a.clip_weights,
+                                          aesthetic_head=a.aesthetic_head)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"reward {spec!r}: {e}") from None
 
@@ -1278,63 +1384,131 @@ def compute_rewards(reward, images_N3HW, batch: int):
 # ---- one training step
 
 
-def rollout(policy, vae, labels_n, group_ids, a: TrainArgs, step: int, amp, device):
+def vmr_stage(a: TrainArgs, step: int):
+    """None without VMR; else 'prefix' or 'suffix' by the P:S schedule (3:1 = P P P S P P P S ...)."""
+    if not a.vmr:
+        return None
+    p, s = map(int, a.vmr_schedule.split(":"))
+    return "prefix" if step % (p + s) < p else "suffix"
+
+
+def rollout(policy, vae, labels_n, group_ids, a: TrainArgs, step: int, amp, device, prefix_len=None):
     """G samples per label from the current policy (old = pi at sampling time). Each group has
     its own generator seeded by (seed, step, global group index): the samples do not depend on how
-    many processes share the batch."""
-    G, t0 = a.group_size, time.perf_counter()
+    many processes share the batch.
+
+    With VMR (prefix_len = the prefix's tokens) the first scales of each of the G samples are a
+    prefix and K - 1 more completions of it are drawn (the sample itself is the first): G*K samples
+    per label, prefix-major (prefix j's completion k is row j*K + k)."""
+    G, K, t0 = a.group_size, (a.vmr_k if prefix_len else 1), time.perf_counter()
     idx, old_logp = [], []
     with torch.no_grad(), amp():
         for label, gid in zip(labels_n.tolist(), group_ids):
             gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, step, STREAM_SAMPLE, gid))
-            out = sample(policy, torch.full((G,), label, device=device), temperature=a.temperature,
-                         generator=gen, decode=False)
-            idx.append(out.idx)
-            old_logp.append(out.logprobs.float())
+            labels_G = torch.full((G,), label, device=device)
+            outs = [sample(policy, labels_G, temperature=a.temperature, generator=gen, decode=False)]
+            for _ in range(K - 1):
+                outs.append(sample(policy, labels_G, temperature=a.temperature, generator=gen,
+                                   prefix_idx=outs[0].idx[:, :prefix_len], decode=False))
+            idx.append(torch.stack([o.idx for o in outs], dim=1).flatten(0, 1))                # (G*K, L)
+            old_logp.append(torch.stack([o.logprobs for o in outs], dim=1).flatten(0, 1).float())
         sync(device)
         t1 = time.perf_counter()
         idx = torch.cat(idx)
         images = torch.cat([vae.idx_to_img(idx[i:i + a.reward_batch]).float() for i in range(0, len(idx), a.reward_batch)])
         sync(device)
-    labels = labels_n.repeat_interleave(G)
+    labels = labels_n.repeat_interleave(G * K)
     return labels, idx, torch.cat(old_logp), images, t1 - t0, time.perf_counter() - t1
 
 
-def policy_update(model, ref, opt, labels, idx, old_logp, adv, sample_w, a: TrainArgs, step: int, d: Dist, amp):
-    """PPO-style passes over the rollout batch in minibatches; returns summed statistics."""
+def update_batch(a: TrainArgs, stage, patch_nums, labels, idx, old_logp, rewards, mp_mask_NL, n_labels: int, split_m: int):
+    """What a step trains on: rows, advantages, policy-gradient and KL token weights.
+
+    grpo:   every sample; A = group-normalised R over a label's G samples.
+    prefix: one row per prefix; A = group-normalised middle value V_m over a label's G prefixes;
+            only prefix tokens (scales < m) in the loss.                        [VAR-RL, VMR]
+    suffix: every completion; A = group-normalised R over a label's G*K completions (or a
+            prefix's K); only suffix tokens (scales >= m) in the loss.
+    Token weights: PANW (uniform when alpha = 0) x the stage's tokens, times the mask-propagation
+    mask for the policy gradient only, renormalised per sample; the KL keeps the unmasked weights.
+    A sample with a non-finite reward (or middle value) gets no gradient at all.
+    Returns (labels, idx, old_logp, adv, token_w, kl_w, n_flat_groups, n_groups)."""
+    G, K = a.group_size, (a.vmr_k if stage else 1)
+    device = idx.device
+    rows = torch.arange(0, len(idx), K, device=device) if stage == "prefix" else torch.arange(len(idx), device=device)
+    if stage == "prefix":
+        value = middle_value(rewards.view(-1, K), a.vmr_eta)
+        groups, valid, stage_L = value.view(n_labels, G), torch.isfinite(value), scale_token_mask(patch_nums, 0, split_m)
+    else:
+        shape = (n_labels * G, K) if stage == "suffix" and a.vmr_suffix_group == "prefix" else (n_labels, -1)
+        groups, valid = rewards.view(*shape), torch.isfinite(rewards)
+        stage_L = scale_token_mask(patch_nums, split_m, len(patch_nums)) if stage == "suffix" else torch.ones(len(idx[0]))
+    adv, n_flat = group_advantages(groups, a.adv_eps)
+    w_L = (panw_weights(patch_nums, a.panw_alpha) * stage_L).to(device).expand(len(rows), -1)
+    kl_w = normalise_rows(w_L) * valid[:, None]
+    token_w = normalise_rows(w_L * mp_mask_NL[rows]) * valid[:, None] if mp_mask_NL is not None else kl_w
+    return labels[rows], idx[rows], old_logp[rows], adv.reshape(-1), token_w, kl_w, n_flat, groups.shape[0]
+
+
+def loss_terms(model, ref, labels, idx, old_logp, adv, a: TrainArgs, amp):
+    """The per-token pieces of the loss for one micro-batch: (policy logits, kl, surrogate, ratio, clipped)."""
+    with amp():
+        logits = process_logits(model(labels, idx), temperature=a.temperature)
+        with torch.no_grad():
+            ref_logits = process_logits(ref(labels, idx), temperature=a.temperature)
+    tok = idx.unsqueeze(-1)
+    logp = logits.gather(-1, tok).squeeze(-1) - logits.logsumexp(-1)
+    ref_logp = ref_logits.gather(-1, tok).squeeze(-1) - ref_logits.logsumexp(-1)
+    kl = kl_k3(logp, ref_logp) if a.kl == "k3" else kl_exact(logits, ref_logits)
+    surr, ratio, clipped = clipped_surrogate(logp, old_logp, adv, a.clip_eps, a.clip_eps_high)
+    return logits, kl, surr, ratio, clipped
+
+
+def per_scale_grad_norms(policy, ref, labels, idx, old_logp, adv, token_w, kl_w, a: TrainArgs, amp) -> list:
+    """||grad_theta loss_k|| for every scale k, loss_k = the loss restricted to scale k's tokens
+    (weights not renormalised: the K parts sum to the loss). Shows which scales drive the update."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    _, kl, surr, _, _ = loss_terms(policy, ref, labels, idx, old_logp, adv, a, amp)
+    norms = []
+    for bg, ed in policy.begin_ends:
+        sel = torch.zeros_like(token_w)
+        sel[:, bg:ed] = 1
+        grads = torch.autograd.grad(grpo_loss(surr, kl, token_w * sel, a.beta, kl_w * sel), params,
+                                    retain_graph=True, allow_unused=True)
+        norms.append(math.sqrt(sum(g.float().square().sum().item() for g in grads if g is not None)))
+    return norms
+
+
+def policy_update(model, ref, opt, labels, idx, old_logp, adv, token_w, kl_w, a: TrainArgs, step: int, d: Dist, amp):
+    """PPO-style passes over the update batch in minibatches; returns summed statistics."""
     cfgm = unwrap(model).cfg
     N, L, K = len(idx), cfgm.seq_len, cfgm.num_scales
-    mb = a.minibatch // d.world
-    micro = a.micro_batch or mb
+    mb = min(a.minibatch // d.world, N)
+    micro = min(a.micro_batch or mb, mb)
     sid_L = scale_ids(cfgm.patch_nums).to(idx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     acc = {k: torch.zeros(K, device=idx.device) for k in ("kl", "clip", "ent", "tokens")}
     ratio_min, ratio_max, ratio_sum, first_dev, losses, norms = math.inf, -math.inf, 0.0, None, [], []
+    scale_norms = None
     for epoch in range(a.ppo_epochs):
         order = torch.randperm(N, generator=torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_ORDER, d.rank, epoch)))
         for m in range(N // mb):
-            opt.zero_grad(set_to_none=True)
             ids_mb = order[m * mb:(m + 1) * mb].to(idx.device)
+            if a.scale_grad_norms and scale_norms is None:
+                ids = ids_mb[:micro]
+                scale_norms = per_scale_grad_norms(unwrap(model), ref, labels[ids], idx[ids], old_logp[ids], adv[ids],
+                                                   token_w[ids], kl_w[ids], a, amp)
+            opt.zero_grad(set_to_none=True)
             loss_mb = 0.0
             for c0 in range(0, mb, micro):
                 ids = ids_mb[c0:c0 + micro]
                 last = c0 + micro >= mb
-                sync_ctx = model.no_sync() if (d.world > 1 and not last) else nullcontext()
-                with sync_ctx:
-                    with amp():
-                        logits = process_logits(model(labels[ids], idx[ids]), temperature=a.temperature)
-                        with torch.no_grad():
-                            ref_logits = process_logits(ref(labels[ids], idx[ids]), temperature=a.temperature)
-                    tok = idx[ids].unsqueeze(-1)
-                    logp = logits.gather(-1, tok).squeeze(-1) - logits.logsumexp(-1)
-                    ref_logp = ref_logits.gather(-1, tok).squeeze(-1) - ref_logits.logsumexp(-1)
-                    kl = kl_k3(logp, ref_logp) if a.kl == "k3" else kl_exact(logits, ref_logits)
-                    surr, ratio, clipped = clipped_surrogate(logp, old_logp[ids], adv[ids], a.clip_eps, a.clip_eps_high)
-                    w = uniform_token_weights(len(ids), L, idx.device) * sample_w[ids, None]
-                    loss = grpo_loss(surr, kl, w, a.beta) * (len(ids) / mb)
+                with model.no_sync() if (d.world > 1 and not last) else nullcontext():
+                    logits, kl, surr, ratio, clipped = loss_terms(model, ref, labels[ids], idx[ids], old_logp[ids], adv[ids], a, amp)
+                    loss = grpo_loss(surr, kl, token_w[ids], a.beta, kl_w[ids]) * (len(ids) / mb)
                     loss.backward()
                 with torch.no_grad():
-                    on = (sample_w[ids] > 0).float()[:, None].expand(-1, L)
+                    on = (kl_w[ids] > 0).float()
                     for key, v in (("kl", kl), ("clip", clipped.float()), ("ent", entropy(logits)), ("tokens", torch.ones_like(kl))):
                         acc[key].index_add_(0, sid_L, (v.detach().float() * on).sum(0))
                     r = ratio.detach()[on > 0]
@@ -1350,7 +1524,7 @@ def policy_update(model, ref, opt, labels, idx, old_logp, adv, sample_w, a: Trai
             norms.append(norm.item())
     return dict(acc=acc, ratio_min=ratio_min, ratio_max=ratio_max, ratio_sum=ratio_sum,
                 first_dev=first_dev if first_dev is not None else 0.0,
-                loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)))
+                loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)), scale_norms=scale_norms)
 
 
 def step_labels(a: TrainArgs, step: int, pool: torch.Tensor) -> torch.Tensor:
@@ -1392,6 +1566,8 @@ def step_metrics(step, rewards, comps, adv, n_flat_groups, n_groups, upd, times,
         m[f"scale/kl_s{si}"] = (acc["kl"][si] / n).item()
         m[f"scale/clip_frac_s{si}"] = (acc["clip"][si] / n).item()
         m[f"scale/entropy_s{si}"] = (acc["ent"][si] / n).item()
+    for si, v in enumerate(upd["scale_norms"] or []):
+        m[f"scale/grad_norm_s{si}"] = v
     total = sum(times.values())
     m.update({f"time/{k}": v for k, v in times.items()})
     m["time/step"] = total
@@ -1431,12 +1607,15 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
                              f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} can)")
         saved.update({k: getattr(a, k) for k in RESUME_OVERRIDABLE if k in given})
         a = TrainArgs(**{**saved, "resume": a.resume, "out": a.resume})
+    elif a.method == "nextflow":  # VAR-RL's full recipe; explicit flags still win for the numbers
+        a = TrainArgs(**{**asdict(a), "vmr": True, "mask_propagation": True,
+                         "panw_alpha": a.panw_alpha if "panw_alpha" in given else 1.0})
     check_train_args(a, d.world)
     out = Path(a.out)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if not a.resume and holds_run and not a.overwrite:
             raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
-    reward = make_reward(a.reward, d.device, a)
+    reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
     amp = autocast_ctx(a, d.device)
     vae, policy, ref = build_models(a, d.device)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
@@ -1468,6 +1647,8 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     if d.main and not a.resume:
         (out / "labels.json").write_text(json.dumps({"label_subset": a.label_subset, "seen": pool.tolist()}))
     n_local = a.labels_per_step // d.world
+    split_m = (a.vmr_m or default_vmr_split(policy.cfg.patch_nums)) if a.vmr else 0
+    samples_per_step = a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)
     stop = StopRequest()
 
     def checkpoint(step):
@@ -1483,12 +1664,18 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
         for step in range(start, a.steps):
             labels_all = step_labels(a, step, pool)
             group_ids = list(range(d.rank * n_local, (d.rank + 1) * n_local))
+            stage = vmr_stage(a, step)
             labels, idx, old_logp, images, t_sample, t_decode = rollout(
-                policy, vae, labels_all[group_ids].to(d.device), group_ids, a, step, amp, d.device)
+                policy, vae, labels_all[group_ids].to(d.device), group_ids, a, step, amp, d.device,
+                prefix_len=policy.begin_ends[split_m - 1][1] if a.vmr else None)
             t0 = time.perf_counter()
-            failed = None
+            failed, mp_mask = None, None
             try:
                 rewards, comps = compute_rewards(reward, images, a.reward_batch)
+                if a.mask_propagation:
+                    fine = torch.cat([initial_mask(reward, images[i:i + a.reward_batch], policy.cfg.patch_nums[-1], a.mp_keep)
+                                      for i in range(0, len(images), a.reward_batch)])
+                    mp_mask = propagate_mask(fine, policy.cfg.patch_nums)
             except RewardFailed as e:
                 failed, rewards, comps = e, torch.zeros(len(images), device=d.device), {}
             t_reward = time.perf_counter() - t0
@@ -1497,14 +1684,18 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
                 raise RewardFailed(f"the reward raised twice at step {step} ({failed or 'on another rank'}); saved "
                                    f"{path or 'a checkpoint'} of the {step} completed steps; fix the reward and continue with --resume {out}")
             rewards = rewards.to(d.device)
-            adv_NG, n_flat = group_advantages(rewards.view(n_local, a.group_size), a.adv_eps)
-            sample_w = torch.isfinite(rewards).float()  # non-finite reward: no gradient for that sample
+            batch = update_batch(a, stage, policy.cfg.patch_nums, labels, idx, old_logp, rewards, mp_mask, n_local, split_m)
             t0 = time.perf_counter()
-            upd = policy_update(model, ref, opt, labels, idx, old_logp, adv_NG.view(-1), sample_w, a, step, d, amp)
+            upd = policy_update(model, ref, opt, *batch[:6], a, step, d, amp)
             t_update = time.perf_counter() - t0
             times = dict(sample=t_sample, decode=t_decode, reward=t_reward, update=t_update)
-            m = step_metrics(step, rewards, comps, adv_NG.view(-1), n_flat, n_local, upd, times,
-                             a.labels_per_step * a.group_size, opt.param_groups[0]["lr"])
+            m = step_metrics(step, rewards, comps, batch[3], batch[6], batch[7], upd, times,
+                             len(images) * d.world, opt.param_groups[0]["lr"])
+            m["budget/samples"] = (step + 1) * samples_per_step  # images sampled, decoded and rewarded so far
+            if stage:
+                m["vmr/stage"] = stage
+            if mp_mask is not None:
+                m["mp/kept_fraction"] = all_reduce(batch[4].gt(0).float().mean().reshape(1)).item() / d.world
             if d.main:
                 if m["reward/nonfinite"]:
                     print(f"\n[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient",
@@ -1512,7 +1703,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(m) + "\n")
                 if a.image_every and step % a.image_every == 0:
-                    pick = torch.arange(len(idx)).view(n_local, a.group_size).T.reshape(-1)[:16]  # one per group first
+                    pick = torch.arange(len(idx)).view(n_local, -1).T.reshape(-1)[:16]  # one per group first
                     save_grid(images[pick], [f"{l} r={v:.2f}" for l, v in zip(labels[pick].tolist(), rewards[pick].tolist())],
                               out / "images" / f"step_{step:06d}.png")
                 bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['policy/kl']:.4f}")
@@ -1641,6 +1832,98 @@ def evaluate(e: EvalArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Ablation [VAR-RL]: vanilla GRPO, +PANW, +VMR, +MP, all three, on the CPU tiny preset, at equal
+# sample budgets (VMR's extra completions count: each image sampled, decoded and rewarded).
+
+ABLATION_METHODS = {
+    "grpo": {},
+    "+panw": {"panw_alpha": 1.0},
+    "+vmr": {"vmr": True},
+    "+mp": {"mask_propagation": True},
+    "nextflow (all three)": {"vmr": True, "mask_propagation": True, "panw_alpha": 1.0},
+}
+
+
+def ablate(args):
+    """Runs every method for every seed to the same sample budget; writes ablation.md / .json / .png."""
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    common = dict(preset="tiny", reward=args.reward, labels_per_step=4, group_size=8, minibatch=16, lr=1e-3,
+                  beta=0.1, temperature=1.0, preview_images=0, image_every=0, save_every=10**6, scale_grad_norms=True,
+                  overwrite=True)
+    runs = {}
+    for name, flags in ABLATION_METHODS.items():
+        per_step = common["labels_per_step"] * common["group_size"] * (2 if flags.get("vmr") else 1)
+        steps = max(1, args.budget // per_step)
+        for seed in seeds:
+            run = out / f"{name.split()[0].lstrip('+')}_s{seed}"
+            t0 = time.perf_counter()
+            train(TrainArgs(**common, **flags, out=str(run), steps=steps, seed=seed))
+            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+            runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
+    table, summary = summarise_ablation(runs, seeds, args)
+    (out / "ablation.md").write_text(table)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=1))
+    plot_ablation(runs, seeds, out / "ablation.png", args.reward)
+    print(table)
+
+
+def summarise_ablation(runs, seeds, args):
+    lines = [f"Reward `{args.reward}`, tiny preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
+             "",
+             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | grad-norm share of the finest scale |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in ABLATION_METHODS:
+        stats = []
+        for seed in seeds:
+            rows, wall = runs[name, seed]["rows"], runs[name, seed]["wall"]
+            budget = [r["budget/samples"] for r in rows]
+            reward = [r["reward/mean"] for r in rows]
+            last = [r for b, r in zip(budget, reward) if b > 0.9 * budget[-1]]
+            half = min(range(len(budget)), key=lambda i: abs(budget[i] - 0.5 * budget[-1]))
+            norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(4)] for r in rows])
+            stats.append(dict(start=reward[0], half=reward[half], final=float(np.mean(last)), wall=wall, steps=len(rows),
+                              finest_share=float(np.mean(norms[:, -1] / norms.sum(1)))))
+        agg = {k: (float(np.mean([s[k] for s in stats])), float(np.std([s[k] for s in stats]))) for k in stats[0]}
+        summary[name] = {"per_seed": stats, "mean_std": agg}
+        f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}" if len(seeds) > 1 else f"{agg[k][0]:.{p}f}"
+        gain = [s["final"] - s["start"] for s in stats]
+        lines.append(f"| {name} | {stats[0]['steps']} | {f('start')} | {f('half')} | {f('final')} | "
+                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {agg['finest_share'][0]:.2f} |")
+    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds. The grad-norm share is "
+              "||grad of the finest scale's part of the loss|| / sum over scales (first minibatch of each step)."]
+    return "\n".join(lines) + "\n", summary
+
+
+def plot_ablation(runs, seeds, path: Path, reward: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(ABLATION_METHODS):
+        curves = [([r["budget/samples"] for r in runs[name, s]["rows"]], [r["reward/mean"] for r in runs[name, s]["rows"]])
+                  for s in seeds]
+        x = curves[0][0]
+        ys = np.array([c[1][:len(x)] for c in curves])
+        ax.plot(x, ys.mean(0), label=name, color=f"C{i}")
+        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
+        norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(4)] for s in seeds for r in runs[name, s]["rows"]])
+        share = (norms / norms.sum(1, keepdims=True)).mean(0)
+        ax2.bar(np.arange(4) + 0.16 * (i - 2), share, width=0.16, label=name, color=f"C{i}")
+    ax.set_xlabel("samples (sampled, decoded and rewarded images)")
+    ax.set_ylabel("mean reward")
+    ax.set_title(f"{reward}: mean over seeds, band = min..max", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.set_xticks(range(4), [f"scale {k} ({p}x{p})" for k, p in enumerate(VARConfig.preset('tiny').patch_nums)])
+    ax2.set_ylabel("share of the gradient norm")
+    ax2.set_title("which scales drive the update (mean over steps)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # Benchmark: `python vargrpo.py bench`. Every row runs in a fresh process so that its peak memory
 # is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
 
@@ -1690,6 +1973,8 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
     from torch.utils.flop_counter import FlopCounterMode
     if what.startswith("GRPO step"):
         return bench_grpo_step(preset, batch, device)
+    if what.startswith("reward "):
+        return bench_reward(what[len("reward "):], batch, device)
     cfg = VARConfig.preset(preset)
     vae, var = build_vae_var(cfg, seed=0)
     vae.to(device), var.to(device)
@@ -1765,6 +2050,29 @@ def bench_grpo_step(preset: str, labels_per_step: int, device: str) -> dict:
                 throughput=m["perf/samples_per_s"], unit="samples/s", flops=None, peak_mem=peak_mem)
 
 
+def bench_reward(name: str, batch: int, device: str) -> dict:
+    """A reward on `batch` random 256 px images; CLIP ViT-L/14 and the aesthetic head with random
+    weights (the same work as the real ones)."""
+    import reward_models as rm
+    from torch.utils.flop_counter import FlopCounterMode
+    if name == "brightness":
+        fn_reward = rm.Brightness()
+    else:
+        clip, tokenizer = rm.load_clip(rm.AESTHETIC_CLIP[0], "none", None, device)
+        embedder = rm.ClipImageEmbedder(clip).to(device)
+        fn_reward = rm.Aesthetic(embedder, rm.AestheticHead().to(device)) if name == "aesthetic" else \
+            rm.ClipScore(embedder, tokenizer, "a painting")
+    images = torch.rand(batch, 3, 256, 256, device=device)
+    fn = torch.no_grad()(lambda: fn_reward(images))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    seconds = time_call(fn, device)
+    peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+    return dict(seconds=seconds, throughput=batch / seconds, unit="img/s", flops=counter.get_total_flops(), peak_mem=peak_mem)
+
+
 def bench(args):
     import subprocess
     device = args.device or default_device()
@@ -1800,6 +2108,15 @@ def bench(args):
                 f"{r['flops'] / 1e9:.1f} | {r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}%"
             print(f"| {preset} | {r.get('what', what)} | {batch} | {r['seconds']:.3f} | {r['throughput']:.3g} {r['unit']} | "
                   f"{flop_cols} | {r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
+    for name in ("brightness", "aesthetic", "clip"):
+        cmd = [sys.executable, __file__, "bench", "--row", f"-:reward {name}:32", "--device", device]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"| - | reward {name} | 32 | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"| 256 px | reward {name} | 32 | {r['seconds']:.3f} | {r['throughput']:.3g} img/s | {r['flops'] / 1e9:.1f} | "
+              f"{r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% | {r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
     print(f"(peak memory: {'max CUDA memory allocated' if on_gpu else 'peak RSS of the row process, Python and torch included'};"
           " sampler rows include decoding the images; teacher-forced rows compute per-token log-probs)")
 
@@ -1832,6 +2149,12 @@ def main(argv=None):
     p = sub.add_parser("eval", argument_default=argparse.SUPPRESS,
                        help="aesthetic / CLIP score / ResNet-50 top-5 of a checkpoint and its pre-trained model (Table 1)")
     add_dataclass_args(p, EvalArgs)
+    p = sub.add_parser("ablate", help="VAR-RL ablation on the CPU tiny preset: GRPO, +PANW, +VMR, +MP, all three")
+    p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--budget", type=int, default=2560, help="samples per run (VMR's extra completions count)")
+    p.add_argument("--reward", default="brightness:region=0.25,0.25,0.75,0.75",
+                   help="reward of every run (a region reward gives mask propagation its mask)")
     p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
     p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -1847,6 +2170,8 @@ def main(argv=None):
             return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
         if args.command == "bench":
             return bench(args)
+        if args.command == "ablate":
+            return ablate(args)
     except (UsageError, CheckpointError, RewardFailed, FileNotFoundError) as e:
         print(f"vargrpo: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UsageError) else 1)
