@@ -949,7 +949,7 @@ def test_propagate_mask_covers(patch_nums, seed, density):
     fine = (torch.rand(3, H, H, generator=torch.Generator().manual_seed(seed)) < density).float()
     out = vg.propagate_mask(fine, patch_nums)
     assert out.shape == (3, sum(p * p for p in patch_nums)) and set(out.unique().tolist()) <= {0.0, 1.0}
-    for si, (pn, (bg, ed)) in enumerate(zip(patch_nums, vg.scale_begin_ends(patch_nums))):
+    for pn, (bg, ed) in zip(patch_nums, vg.scale_begin_ends(patch_nums)):
         coarse = out[:, bg:ed].view(3, pn, pn)
         for i in range(pn):  # the fine cells a coarse cell covers (area interpolation's windows)
             r0, r1 = (i * H) // pn, -((-(i + 1) * H) // pn)

@@ -1114,7 +1114,7 @@ def arg(default, help, **extra):
 
 @dataclass
 class TrainArgs:
-    reward: str = arg("brightness", "reward spec: brightness | bright | dark | weighted sums such as '0.5*bright+dark'")
+    reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic, clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as 0.5*aesthetic+clip:a painting")
     preset: str = arg("d16", "model: d16 d20 d24 d30 d36 (official weights, --weights-dir) or tiny (random, CPU demo)")
     out: str = arg("", "run directory (metrics, checkpoints, images); required unless --resume")
     steps: int = arg(1000, "training steps (one step = one rollout batch and its updates)")
@@ -1164,6 +1164,7 @@ class TrainArgs:
 
 
 RESUME_OVERRIDABLE = ("steps", "save_every", "keep_last", "image_every", "device")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "images", "reward_curve.png", "before.png", "after.png", "args.json", "labels.json")
 
 
 class UsageError(ValueError):
@@ -1482,9 +1483,9 @@ def per_scale_grad_norms(policy, ref, labels, idx, old_logp, adv, token_w, kl_w,
 def policy_update(model, ref, opt, labels, idx, old_logp, adv, token_w, kl_w, a: TrainArgs, step: int, d: Dist, amp):
     """PPO-style passes over the update batch in minibatches; returns summed statistics."""
     cfgm = unwrap(model).cfg
-    N, L, K = len(idx), cfgm.seq_len, cfgm.num_scales
-    mb = min(a.minibatch // d.world, N)
-    micro = min(a.micro_batch or mb, mb)
+    N, K = len(idx), cfgm.num_scales
+    mb = a.minibatch // d.world  # divides N (check_train_args)
+    micro = a.micro_batch or mb
     sid_L = scale_ids(cfgm.patch_nums).to(idx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     acc = {k: torch.zeros(K, device=idx.device) for k in ("kl", "clip", "ent", "tokens")}
@@ -1582,7 +1583,12 @@ def preview(policy, vae, reward, a: TrainArgs, device, amp, path: Path):
     gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, STREAM_PREVIEW))
     with torch.no_grad(), amp():
         images = sample(policy, labels, temperature=a.temperature, generator=gen).images.float()
-        r = reward(images)
+    try:
+        with torch.no_grad():
+            r = reward(images)
+    except Exception as e:  # the training steps retry a failing reward; a preview just goes without
+        print(f"[vargrpo] preview: the reward raised {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        r = torch.full((len(images),), float("nan"))
     save_grid(images, [f"{l} r={v:.2f}" for l, v in zip(labels.tolist(), r.tolist())], path)
     return r.mean().item()
 
@@ -1591,7 +1597,6 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     """The GRPO loop [GRPO-VAR 4]: sample G images per label, reward, group-normalise, clipped
     updates with a per-token KL to the pre-trained model. `given`: the flags set on the command
     line (a resumed run keeps its saved settings but these). Returns the last step's metrics."""
-    import reward_models
     from tqdm import tqdm
     d = setup_distributed(a.device)
     resume_ckpt = None
@@ -1614,7 +1619,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     out = Path(a.out)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if not a.resume and holds_run and not a.overwrite:
-            raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
+        raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
     reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
     amp = autocast_ctx(a, d.device)
     vae, policy, ref = build_models(a, d.device)
@@ -1636,9 +1641,10 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
         if a.resume:  # drop log lines of steps after the checkpoint (they will be redone)
             keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start] if metrics_path.exists() else []
             metrics_path.write_text("".join(l + "\n" for l in keep))
-        else:
-            for stale in [metrics_path, out / "reward_curve.png", out / "before.png", out / "after.png"]:
-                stale.unlink(missing_ok=True)
+        else:  # --overwrite: the previous run's files go, so that nothing of it mixes with this one
+            import shutil
+            for stale in RUN_FILES:
+                shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
             (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
             if a.preview_images:
                 r = preview(policy, vae, reward, a, d.device, amp, out / "before.png")
