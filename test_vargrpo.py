@@ -3,6 +3,7 @@
 Reference data comes from ../shared (the official VAR code's outputs); tests that need it skip
 cleanly when it is absent.
 """
+import contextlib
 import http.server
 import json
 import math
@@ -14,12 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip is imported: no
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st
 
 import vargrpo as vg
 
+# CI: no shrinking (a failing property test can shrink for minutes and, for big tensors, exhaust memory);
+# HYPOTHESIS_PROFILE=dev shrinks failures to a minimal example.
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
@@ -1064,3 +1069,99 @@ def test_ablation_smoke(tmp_path):
     for name in vg.ABLATION_METHODS:
         assert f"| {name} |" in table
     assert (tmp_path / "ablation.png").is_file() and json.loads((tmp_path / "ablation.json").read_text()).keys() == vg.ABLATION_METHODS.keys()
+
+
+# ----------------------------------------------------------------------------------------------
+# tests added after mutation testing (each kills a deliberate bug the suite above let through)
+
+
+@given(value=st.floats(-1e6, 1e6, allow_nan=False), G=st.integers(2, 16))
+def test_identical_float64_rewards_give_exactly_zero(value, G):
+    """0.1+0.1+0.1 = 0.30000000000000004: a flat group's float64 mean need not equal its value."""
+    r = torch.tensor([[value] * G, [0.1] * G, [1 / 3] * G], dtype=torch.float64)
+    A, n_flat = vg.group_advantages(r)
+    assert n_flat == 3 and torch.equal(A, torch.zeros(3, G))
+
+
+@given(seed=st.integers(0, 2**16), top_p=st.sampled_from([1e-12, 1e-9, 3e-8]))
+def test_tiny_top_p_keeps_exactly_the_most_likely_token(seed, top_p):
+    logits = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(seed)) * 3
+    out = vg.process_logits(logits, top_p=top_p)
+    assert torch.equal(torch.isfinite(out), torch.nn.functional.one_hot(logits.argmax(-1), 16).bool())
+
+
+@given(seed=st.integers(0, 2**16))
+def test_attention_scale_mul_is_capped_at_100(seed):
+    vae, var = random_model((1, 2, 3), depth=1, seed=seed)
+    labels = labels_for(var, 2, seed)
+    idx = torch.randint(0, 32, (2, var.cfg.seq_len), generator=torch.Generator().manual_seed(seed))
+    out = {}
+    with torch.no_grad():
+        for s in (4.0, 100.0, 1e4):
+            var.blocks[0].attn.scale_mul_1H11.fill_(math.log(s))
+            out[s] = vg.token_logits(var, labels, idx)
+    assert not torch.allclose(out[4.0], out[100.0])  # below the cap the scale matters ...
+    assert torch.equal(out[100.0], out[1e4])         # ... above it nothing changes
+
+
+@given(seed=st.integers(0, 2**16), n_prefix_scales=st.integers(1, 4))
+def test_prefix_scales_consume_no_randomness(seed, n_prefix_scales):
+    vae, var = random_model((1, 2, 3, 4), depth=1, seed=seed)
+    labels = labels_for(var, 2, seed)
+    first = vg.sample(var, labels, generator=torch.Generator().manual_seed(seed), decode=False)
+    l = var.begin_ends[n_prefix_scales - 1][1]
+    calls, real = [], torch.multinomial
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    state = g.get_state()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "multinomial", counting)
+        vg.sample(var, labels, generator=g, prefix_idx=first.idx[:, :l], decode=False)
+    assert len(calls) == 4 - n_prefix_scales  # one draw per sampled scale, none for the prefix
+    if n_prefix_scales == 4:
+        assert torch.equal(g.get_state(), state)
+
+
+def test_group_samples_depend_on_global_group_index_only():
+    """Rank 1 of 2 draws exactly the rows a single process draws for the same groups (a fast
+    companion of the gloo test)."""
+    a = vg.TrainArgs(preset="tiny", out="unused", labels_per_step=4, group_size=2, temperature=1.0, seed=7)
+    vae, policy, _ = vg.build_models(a, "cpu")
+    labels_all = torch.tensor([3, 1, 4, 1])
+    _, idx_all, logp_all, *_ = vg.rollout(policy, vae, labels_all, [0, 1, 2, 3], a, 5, contextlib.nullcontext, "cpu")
+    _, idx_hi, logp_hi, *_ = vg.rollout(policy, vae, labels_all[2:], [2, 3], a, 5, contextlib.nullcontext, "cpu")
+    assert torch.equal(idx_hi, idx_all[4:]) and torch.equal(logp_hi, logp_all[4:])
+
+
+@given(seed=st.integers(0, 2**16))
+@settings(max_examples=5)
+def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
+    """A sample with a NaN reward gets no gradient at all, not even from the KL (beta > 0): the
+    update is the same whatever its tokens are."""
+    vae, ref = random_model((1, 2, 3), depth=1, seed=seed)
+    ref.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 1, 1])
+    idx = torch.randint(0, 32, (4, ref.cfg.seq_len), generator=g)
+    other = idx.clone()
+    other[3] = torch.randint(0, 32, (ref.cfg.seq_len,), generator=g)
+    rewards = torch.tensor([0.2, 0.9, 0.4, float("nan")])
+    a = vg.TrainArgs(group_size=2, minibatch=4, beta=1.0, weight_decay=0.0, lr=1e-2, temperature=1.0, seed=seed)
+    params = []
+    for tokens in (idx, other):
+        policy = vg.VAR(ref.cfg, vae)
+        policy.load_state_dict(ref.state_dict())
+        gp = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in policy.parameters():  # the policy has moved away from ref: KL > 0
+                p.add_(0.05 * torch.randn(p.shape, generator=gp))
+        opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0)
+        old = vg.token_logprobs(policy, labels, tokens).detach()
+        batch = vg.update_batch(a, None, ref.cfg.patch_nums, labels, tokens, old, rewards, None, 2, 0)
+        assert batch[4][3].sum() == 0 and batch[5][3].sum() == 0
+        vg.policy_update(policy, ref, opt, *batch[:6], a, 0, vg.Dist(), contextlib.nullcontext)
+        params.append({k: v.clone() for k, v in policy.state_dict().items()})
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])

@@ -8,15 +8,21 @@ on top of a re-implementation of VAR (Tian et al. 2024) that loads the official 
 (FoundationVision/VAR: vae_ch160v4096z32.pth, var_d16.pth .. var_d30.pth) with strict key matching.
 
 Launch lines:
-  python vargrpo.py bench                                   # speed table for this machine
+  python vargrpo.py train --preset tiny --reward brightness --out runs/demo --lr 1e-3   # 1 process, CPU ok
+  torchrun --nproc_per_node=8 vargrpo.py train --preset d16 --reward aesthetic --out runs/aes   # 1 node
+  torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 vargrpo.py train ...  # 2 nodes
+  python vargrpo.py eval --ckpt runs/aes                     # Table 1: aesthetic, CLIPScore, ResNet-50 top-5
+  python vargrpo.py ablate                                   # VAR-RL ablation on the CPU tiny preset
+  python vargrpo.py bench                                    # speed and memory on this machine
 
 Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> checkpoint loading ->
-logits processing -> sampler -> per-token log-probs -> CLI.
+logits processing -> sampler -> per-token log-probs -> the RL maths (GRPO, then PANW / VMR / MP)
+-> distributed helpers -> trainer -> evaluation -> ablation -> benchmark -> CLI.
 
 Choices and deviations from the official VAR code (numbered, referenced below as [C1] ...):
  1. No label dropout and no drop-path: they are pre-training regularisers; RL needs a
     deterministic teacher-forced pass that equals the sampling distribution.
- 2. One attention path: torch SDPA with the official block-causal additive mask for teacher forcing,
+ 2. One attention path: torch SDPA with the official block-causal mask for teacher forcing,
     an explicit KV cache for sampling. No flash-attn / xformers / fused kernels.
  3. With cfg == 0 the sampler runs the conditional batch only (the official code always runs the
     unconditional half too and throws it away).
@@ -25,6 +31,19 @@ Choices and deviations from the official VAR code (numbered, referenced below as
  5. The head (adaLN + linear) always runs in fp32, also under autocast: log-probabilities feed ratios.
  6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its
     state_dict and parameters, so the VAR state_dict is exactly the official one.
+
+Choices within the papers (where they are silent):
+ 7. Group std is the population std (ddof 0) plus eps = 1e-4; a group of equal rewards gets A = 0.
+ 8. The loss averages each sample's tokens with weights summing to 1 (uniform: the token mean), then
+    the samples; the k3 KL and the ratio use the tempered policy (the one sampled from) for both
+    the policy and the reference.
+ 9. Each group of G samples has its own sampler seed (seed, step, group): runs do not depend on the
+    number of processes. Labels per step and minibatch sizes are global.
+10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps
+    alternate by the schedule; the KV cache of the prefix is recomputed, not reused (the prefix is
+    ~8% of the tokens).
+11. Mask propagation without a region mask uses gradient saliency; a reward with a flat or no
+    gradient keeps every token.
 """
 from __future__ import annotations
 
