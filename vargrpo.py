@@ -171,8 +171,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x_BChw):
-        h = self.conv1(F.silu(self.norm1(x_BChw)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # the frozen tokenizer runs without autograd: save the copies
+        h = self.conv1(F.silu(self.norm1(x_BChw), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return self.nin_shortcut(x_BChw) + h
 
 
@@ -246,7 +247,7 @@ class Encoder(nn.Module):
             if level != len(self.down) - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -283,7 +284,7 @@ class Decoder(nn.Module):
                     h = up.attn[i](h)
             if level != 0:
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Phi(nn.Conv2d):
@@ -487,8 +488,8 @@ class AdaLNSelfAttn(nn.Module):
         else:
             ada_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)  # (B, 1, C) each
-        x_BlC = x_BlC + self.attn(self.ln_wo_grad(x_BlC) * (scale1 + 1) + shift1, attn_bias, kv_cache) * gamma1
-        x_BlC = x_BlC + self.ffn(self.ln_wo_grad(x_BlC) * (scale2 + 1) + shift2) * gamma2
+        x_BlC = x_BlC + self.attn(self.ln_wo_grad(x_BlC).mul(scale1 + 1).add_(shift1), attn_bias, kv_cache).mul_(gamma1)
+        x_BlC = x_BlC + self.ffn(self.ln_wo_grad(x_BlC).mul(scale2 + 1).add_(shift2)).mul(gamma2)
         return x_BlC
 
 
@@ -876,6 +877,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
             x_BlC = model.word_embed(area_down(f_hat, cfgm.patch_nums[si + 1])) + lvl_pos_1LC[:, nb:ne]
             if guided:
                 x_BlC = x_BlC.repeat(2, 1, 1)
+    del kv_caches, x_BlC, logits_BlV  # free the KV cache before the decoder allocates its feature maps
     images = model.vae.fhat_to_img(f_hat) if decode else None
     return Rollout(labels=labels_B, idx=idx_BL, logprobs=logp_BL, images=images)
 
