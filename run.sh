@@ -7,6 +7,7 @@
 #   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
 #   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)
 #   bash run.sh aesthetic+painting   both rewards summed, VAR-d30, 10k steps (paper 5.3)
+#   bash run.sh ablate [args]        VAR-RL ablation on the CPU tiny preset, 3 seeds (~40 min) -> runs/ablate
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,6 +41,7 @@ case "$cmd" in
   aesthetic)  launch --preset d16 --reward aesthetic --out runs/aesthetic --steps 40000 "$@" ;;
   painting)   launch --preset d30 --reward "clip:a painting" --out runs/painting --steps 10000 "$@" ;;
   aesthetic+painting) launch --preset d30 --reward "aesthetic+clip:a painting" --out runs/aesthetic+painting --steps 10000 "$@" ;;
+  ablate) exec "$PY" vargrpo.py ablate "$@" ;;
   bench) exec "$PY" vargrpo.py bench "$@" ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac
