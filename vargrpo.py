@@ -1655,7 +1655,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     model = policy
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None, broadcast_buffers=False)
+        model = DDP(policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
     metrics_path = out / "metrics.jsonl"
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1746,6 +1746,10 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     finally:
         bar.close()
         stop.restore()
+    if distributed():  # ranks leave together, the DDP wrapper (it holds the group) first: a gloo rank
+        torch.distributed.barrier()  # that exits while its peer still talks can abort at exit
+        del model
+        torch.distributed.destroy_process_group()
     if d.main and metrics_path.exists() and metrics_path.read_text().strip():
         plot_reward_curve(metrics_path, out / "reward_curve.png", f"{a.preset}, reward {a.reward}")
         rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
@@ -1754,8 +1758,6 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
         if a.preview_images:
             r = preview(policy, vae, reward, a, d.device, amp, out / "after.png")
             print(f"[vargrpo] preview after training ({out / 'after.png'}): mean reward {r:.4f}")
-    if distributed():
-        torch.distributed.destroy_process_group()
     return m
 
 
