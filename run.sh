@@ -7,7 +7,7 @@
 #   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
 #   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)
 #   bash run.sh aesthetic+painting   both rewards summed, VAR-d30, 10k steps (paper 5.3)
-#   bash run.sh ablate [args]        VAR-RL ablation on the CPU tiny preset, 3 seeds (~40 min) -> runs/ablate
+#   bash run.sh ablate [args]        VAR-RL ablation on the CPU tiny preset, 3 seeds (~30 min) -> runs/ablate
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
 set -euo pipefail
 cd "$(dirname "$0")"
