@@ -21,7 +21,9 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -96,14 +98,23 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float 
         return False
 
 
-def go_offline():
-    """Tell huggingface_hub (imported or not yet) not to use the network: no ~45 s of retries."""
+@contextmanager
+def hub_offline():
+    """Inside: huggingface_hub (imported or not yet) does not use the network (no ~45 s of retries).
+    After: the process's own setting is back, so later downloads (the VAR weights) still work."""
+    before = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
     try:
-        import huggingface_hub.constants as hub
-        hub.HF_HUB_OFFLINE = True
-    except ImportError:
-        pass
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+        if "huggingface_hub.constants" in sys.modules:  # it reads the variable once, at import
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = (before or "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def register_clip_model(name: str) -> str:
@@ -137,8 +148,12 @@ def load_clip(model_name: str, pretrained: str | None, weights: str | None, devi
     else `pretrained` is an open_clip tag ('openai') fetched through its cache, failing fast when
     neither the cache nor the hub can serve it; pretrained None / 'none': random weights."""
     source = weights or (None if pretrained in (None, "", "none") else pretrained)
-    if weights or not source or not hub_reachable():
-        go_offline()  # before open_clip imports huggingface_hub: nothing to fetch, or no way to
+    # nothing to fetch, or no way to: keep huggingface_hub off the network while open_clip loads
+    with hub_offline() if weights or not source or not hub_reachable() else nullcontext():
+        return _load_clip(model_name, source, weights, device)
+
+
+def _load_clip(model_name: str, source: str | None, weights: str | None, device):
     import open_clip
     name = register_clip_model(model_name)
     if weights and not Path(weights).is_file():
@@ -153,8 +168,9 @@ def load_clip(model_name: str, pretrained: str | None, weights: str | None, devi
         if weights:
             raise
         raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({str(e).splitlines()[0][:160]}); they are not in "
-                           f"open_clip's cache and the hub {'is off (HF_HUB_OFFLINE=1)' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'failed'}; "
-                           "download the open_clip checkpoint elsewhere and pass --clip-weights PATH") from None
+                           f"open_clip's cache and the hub {'is off or unreachable' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'failed'}; "
+                           "download the open_clip checkpoint elsewhere and pass --clip-weights PATH "
+                           "(or --clip-pretrained none for random weights)") from None
     model.eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name)
 
@@ -180,7 +196,11 @@ def load_aesthetic_head(path: str | None) -> AestheticHead:
     if not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
         raise RuntimeError(f"{file} does not have the sha256 of LAION's {AESTHETIC_HEAD}; delete it and retry")
     head = AestheticHead()
-    head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)  # saved on CUDA
+    try:
+        head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)  # saved on CUDA
+    except Exception as e:  # not a checkpoint, or another network's
+        raise ValueError(f"{file} is not LAION's aesthetic head {AESTHETIC_HEAD} (sha256 {AESTHETIC_HEAD_SHA256[:16]}...): "
+                         f"{str(e).splitlines()[0][:160]}") from None
     return head.eval().requires_grad_(False)
 
 
@@ -243,6 +263,9 @@ class Region(nn.Module):
 
     def forward(self, images_B3HW):
         m = self.region_mask(*images_B3HW.shape[-2:], device=images_B3HW.device)
+        if not m.any():
+            raise ValueError(f"brightness:region={','.join(map(str, self.box))} holds no pixel of a "
+                             f"{images_B3HW.shape[-2]}x{images_B3HW.shape[-1]} image; make the box larger")
         w = images_B3HW.new_tensor([0.2989, 0.5870, 0.1140]).view(1, 3, 1, 1)
         return ((images_B3HW * w).sum(1) * m).sum((1, 2)) / m.sum()
 
@@ -271,7 +294,11 @@ def _embedder(ctx):
 def _aesthetic(arg, ctx):
     if arg:
         raise ValueError(f"aesthetic takes no argument, got {arg!r}")
-    return Aesthetic(_embedder(ctx), load_aesthetic_head(ctx.get("aesthetic_head")).to(ctx["device"]))
+    embedder = _embedder(ctx)
+    if embedder.clip.visual.output_dim != 768:
+        raise ValueError(f"aesthetic needs a CLIP with 768-d image embeddings (ViT-L/14, as LAION's head was trained on); "
+                         f"--clip-model {ctx.get('clip_model')} gives {embedder.clip.visual.output_dim}")
+    return Aesthetic(embedder, load_aesthetic_head(ctx.get("aesthetic_head")).to(ctx["device"]))
 
 
 def _clip(arg, ctx):

@@ -22,10 +22,12 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements-hash 2>/dev/null)" 
 fi
 PY=.venv/bin/python
 
-# torchrun with one process per GPU (one process on a machine without GPUs)
+# torchrun with one process per visible GPU (one process on a machine without GPUs). On Ctrl-C /
+# SIGTERM each process finishes its step and saves a checkpoint: give it an hour, not torchrun's 30 s.
 launch() {
-  local n=1
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then n=$(nvidia-smi -L | wc -l); fi
+  local n
+  n=$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-3600}
   exec .venv/bin/torchrun --standalone --nproc_per_node="$n" vargrpo.py train "$@"
 }
 

@@ -41,7 +41,7 @@ Choices within the papers (where they are silent):
     number of processes. Labels per step and minibatch sizes are global.
 10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps
     alternate by the schedule; the KV cache of the prefix is recomputed, not reused (the prefix is
-    ~8% of the tokens).
+    ~8% of the tokens). Each stage's loss, its per-token KL included, covers that stage's tokens only.
 11. Mask propagation without a region mask uses gradient saliency; a reward with a flat or no
     gradient keeps every token.
 """
@@ -972,13 +972,15 @@ def uniform_token_weights(B: int, L: int, device=None):
     return torch.full((B, L), 1.0 / L, device=device)
 
 
-def grpo_loss(surrogate_BL, kl_BL, token_weights_BL, beta, kl_weights_BL=None):
+def grpo_loss(surrogate_BL, kl_BL, token_weights_BL=None, beta=0.2, kl_weights_BL=None):
     """loss = -J,  J = (1/B) sum_b sum_t [ w_bt surrogate_bt - beta u_bt kl_bt ]   [GRPO-VAR eq. 1].
 
     w: policy-gradient token weights, each sample's summing to 1 (uniform 1/L = the token mean;
     PANW and mask propagation change it); a sample with w = 0 gets no policy gradient.
     u: KL token weights, default w (mask propagation keeps the KL outside its mask).
     """
+    if token_weights_BL is None:
+        token_weights_BL = uniform_token_weights(*surrogate_BL.shape, device=surrogate_BL.device)
     u = token_weights_BL if kl_weights_BL is None else kl_weights_BL
     return -((token_weights_BL * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
 
@@ -1215,7 +1217,7 @@ def check_train_args(a: TrainArgs, world: int):
     n = a.labels_per_step * a.group_size
     if n % a.minibatch or a.minibatch % world:
         raise UsageError(f"--minibatch {a.minibatch} must divide labels*group = {n} and be divisible by the {world} processes")
-    if a.micro_batch and (a.minibatch // world) % a.micro_batch:
+    if a.micro_batch < 0 or a.micro_batch and (a.minibatch // world) % a.micro_batch:
         raise UsageError(f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
     if not 0 < a.clip_eps < 1 or (a.clip_eps_high is not None and not a.clip_eps_high > 0):
         raise UsageError(f"need 0 < --clip-eps < 1 and --clip-eps-high > 0, got {a.clip_eps}, {a.clip_eps_high}")
@@ -1227,6 +1229,12 @@ def check_train_args(a: TrainArgs, world: int):
                 sum(map(int, a.vmr_schedule.split(":"))) == 0:
             raise UsageError(f"need --vmr-k >= 2, --vmr-eta > 0 and --vmr-schedule P:S (e.g. 3:1 or 30:10); "
                              f"got {a.vmr_k}, {a.vmr_eta}, {a.vmr_schedule!r}")
+    try:
+        dev = torch.device(a.device) if a.device else None
+    except RuntimeError:
+        raise UsageError(f"--device {a.device!r}: use cpu, cuda or cuda:N") from None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {a.device}: this machine has no CUDA GPU that torch can use")
     if a.panw_alpha < 0 or not 0 < a.mp_keep <= 1:
         raise UsageError(f"need --panw-alpha >= 0 and 0 < --mp-keep <= 1, got {a.panw_alpha}, {a.mp_keep}")
     if min(a.beta, a.max_grad_norm, a.weight_decay, a.image_every, a.preview_images) < 0 or a.adv_eps <= 0:
@@ -1625,7 +1633,13 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
         last = Path(a.resume) / "checkpoints" / "last.pt"
         if not last.is_file():
             raise UsageError(f"--resume {a.resume}: no checkpoints/last.pt there; start a new run with --out instead")
-        resume_ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        if "out" in given and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
+            raise UsageError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
+        try:
+            resume_ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{last} cannot be read ({str(e).splitlines()[0][:160]}); resume from another file in "
+                                  f"{last.parent} by copying it to last.pt") from None
         saved = dict(resume_ckpt["args"])
         changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
         if changed:
@@ -1636,11 +1650,17 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     elif a.method == "nextflow":  # VAR-RL's full recipe; explicit flags still win for the numbers
         a = TrainArgs(**{**asdict(a), "vmr": True, "mask_propagation": True,
                          "panw_alpha": a.panw_alpha if "panw_alpha" in given else 1.0})
+    idle = [k for k in given if (k.startswith("vmr_") and not a.vmr) or (k == "mp_keep" and not a.mask_propagation)]
+    if idle:
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(idle))} only act with --vmr / "
+                         "--mask-propagation (or --method nextflow); add the switch or drop the flag")
     check_train_args(a, d.world)
     out = Path(a.out)
     holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if not a.resume and holds_run and not a.overwrite:
         raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
+    if not a.resume and holds_run and d.main:
+        print(f"[vargrpo] --overwrite: replacing the run in {out}", file=sys.stderr)
     reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
     amp = autocast_ctx(a, d.device)
     vae, policy, ref = build_models(a, d.device)
@@ -1813,7 +1833,14 @@ def evaluate(e: EvalArgs) -> dict:
     path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"--ckpt {e.ckpt}: no checkpoint there (expected RUN/checkpoints/last.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0 or e.cfg < 0 \
+            or e.top_k < 0 or not 0 <= e.top_p < 1:
+        raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0, --temperature > 0, "
+                         "--cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e_:
+        raise CheckpointError(f"{path} cannot be read ({str(e_).splitlines()[0][:160]})") from None
     device = e.device or default_device()
     a = TrainArgs(**{**ckpt["args"], "weights_dir": e.weights_dir or ckpt["args"]["weights_dir"]})
     vae, finetuned, pretrained = build_models(a, device)
@@ -1882,7 +1909,7 @@ def ablate(args):
                   overwrite=True)
     runs = {}
     for name, flags in ABLATION_METHODS.items():
-        per_step = common["labels_per_step"] * common["group_size"] * (2 if flags.get("vmr") else 1)
+        per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
         steps = max(1, args.budget // per_step)
         for seed in seeds:
             run = out / f"{name.split()[0].lstrip('+')}_s{seed}"
