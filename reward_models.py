@@ -294,6 +294,12 @@ def _embedder(ctx):
 def _aesthetic(arg, ctx):
     if arg:
         raise ValueError(f"aesthetic takes no argument, got {arg!r}")
+    name = ctx.get("clip_model") or AESTHETIC_CLIP[0]
+    if name != "tiny-random" and not name.endswith(".json"):
+        import open_clip
+        if not (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
+            raise ValueError(f"aesthetic: LAION's head reads OpenAI CLIP ViT-L/14 embeddings, a QuickGELU model; "
+                             f"--clip-model {name} is not one (use {AESTHETIC_CLIP[0]})")
     embedder = _embedder(ctx)
     if embedder.clip.visual.output_dim != 768:
         raise ValueError(f"aesthetic needs a CLIP with 768-d image embeddings (ViT-L/14, as LAION's head was trained on); "
@@ -349,9 +355,13 @@ TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)(?::(.*))?$")
 
 
 def parse_spec(spec: str):
-    """'0.5*aesthetic+clip:a painting' -> [(0.5, 'aesthetic', None), (1.0, 'clip', 'a painting')]."""
+    """'0.5*aesthetic+clip:a painting' -> [(0.5, 'aesthetic', None), (1.0, 'clip', 'a painting')].
+    Terms are split at a '+' that starts another [weight*]name term, so prompts and weights such as
+    'clip:a+b' or '1e+1*dark' keep theirs."""
+    names = "|".join(sorted(REGISTRY, key=len, reverse=True))
+    starts_term = rf"(?<![0-9.][eE])\+(?=\s*(?:[0-9.eE+-]+\s*\*\s*)?(?:{names})\s*(?::|\+|$))"
     terms = []
-    for raw in spec.split("+"):
+    for raw in re.split(starts_term, spec):
         m = TERM.match(raw)
         if not m or m.group(2) not in REGISTRY:
             raise ValueError(f"cannot parse reward term {raw.strip()!r} of {spec!r}; "

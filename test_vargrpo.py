@@ -850,10 +850,23 @@ def test_differentiable_reward_reaches_the_images():
     assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("spec, terms", [
+    ("0.5*aesthetic+clip:a painting", [(0.5, "aesthetic", None), (1.0, "clip", "a painting")]),
+    ("clip:salt+pepper", [(1.0, "clip", "salt+pepper")]),       # '+' inside a prompt
+    ("1e+1*dark+bright", [(10.0, "dark", None), (1.0, "bright", None)]),  # '+' inside a weight
+    ("clip:a house + 2*aesthetic", [(1.0, "clip", "a house"), (2.0, "aesthetic", None)]),
+])
+def test_reward_spec_terms(spec, terms):
+    import reward_models as rm
+    assert rm.parse_spec(spec) == terms
+
+
 def test_reward_input_errors(tmp_path):
     import reward_models as rm
     with pytest.raises(ValueError, match="holds no pixel of a 64x64 image"):
         rm.build_reward("brightness:region=0.5,0.5,0.505,0.505", "cpu")(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="is not one"):
+        rm.build_reward("aesthetic", "cpu", clip_model="ViT-L-14", clip_weights=str(tmp_path / "openai.pt"))
     (tmp_path / "head.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not LAION's aesthetic head"):
         rm.load_aesthetic_head(str(tmp_path / "head.pth"))
@@ -1103,6 +1116,9 @@ def test_nextflow_trains_and_counts_its_budget(tmp_path):
     assert args["vmr"] and args["mask_propagation"] and args["panw_alpha"] == 1.0
     assert [r["vmr/stage"] for r in rows] == ["prefix"] * 3 + ["suffix"]
     assert [r["budget/samples"] for r in rows] == [16, 32, 48, 64]  # 2 labels x 4 prefixes x 2 completions
+    assert [r["budget/reward_images"] for r in rows] == [16, 32, 48, 64]  # a region needs no saliency pass
+    vg.main(["train", *TINY, "--out", str(tmp_path / "sal"), "--steps", "1", "--mask-propagation", "--preview-images", "0"])
+    assert read_metrics(tmp_path / "sal")[0]["budget/reward_images"] == 2 * 8  # saliency rewards each image again
     assert all(0 < r["mp/kept_fraction"] <= 1 for r in rows) and "scale/grad_norm_s3" in rows[-1]
     assert rows[0]["scale/grad_norm_s3"] == 0 and rows[-1]["scale/grad_norm_s0"] == 0  # each stage: its own scales
 

@@ -1545,8 +1545,8 @@ def policy_update(model, ref, opt, labels, idx, old_logp, adv, token_w, kl_w, a:
                     if r.numel():
                         ratio_min, ratio_max = min(ratio_min, r.min().item()), max(ratio_max, r.max().item())
                         ratio_sum += r.sum().item()
-                        if first_dev is None:
-                            first_dev = (r - 1).abs().max().item()
+                        if epoch == 0 and m == 0:  # before any update: the sampler's policy == the trained one
+                            first_dev = max(first_dev or 0.0, (r - 1).abs().max().item())
                     loss_mb += loss.item()
             norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm if a.max_grad_norm > 0 else math.inf)
             opt.step()
@@ -1586,7 +1586,7 @@ def step_metrics(step, rewards, comps, adv, n_flat_groups, n_groups, upd, times,
          "policy/clip_frac": (acc["clip"].sum() / tokens).item(),
          "policy/entropy": (acc["ent"].sum() / tokens).item(),
          "policy/ratio_mean": (counts[2] / tokens).item(), "policy/ratio_min": rmin, "policy/ratio_max": rmax,
-         "policy/ratio_dev_first_minibatch": upd["first_dev"],
+         "policy/ratio_dev_first_minibatch": all_reduce(torch.tensor([upd["first_dev"]], device=rewards.device), "max").item(),
          "loss/loss": upd["loss"], "loss/grad_norm": upd["grad_norm"], "lr": lr}
     for name, v in comps.items():
         v = all_gather_cat(v)
@@ -1696,6 +1696,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     n_local = a.labels_per_step // d.world
     split_m = (a.vmr_m or default_vmr_split(policy.cfg.patch_nums)) if a.vmr else 0
     samples_per_step = a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)
+    saliency_pass = int(a.mask_propagation and getattr(reward, "region_mask", lambda h, w, dev: None)(8, 8, d.device) is None)
     stop = StopRequest()
 
     def checkpoint(step):
@@ -1739,6 +1740,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
             m = step_metrics(step, rewards, comps, batch[3], batch[6], batch[7], upd, times,
                              len(images) * d.world, opt.param_groups[0]["lr"])
             m["budget/samples"] = (step + 1) * samples_per_step  # images sampled, decoded and rewarded so far
+            m["budget/reward_images"] = m["budget/samples"] * (1 + saliency_pass)  # MP saliency rewards them again
             if stage:
                 m["vmr/stage"] = stage
             if mp_mask is not None:
