@@ -613,7 +613,7 @@ def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         vg.main(["train", "--resume", str(split)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "cannot be read" in err, err
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "not a readable PyTorch checkpoint" in err, err
 
 
 @pytest.mark.parametrize("flags, message", [

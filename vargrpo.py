@@ -714,15 +714,20 @@ def _download(url: str, dest: Path):
     os.replace(part, dest)  # atomic: a broken download never leaves a truncated file under the real name
 
 
+def load_pth(path, hint: str):
+    """torch.load(path, weights_only=True) onto the CPU; a file it cannot read (truncated zip, pickle
+    garbage, text, ...) is one CheckpointError naming the file, the reason and `hint`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); {hint}") from None
+
+
 def read_state_dict(path) -> dict:
     """The state_dict in a .pth file: a plain state_dict, the official training-script wrapper
     (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint (ckpt['model'])."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, text file, ...
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); "
-                              "if it is a partial download, delete it and fetch it again") from None
+    obj = load_pth(path, "if it is a partial download, delete it and fetch it again")
     if isinstance(obj, dict) and isinstance(obj.get("trainer"), dict) and "var_wo_ddp" in obj["trainer"]:
         obj = obj["trainer"]["var_wo_ddp"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -1039,6 +1044,11 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums) -> torch.Tensor:
                       for pn in patch_nums], dim=1)
 
 
+def reward_region(reward, H: int, W: int, device=None):
+    """The (H, W) mask of the pixels the reward scores, if it scores a region (a box); else None."""
+    return reward.region_mask(H, W, device) if hasattr(reward, "region_mask") else None
+
+
 def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> torch.Tensor:
     """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from.
 
@@ -1048,7 +1058,7 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
     gradient, or a uniform one) keeps every cell: there is nothing to choose by.
     """
     B, _, H, W = images_B3HW.shape
-    region = reward.region_mask(H, W, images_B3HW.device) if hasattr(reward, "region_mask") else None
+    region = reward_region(reward, H, W, images_B3HW.device)
     if region is not None:
         pooled = F.interpolate(region[None, None].float(), size=(pn, pn), mode="area")[:, 0]
         return (pooled > 0).float().expand(B, pn, pn)
@@ -1635,11 +1645,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
             raise UsageError(f"--resume {a.resume}: no checkpoints/last.pt there; start a new run with --out instead")
         if "out" in given and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
             raise UsageError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
-        try:
-            resume_ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{last} cannot be read ({str(e).splitlines()[0][:160]}); resume from another file in "
-                                  f"{last.parent} by copying it to last.pt") from None
+        resume_ckpt = load_pth(last, f"resume from another file in {last.parent} by copying it to last.pt")
         saved = dict(resume_ckpt["args"])
         changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
         if changed:
@@ -1696,7 +1702,7 @@ def train(a: TrainArgs, given=frozenset()) -> dict:
     n_local = a.labels_per_step // d.world
     split_m = (a.vmr_m or default_vmr_split(policy.cfg.patch_nums)) if a.vmr else 0
     samples_per_step = a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)
-    saliency_pass = int(a.mask_propagation and getattr(reward, "region_mask", lambda h, w, dev: None)(8, 8, d.device) is None)
+    saliency_pass = int(a.mask_propagation and reward_region(reward, 8, 8) is None)  # initial_mask's second reward pass
     stop = StopRequest()
 
     def checkpoint(step):
@@ -1818,7 +1824,7 @@ def load_resnet50(weights, device):
     if weights:
         if not Path(weights).is_file():
             raise UsageError(f"--resnet-weights {weights}: no such file")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
         import reward_models
@@ -1839,10 +1845,7 @@ def evaluate(e: EvalArgs) -> dict:
             or e.top_k < 0 or not 0 <= e.top_p < 1:
         raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0, --temperature > 0, "
                          "--cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e_:
-        raise CheckpointError(f"{path} cannot be read ({str(e_).splitlines()[0][:160]})") from None
+    ckpt = load_pth(path, "pass another vargrpo checkpoint")
     device = e.device or default_device()
     a = TrainArgs(**{**ckpt["args"], "weights_dir": e.weights_dir or ckpt["args"]["weights_dir"]})
     vae, finetuned, pretrained = build_models(a, device)
@@ -2056,8 +2059,8 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
         ours = lambda: sample(var, labels, generator=gen, **guided_kw)
         # this machine's speed drifts: time the two samplers interleaved, in one process
         fn(), ours()
-        t = {fn: [], ours: []}
-        for rep in range(8):
+        t, pairs = {fn: [], ours: []}, 8
+        for rep in range(pairs):
             for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
                 t0 = time.perf_counter()
                 f()
@@ -2065,7 +2068,7 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
                 t[f].append(time.perf_counter() - t0)
         ratio = np.median(np.array(t[ours]) / np.array(t[fn]))  # pairs ran back to back
         what = (f"official sample cfg+top-k/p, interleaved with ours ({np.median(t[ours]):.3f} s/call; "
-                f"ours/official per pair, median of 8: {ratio:.3f})")
+                f"ours/official per pair, median of {pairs}: {ratio:.3f})")
         return dict(what=what, seconds=float(np.median(t[fn])), throughput=batch / float(np.median(t[fn])),
                     unit="img/s", flops=None, peak_mem=None)
     else:
