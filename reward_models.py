@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -184,16 +185,31 @@ class AestheticHead(nn.Module):
                                     nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, emb_BD):
-        return self.layers(emb_BD).squeeze(-1)
+        with torch.autocast(device_type=emb_BD.device.type, enabled=False):  # fp32 even under autocast
+            return self.layers(emb_BD.float()).squeeze(-1)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
 
 
 def load_aesthetic_head(path: str | None) -> AestheticHead:
-    """From `path` (--aesthetic-head), else the cache, else LAION's repository (sha256 checked)."""
-    from vargrpo import find_or_download
+    """From `path` (--aesthetic-head), else the cache, else LAION's repository (torch.hub, sha256
+    checked while downloading). Offline or unreachable: one line naming the file and the flag."""
     if path and not Path(path).is_file():
         raise FileNotFoundError(f"--aesthetic-head {path}: no such file")
-    file = Path(path) if path else find_or_download(AESTHETIC_HEAD, None, AESTHETIC_HEAD_URL, "--aesthetic-head PATH")
-    if not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
+    file = Path(path) if path else cache_dir() / AESTHETIC_HEAD
+    todo = f"download {AESTHETIC_HEAD_URL} yourself and pass --aesthetic-head PATH (or put it in {cache_dir()})"
+    if not file.is_file():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and offline mode is on; {todo}")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a temporary file, renamed once its sha256 is right
+            torch.hub.download_url_to_file(AESTHETIC_HEAD_URL, str(file), hash_prefix=AESTHETIC_HEAD_SHA256)
+        except Exception as e:
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and downloading it failed "
+                                    f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); {todo}") from None
+    elif not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
         raise RuntimeError(f"{file} does not have the sha256 of LAION's {AESTHETIC_HEAD}; delete it and retry")
     head = AestheticHead()
     try:
@@ -205,7 +221,8 @@ def load_aesthetic_head(path: str | None) -> AestheticHead:
 
 
 class ClipImageEmbedder(nn.Module):
-    """L2-normalised CLIP image embeddings of images in [0, 1] (differentiable)."""
+    """L2-normalised CLIP image embeddings of images in [0, 1] (differentiable); on a GPU the CLIP
+    runs under bf16 autocast, the normalisation (and what reads the embedding) in fp32."""
     def __init__(self, clip):
         super().__init__()
         self.clip = clip
@@ -213,7 +230,9 @@ class ClipImageEmbedder(nn.Module):
         self.size = size if isinstance(size, int) else size[0]
 
     def forward(self, images_B3HW):
-        return F.normalize(self.clip.encode_image(clip_preprocess(images_B3HW, self.size)).float(), dim=-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images_B3HW.is_cuda):
+            emb = self.clip.encode_image(clip_preprocess(images_B3HW, self.size))
+        return F.normalize(emb.float(), dim=-1)
 
 
 class Aesthetic(nn.Module):
@@ -346,9 +365,12 @@ class Reward(nn.Module):
         return total, logs
 
     def region_mask(self, H: int, W: int, device=None):
-        """The union of the components' region masks (H, W), or None if none has one."""
-        masks = [p.region_mask(H, W, device) for p in self.parts if hasattr(p, "region_mask")]
-        return torch.stack(masks).amax(0) if masks else None
+        """The union of the components' regions (H, W) when every component scores a region, else
+        None: a term that looks at the whole image (plain brightness, CLIP) has gradient outside
+        any region, so a region mask would drop part of the reward's gradient (MP uses saliency then)."""
+        if not all(hasattr(p, "region_mask") for p in self.parts):
+            return None
+        return torch.stack([p.region_mask(H, W, device) for p in self.parts]).amax(0)
 
 
 TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)(?::(.*))?$")
@@ -369,7 +391,9 @@ def parse_spec(spec: str):
         try:
             weight = float(m.group(1)) if m.group(1) else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {m.group(1)!r} in reward spec {spec!r}") from None
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"bad weight {m.group(1)!r} in reward spec {spec!r}: use a finite number such as 0.5")
         terms.append((weight, m.group(2), m.group(3).strip() if m.group(3) else None))
     return terms
 

@@ -43,7 +43,7 @@ case "$cmd" in
   aesthetic)  launch --preset d16 --reward aesthetic --out runs/aesthetic --steps 40000 "$@" ;;
   painting)   launch --preset d30 --reward "clip:a painting" --out runs/painting --steps 10000 "$@" ;;
   aesthetic+painting) launch --preset d30 --reward "aesthetic+clip:a painting" --out runs/aesthetic+painting --steps 10000 "$@" ;;
-  ablate) exec "$PY" vargrpo.py ablate "$@" ;;
-  bench) exec "$PY" vargrpo.py bench "$@" ;;
+  ablate) exec "$PY" vargrpo_tools.py ablate "$@" ;;
+  bench) exec "$PY" vargrpo_tools.py bench "$@" ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

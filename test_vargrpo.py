@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st
 
 import vargrpo as vg
+import vargrpo_tools as tools
 
 # CI: no shrinking (a failing property test can shrink for minutes and, for big tensors, exhaust memory);
 # HYPOTHESIS_PROFILE=dev shrinks failures to a minimal example.
@@ -62,7 +63,7 @@ patch_nums_st = st.lists(st.integers(1, 5), min_size=2, max_size=4, unique=True)
 
 
 def labels_for(var, B, seed):
-    return torch.randint(0, var.cfg.num_classes, (B,), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, var.config.num_classes, (B,), generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_official_teacher_forcing(official):
     f, vae, var = official
     idx = torch.cat(f["idx_per_scale"], dim=1)
     assert torch.equal(vae.quantize.idx_to_var_input(f["idx_per_scale"]), f["var_input"])
-    logits = vg.token_logits(var, f["labels"], idx)
+    logits = var(f["labels"], idx)
     assert (logits - f["teacher_forced_logits"]).abs().max() <= 1e-5
 
 
@@ -182,7 +183,7 @@ def test_official_sampler_reproduced(official, name):
     rec = f["samples_g_seed_42"][name]
     out = vg.sample(var, f["labels"], temperature=1.0, generator=torch.Generator().manual_seed(42), **rec["kwargs"])
     assert (out.images - rec["images"]).abs().max() <= 1e-5
-    for si, h in enumerate(vg.split_scales(out.idx, var.cfg.patch_nums)):  # the same tokens were drawn
+    for si, h in enumerate(vg.split_scales(out.idx, var.config.patch_nums)):  # the same tokens were drawn
         assert torch.equal(vae.quantize.embed(h), rec["h_per_scale"][si])
 
 
@@ -194,26 +195,26 @@ def test_official_sampler_reproduced(official, name):
 def test_later_scales_never_change_earlier_logits(patch_nums, depth, seed):
     vae, var = random_model(patch_nums, depth, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    L, V = var.cfg.seq_len, var.cfg.vocab_size
+    L, V = var.config.seq_len, var.config.vocab_size
     idx = torch.randint(0, V, (2, L), generator=g)
     labels = labels_for(var, 2, seed)
     si = int(torch.randint(1, len(patch_nums), (1,), generator=g))
     bg = var.begin_ends[si][0]
     changed = idx.clone()
     changed[:, bg:] = torch.randint(0, V, (2, L - bg), generator=g)
-    a, b = vg.token_logits(var, labels, idx), vg.token_logits(var, labels, changed)
+    a, b = var(labels, idx), var(labels, changed)
     assert torch.equal(a[:, :var.begin_ends[si][1]], b[:, :var.begin_ends[si][1]])  # scale si sees only < si
     assume(not torch.equal(idx[:, bg:var.begin_ends[si][1]], changed[:, bg:var.begin_ends[si][1]]))
     if si + 1 < len(patch_nums):  # ... and the next scale does see them
         assert not torch.allclose(a[:, var.begin_ends[si + 1][0]:], b[:, var.begin_ends[si + 1][0]:])
     # a prefix pass gives the same logits as the full pass on those tokens
-    torch.testing.assert_close(vg.token_logits(var, labels, idx[:, :bg]), a[:, :bg], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var(labels, idx[:, :bg]), a[:, :bg], rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_forcing_is_deterministic_and_trainable():
     vae, var = random_model((1, 2, 4), depth=2, seed=3)
     labels, idx = labels_for(var, 3, 0), torch.randint(0, 32, (3, 21), generator=torch.Generator().manual_seed(1))
-    a, b = vg.token_logits(var, labels, idx), vg.token_logits(var, labels, idx)
+    a, b = var(labels, idx), var(labels, idx)
     assert torch.equal(a, b)
     vg.token_logprobs(var, labels, idx).sum().backward()
     assert all(p.grad is not None for p in var.parameters())
@@ -256,7 +257,7 @@ def test_sampling_logprobs_equal_teacher_forced(patch_nums, depth, seed, tempera
     labels = labels_for(var, 3, seed)
     kw = dict(temperature=temperature, cfg=cfg, top_k=top_k, top_p=top_p)
     out = vg.sample(var, labels, generator=torch.Generator().manual_seed(seed), decode=False, **kw)
-    assert out.idx.shape == out.logprobs.shape == (3, var.cfg.seq_len) and out.images is None
+    assert out.idx.shape == out.logprobs.shape == (3, var.config.seq_len) and out.images is None
     tf = vg.token_logprobs(var, labels, out.idx, **kw)
     assert (out.logprobs <= 0).all() and torch.isfinite(out.logprobs).all()
     assert (out.logprobs - tf).abs().max() <= 1e-4
@@ -268,7 +269,7 @@ def test_greedy_limits_equal_argmax(seed, mode):
     labels = labels_for(var, 4, seed)
     kw = dict(top_k=1) if mode == "top_k=1" else dict(temperature=1e-4)
     out = vg.sample(var, labels, generator=torch.Generator().manual_seed(seed), decode=False, **kw)
-    logits = vg.token_logits(var, labels, out.idx)
+    logits = var(labels, out.idx)
     top2 = logits.topk(2, dim=-1).values
     assume((top2[..., 0] - top2[..., 1]).min() > 1e-2)  # no near-ties
     assert torch.equal(out.idx, logits.argmax(-1))
@@ -353,29 +354,30 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VARGRPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("VARGRPO_OFFLINE", raising=False)
-    monkeypatch.setattr(vg, "OFFICIAL_URL", "http://127.0.0.1:9/{}")  # nothing listens on port 9
+    monkeypatch.setattr(vg, "OFFICIAL_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
     return tmp_path
 
 
 def test_missing_file_offline_says_name_url_and_flag(isolated_cache, monkeypatch):
     with pytest.raises(vg.CheckpointError) as e:
-        vg.load_pretrained(16, weights_dir=isolated_cache / "nowhere")
+        vg.load_pretrained("d16", weights_dir=isolated_cache / "nowhere")
     msg = str(e.value)
-    assert "var_d16.pth" in msg and "http://127.0.0.1:9/var_d16.pth" in msg and "--weights-dir" in msg
+    assert "var_d16.pth" in msg and "http://127.0.0.1:9/FoundationVision/var/resolve/main/var_d16.pth" in msg
+    assert "--weights-dir" in msg
     assert "\n" not in msg
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(vg.CheckpointError, match="offline mode is on.*--weights-dir"):
-        vg.load_pretrained(16)
+        vg.load_pretrained("d16")
 
 
 def test_wrong_depth_names_the_depth(isolated_cache):
     save_tiny_checkpoints(isolated_cache, "d16")  # a depth-1 model under the d16 name
     with pytest.raises(vg.CheckpointError, match="holds a depth-1 VAR .*not depth 16"):
-        vg.load_pretrained(16, weights_dir=isolated_cache)
+        vg.load_pretrained("d16", weights_dir=isolated_cache)
     d20 = {f"blocks.{i}.attn.q_bias": torch.zeros(1) for i in range(20)}
     torch.save(d20, isolated_cache / "var_d16.pth")
     with pytest.raises(vg.CheckpointError, match="depth-20 .*--preset d20"):
-        vg.load_pretrained(16, weights_dir=isolated_cache)
+        vg.load_pretrained("d16", weights_dir=isolated_cache)
 
 
 def test_old_file_without_scale_mul(isolated_cache):
@@ -383,7 +385,7 @@ def test_old_file_without_scale_mul(isolated_cache):
     old = {f"blocks.{i}.attn.q_bias": torch.zeros(1) for i in range(16)}
     torch.save(old, isolated_cache / "var_d16.pth")
     with pytest.raises(vg.CheckpointError, match="no blocks.\\*.attn.scale_mul_1H11.*old VAR version"):
-        vg.load_pretrained(16, weights_dir=isolated_cache)
+        vg.load_pretrained("d16", weights_dir=isolated_cache)
 
 
 def test_truncated_and_non_checkpoint_files(isolated_cache):
@@ -391,10 +393,10 @@ def test_truncated_and_non_checkpoint_files(isolated_cache):
     path = isolated_cache / "var_d16.pth"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(vg.CheckpointError, match="not a readable PyTorch checkpoint.*partial download"):
-        vg.load_pretrained(16, weights_dir=isolated_cache)
+        vg.load_pretrained("d16", weights_dir=isolated_cache)
     path.write_text("<html>404 Not Found</html>")
     with pytest.raises(vg.CheckpointError, match="not a readable PyTorch checkpoint"):
-        vg.load_pretrained(16, weights_dir=isolated_cache)
+        vg.load_pretrained("d16", weights_dir=isolated_cache)
     torch.save({"step": torch.tensor(3), "note": "hello"}, path)
     with pytest.raises(vg.CheckpointError, match="holds no model state_dict"):
         vg.read_state_dict(path)
@@ -404,10 +406,10 @@ def test_trainer_wrapper_and_key_mismatch(tmp_path):
     vae, var = random_model((1, 2), depth=1, seed=5)
     torch.save({"trainer": {"var_wo_ddp": var.state_dict(), "vae_local": vae.state_dict()}, "args": {}}, tmp_path / "ar.pth")
     sd = vg.read_state_dict(tmp_path / "ar.pth")
-    fresh = vg.VAR(var.cfg, vae)
+    fresh = vg.VAR(var.config, vae)
     vg.load_checked(fresh, sd, "ar.pth")
     labels, idx = labels_for(var, 2, 0), torch.randint(0, 32, (2, 5))
-    assert torch.equal(vg.token_logits(fresh, labels, idx), vg.token_logits(var, labels, idx))
+    assert torch.equal(fresh(labels, idx), var(labels, idx))
     sd.pop("head.bias")
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(vg.CheckpointError, match="missing \\(1\\): head.bias; unexpected \\(1\\): extra.weight"):
@@ -424,19 +426,31 @@ def test_load_pretrained_d16_end_to_end_with_download(isolated_cache, monkeypatc
     vae, var = vg.build_vae_var(cfg, seed=1)
     torch.save(var.state_dict(), src / "var_d16.pth")
     torch.save(vae.state_dict(), src / vg.VAE_FILE)
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(src), **k)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Hub(http.server.SimpleHTTPRequestHandler):  # /<repo>/resolve/main/<file>, with the headers the hub sends
+        def translate_path(self, path):
+            return str(src / Path(path).name)
+
+        def end_headers(self):
+            self.send_header("ETag", f'"{Path(self.path).name}-v1"')
+            self.send_header("X-Repo-Commit", "0" * 40)
+            super().end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(vg, "OFFICIAL_URL", f"http://127.0.0.1:{server.server_port}/{{}}")
+    monkeypatch.setattr(vg, "OFFICIAL_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
-        vae2, var2 = vg.load_pretrained(16)
+        vae2, var2 = vg.load_pretrained("d16")
     finally:
         server.shutdown()
-    assert (isolated_cache / "cache" / "var_d16.pth").is_file() and not list((isolated_cache / "cache").glob("*.part"))
+    cached = isolated_cache / "cache"
+    assert (cached / "var_d16.pth").read_bytes() == (src / "var_d16.pth").read_bytes()
+    assert not [p for p in cached.rglob("*") if p.suffix in (".part", ".incomplete")]
     labels, idx = torch.tensor([3]), torch.randint(0, 4096, (1, 30))
-    assert torch.equal(vg.token_logits(var2, labels, idx), vg.token_logits(var, labels, idx))
+    assert torch.equal(var2(labels, idx), var(labels, idx))
     assert not any(p.requires_grad for p in vae2.parameters()) and var2.vae is vae2
-    vg.load_pretrained(16)  # second call: found in the cache, no server needed
+    vg.load_pretrained("d16")  # second call: found in the cache, no server needed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,32 +486,32 @@ def test_group_advantages_properties(seed, G, scale, shift):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(4, G, generator=g) * torch.rand(4, 1, generator=g) * 3  # per-row different spreads
     assume((r.std(1, unbiased=False) > 0.05).all())
-    A, n_flat = vg.group_advantages(r)
-    assert n_flat == 0 and A.dtype == torch.float32
+    A = vg.group_advantages(r)
+    assert not (A == 0).all(1).any() and A.dtype == torch.float32
     torch.testing.assert_close(A.mean(1), torch.zeros(4), atol=1e-6, rtol=0)  # zero mean per group
     std = A.std(1, unbiased=False)
     assert ((std <= 1) & (std > 1 - 1e-4 / 0.05)).all()  # unit std, up to eps / (std + eps)
-    A2, _ = vg.group_advantages(scale * r + shift)  # positive affine map of the rewards
+    A2 = vg.group_advantages(scale * r + shift)  # positive affine map of the rewards
     torch.testing.assert_close(A2, A, atol=5e-3, rtol=0)
     perm = torch.randperm(G, generator=g)  # permutation within a group
-    torch.testing.assert_close(vg.group_advantages(r[:, perm])[0], A[:, perm])
-    halves = torch.cat([vg.group_advantages(r[:2])[0], vg.group_advantages(r[2:])[0]])  # per rank, whole groups
+    torch.testing.assert_close(vg.group_advantages(r[:, perm]), A[:, perm])
+    halves = torch.cat([vg.group_advantages(r[:2]), vg.group_advantages(r[2:])])  # per rank, whole groups
     assert torch.equal(halves, A)
-    assert not torch.allclose(A, vg.group_advantages(r.view(1, -1))[0].view(4, G), atol=1e-3)  # batch-normalising differs
+    assert not torch.allclose(A, vg.group_advantages(r.view(1, -1)).view(4, G), atol=1e-3)  # batch-normalising differs
 
 
 @given(value=st.floats(-1e6, 1e6, allow_nan=False), G=st.integers(1, 16))
 def test_identical_rewards_give_exactly_zero(value, G):
     r = torch.tensor([[value] * G, [0.1] * G, [0.0, 1.0] * 1 + [0.5] * (G - 2 if G > 2 else 0)][: 2 if G < 2 else 3])
-    A, n_flat = vg.group_advantages(r)
-    assert torch.equal(A[:2], torch.zeros_like(A[:2])) and n_flat >= 2
+    A = vg.group_advantages(r)
+    assert torch.equal(A[:2], torch.zeros_like(A[:2]))
     assert torch.isfinite(A).all()
 
 
 def test_nonfinite_rewards_are_left_out():
     r = torch.tensor([[1.0, float("nan"), 3.0, float("inf")], [float("nan")] * 4])
-    A, n_flat = vg.group_advantages(r)
-    assert A[0, 1] == 0 and A[0, 3] == 0 and torch.equal(A[1], torch.zeros(4)) and n_flat == 1
+    A = vg.group_advantages(r)
+    assert A[0, 1] == 0 and A[0, 3] == 0 and torch.equal(A[1], torch.zeros(4))
     torch.testing.assert_close(A[0, [0, 2]], torch.tensor([-1.0, 1.0]), atol=1e-3, rtol=0)
 
 
@@ -508,8 +522,7 @@ def test_clipped_surrogate_properties(seed, eps, eps_high):
     adv = torch.randn(4, generator=g)  # per-row different advantages
     # at the first inner step the policy is the sampling policy: ratio 1, objective = A, grad = w A
     logp = old.clone().requires_grad_(True)
-    obj, ratio, clipped = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
-    assert torch.equal(ratio, torch.ones_like(ratio)) and not clipped.any()
+    obj = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
     assert torch.equal(obj, adv[:, None].expand(4, 7))
     w = torch.rand(4, 7, generator=g)
     w = w / w.sum(1, keepdim=True)
@@ -518,7 +531,9 @@ def test_clipped_surrogate_properties(seed, eps, eps_high):
     torch.testing.assert_close(grad, -w * adv[:, None] / 4)
     # away from it: never above the unclipped term, clipped tokens get no gradient
     logp = (old + torch.randn(4, 7, generator=g) * 0.5).requires_grad_(True)
-    obj, ratio, clipped = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    obj = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    ratio = (logp - old).exp().detach()
+    clipped = obj.detach() < ratio * adv[:, None]
     assert (obj <= ratio * adv[:, None] + 1e-6).all()
     (grad,) = torch.autograd.grad(obj.sum(), logp)
     assert (grad[clipped] == 0).all() and (grad[~clipped] != 0).all()
@@ -551,9 +566,9 @@ def test_kl_term_never_decreases_the_loss_and_masked_samples_get_no_gradient(see
     old = -torch.rand(3, 5, generator=g) * 4
     logp = (old + torch.randn(3, 5, generator=g) * 0.3).requires_grad_(True)
     ref = old + torch.randn(3, 5, generator=g) * 0.3
-    obj, _, _ = vg.clipped_surrogate(logp, old, torch.randn(3, generator=g))
+    obj = vg.clipped_surrogate(logp, old, torch.randn(3, generator=g))
     kl = vg.kl_k3(logp, ref)
-    w = vg.uniform_token_weights(3, 5)
+    w = torch.full((3, 5), 1 / 5)
     assert vg.grpo_loss(obj, kl, w, beta) >= vg.grpo_loss(obj, kl, w, 0.0)
     w[1] = 0  # a sample with all tokens masked out
     loss = vg.grpo_loss(obj, kl, w, beta)
@@ -580,14 +595,15 @@ def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys
     straight, split = tmp_path / "straight", tmp_path / "split"
     vg.main(["train", *TINY, "--out", str(straight), "--steps", "4"])
     vg.main(["train", *TINY, "--out", str(split), "--steps", "2", "--save-every", "1", "--keep-last", "1"])
-    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["last.pt", "step_000002.pt"]
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == [
+        "last.pt", "last.safetensors", "step_000002.pt", "step_000002.safetensors"]
     vg.main(["train", "--resume", str(split), "--steps", "4"])
     a, b = policy_state(straight), policy_state(split)
     assert a["step"] == b["step"] == 4
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [m["reward/mean"] for m in read_metrics(straight)] == [m["reward/mean"] for m in read_metrics(split)]
-    for name in ["before.png", "after.png", "reward_curve.png", "images/step_000003.png", "args.json"]:
+    for name in ["before.png", "after.png", "images/step_000003.png", "args.json", "checkpoints/last.safetensors"]:
         assert (split / name).is_file(), name
     keys = read_metrics(split)[0].keys()
     for k in ["reward/mean", "reward/std", "reward/min", "reward/max", "adv/std", "policy/kl", "policy/clip_frac",
@@ -607,13 +623,13 @@ def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys
         vg.main(["train", "--resume", str(split), "--out", str(tmp_path / "elsewhere")])
     assert "continues in that directory; drop --out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        vg.main(["eval", "--ckpt", str(split), "--batch", "0"])
+        tools.main(["eval", "--ckpt", str(split), "--batch", "0"])
     assert e.value.code == 2 and "--batch >= 1" in capsys.readouterr().err
     (split / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as e:
         vg.main(["train", "--resume", str(split)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "not a readable PyTorch checkpoint" in err, err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "not a readable PyTorch checkpoint" in err, err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -703,7 +719,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # a scheduler can tell it from a finished run
     step = policy_state(run)["step"]
     assert 1 <= step < 1000 and f"stopped after step {step}" in err and len(read_metrics(run)) == step
 
@@ -724,7 +740,6 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                          cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = policy_state(tmp_path / "one"), policy_state(tmp_path / "two")
-    assert len(two["rng"]) == 2
     init = vg.build_vae_var(vg.VARConfig.preset("tiny"))[1].state_dict()
     assert any(not torch.equal(one["model"][k], init[k]) for k in init)  # the step did change the weights
     assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in init) <= 1e-5
@@ -935,7 +950,7 @@ def test_eval_table_seen_unseen(tmp_path, capsys):
     with torch.no_grad():
         r50.fc.bias.copy_(torch.cat([torch.arange(5, 0, -1).float(), torch.zeros(995)]))
     torch.save(r50.state_dict(), tmp_path / "r50.pth")
-    vg.main(["eval", "--ckpt", str(run), "--samples-per-class", "2", "--clip-model", "tiny-random",
+    tools.main(["eval", "--ckpt", str(run), "--samples-per-class", "2", "--clip-model", "tiny-random",
              "--aesthetic-head", str(HEAD), "--resnet-weights", str(tmp_path / "r50.pth"), "--batch", "10"])
     table = capsys.readouterr().out
     res = json.loads((run / "eval.json").read_text())
@@ -1029,16 +1044,17 @@ def test_masked_tokens_get_no_policy_gradient(seed, beta):
     pn = (1, 2, 3)
     mask = vg.propagate_mask((torch.rand(4, 3, 3, generator=g) < 0.4).float(), pn)
     mask[0] = 0  # an all-masked sample
+    mask[1, -1] = 1  # and one that surely keeps a token
     base = vg.panw_weights(pn, 0.5).expand(4, -1)
     w, u = vg.normalise_rows(base * mask), vg.normalise_rows(base)
-    assert torch.equal(w[0], torch.zeros(14)) and torch.allclose(w[1:].sum(1), torch.ones(3))
+    assert torch.equal(w[0], torch.zeros(14)) and torch.allclose(w.sum(1), (mask.sum(1) > 0).float())
     old = -torch.rand(4, 14, generator=g) * 3
     logp = (old + 0.3 * torch.randn(4, 14, generator=g)).requires_grad_(True)
     ref = old + 0.3 * torch.randn(4, 14, generator=g)
-    surr, _, _ = vg.clipped_surrogate(logp, old, torch.randn(4, generator=g))
+    surr = vg.clipped_surrogate(logp, old, torch.randn(4, generator=g))
     loss = vg.grpo_loss(surr, vg.kl_k3(logp, ref), w, beta, kl_weights_BL=u)
     (grad,) = torch.autograd.grad(loss, logp)
-    (kl_grad,) = torch.autograd.grad(beta * (u * vg.kl_k3(logp, ref)).sum(1).mean(), logp)
+    kl_grad = beta * u * (1 - torch.exp(ref - logp.detach())) / 4  # d/dlogp of beta u k3, k3 = e^d - d - 1, d = ref - logp
     off = mask == 0
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad[off], kl_grad[off])  # outside the mask only the KL acts
@@ -1046,37 +1062,22 @@ def test_masked_tokens_get_no_policy_gradient(seed, beta):
     assert torch.equal(ones, u)  # an all-ones mask is a no-op
 
 
-def stage_batch(stage, mp_mask=None, **kw):
-    a = vg.TrainArgs(group_size=3, vmr=stage is not None, vmr_k=2, **kw)
-    pn, n_labels = (1, 2, 3), 2
-    K = 2 if stage else 1
-    N = n_labels * 3 * K
+def test_advantage_groups_and_stage_weights():
+    """Step 3's groups and step 4's per-token weights for plain GRPO and both VMR stages."""
+    plain, vmr = vg.TrainArgs(group_size=3), vg.TrainArgs(group_size=3, vmr=True, vmr_k=2)
     g = torch.Generator().manual_seed(0)
-    rewards = torch.rand(N, generator=g)
-    idx, old = torch.randint(0, 8, (N, 14), generator=g), -torch.rand(N, 14, generator=g)
-    labels = torch.arange(n_labels).repeat_interleave(3 * K)
-    return rewards, vg.update_batch(a, stage, pn, labels, idx, old, rewards, mp_mask, n_labels, split_m=2)
-
-
-def test_update_batch_stages():
-    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch(None)
-    assert len(idx) == 6 and n_groups == 2 and torch.equal(w, u) and torch.allclose(w, torch.full_like(w, 1 / 14))
-    torch.testing.assert_close(adv, vg.group_advantages(r.view(2, 3))[0].view(-1))
-    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch("prefix")
-    assert len(idx) == 6 and n_groups == 2  # one row per prefix
-    value = vg.middle_value(r.view(6, 2), 1.0)
-    torch.testing.assert_close(adv, vg.group_advantages(value.view(2, 3))[0].view(-1))
-    assert (w[:, 5:] == 0).all() and torch.allclose(w[:, :5].sum(1), torch.ones(6))  # prefix = scales 0, 1 (5 tokens)
-    r, (labels, idx, old, adv, w, u, n_flat, n_groups) = stage_batch("suffix")
-    assert len(idx) == 12 and n_groups == 2 and (w[:, :5] == 0).all() and torch.allclose(w.sum(1), torch.ones(12))
-    torch.testing.assert_close(adv, vg.group_advantages(r.view(2, 6))[0].view(-1))
-    r, (*_, adv, w, u, n_flat, n_groups) = stage_batch("suffix", vmr_suffix_group="prefix")
-    assert n_groups == 6
-    torch.testing.assert_close(adv, vg.group_advantages(r.view(6, 2))[0].view(-1))
-    mask = torch.zeros(12, 14)
-    mask[:, 5:9] = 1
-    r, (*_, w, u, _, _) = stage_batch("suffix", mp_mask=mask, panw_alpha=1.0)
-    assert (w[:, 9:] == 0).all() and torch.allclose(w.sum(1), torch.ones(12)) and (u[:, 9:] > 0).all()
+    r6, r12 = torch.rand(6, generator=g), torch.rand(12, generator=g)  # 2 labels x 3 samples (x 2 completions)
+    assert torch.equal(vg.advantage_groups(r6, None, plain, 2), r6.view(2, 3))
+    torch.testing.assert_close(vg.advantage_groups(r12, "prefix", vmr, 2), vg.middle_value(r12.view(6, 2), 1.0).view(2, 3))
+    assert torch.equal(vg.advantage_groups(r12, "suffix", vmr, 2), r12.view(2, 6))  # a label's G*K completions
+    per_prefix = vg.TrainArgs(group_size=3, vmr=True, vmr_k=2, vmr_suffix_group="prefix")
+    assert torch.equal(vg.advantage_groups(r12, "suffix", per_prefix, 2), r12.view(6, 2))  # a prefix's K
+    pn = (1, 2, 3)  # 14 tokens; scales 0-1 = the first 5
+    torch.testing.assert_close(vg.stage_weights(pn, 0.0, None, 0), torch.full((14,), 1 / 14))
+    for alpha in (0.0, 1.0):
+        pre, suf = vg.stage_weights(pn, alpha, "prefix", 2), vg.stage_weights(pn, alpha, "suffix", 2)
+        assert (pre[5:] == 0).all() and (pre[:5] > 0).all() and (suf[:5] == 0).all() and (suf[5:] > 0).all()
+        torch.testing.assert_close(pre + suf, vg.panw_weights(pn, alpha))
 
 
 def test_initial_mask_region_and_saliency():
@@ -1095,16 +1096,15 @@ def test_initial_mask_region_and_saliency():
                        torch.ones(2, 4, 4))  # a uniform saliency: nothing to choose by
 
 
-def test_vmr_rollout_shares_prefixes(tmp_path):
+def test_vmr_rollout_shares_prefixes():
     a = vg.TrainArgs(preset="tiny", group_size=3, vmr=True, vmr_k=3, temperature=1.0)
     vae, var = vg.build_vae_var(vg.VARConfig.preset("tiny"))
-    from contextlib import nullcontext
-    labels, idx, old, images, *_ = vg.rollout(var, vae, torch.tensor([1, 7]), [0, 1], a, 0, nullcontext, "cpu", prefix_len=5)
-    assert idx.shape == (18, 30) and images.shape == (18, 3, 64, 64) and labels.tolist() == [1] * 9 + [7] * 9
-    by_prefix = idx.view(6, 3, 30)
+    roll = vg.rollout(var, torch.tensor([1, 7]), [0, 1], a, 0, prefix_len=5)
+    assert roll.idx.shape == (18, 30) and roll.labels.tolist() == [1] * 9 + [7] * 9
+    by_prefix = roll.idx.view(6, 3, 30)
     assert (by_prefix[:, :, :5] == by_prefix[:, :1, :5]).all()  # the K completions of a prefix share it
     assert not (by_prefix[:, :, 5:] == by_prefix[:, :1, 5:]).all()  # and differ after it
-    torch.testing.assert_close(old, vg.token_logprobs(var, labels, idx, temperature=1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(roll.logprobs, vg.token_logprobs(var, roll.labels, roll.idx, temperature=1.0), atol=1e-4, rtol=0)
 
 
 def test_nextflow_trains_and_counts_its_budget(tmp_path):
@@ -1125,11 +1125,11 @@ def test_nextflow_trains_and_counts_its_budget(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_smoke(tmp_path):
-    vg.main(["ablate", "--seeds", "0", "--budget", "64", "--out", str(tmp_path)])
+    tools.main(["ablate", "--seeds", "0", "--budget", "64", "--out", str(tmp_path)])
     table = (tmp_path / "ablation.md").read_text()
-    for name in vg.ABLATION_METHODS:
+    for name in tools.ABLATION_METHODS:
         assert f"| {name} |" in table
-    assert (tmp_path / "ablation.png").is_file() and json.loads((tmp_path / "ablation.json").read_text()).keys() == vg.ABLATION_METHODS.keys()
+    assert (tmp_path / "ablation.png").is_file() and json.loads((tmp_path / "ablation.json").read_text()).keys() == tools.ABLATION_METHODS.keys()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1140,8 +1140,8 @@ def test_ablation_smoke(tmp_path):
 def test_identical_float64_rewards_give_exactly_zero(value, G):
     """0.1+0.1+0.1 = 0.30000000000000004: a flat group's float64 mean need not equal its value."""
     r = torch.tensor([[value] * G, [0.1] * G, [1 / 3] * G], dtype=torch.float64)
-    A, n_flat = vg.group_advantages(r)
-    assert n_flat == 3 and torch.equal(A, torch.zeros(3, G))
+    A = vg.group_advantages(r)
+    assert torch.equal(A, torch.zeros(3, G))
 
 
 @given(seed=st.integers(0, 2**16), top_p=st.sampled_from([1e-12, 1e-9, 3e-8]))
@@ -1155,12 +1155,12 @@ def test_tiny_top_p_keeps_exactly_the_most_likely_token(seed, top_p):
 def test_attention_scale_mul_is_capped_at_100(seed):
     vae, var = random_model((1, 2, 3), depth=1, seed=seed)
     labels = labels_for(var, 2, seed)
-    idx = torch.randint(0, 32, (2, var.cfg.seq_len), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(0, 32, (2, var.config.seq_len), generator=torch.Generator().manual_seed(seed))
     out = {}
     with torch.no_grad():
         for s in (4.0, 100.0, 1e4):
             var.blocks[0].attn.scale_mul_1H11.fill_(math.log(s))
-            out[s] = vg.token_logits(var, labels, idx)
+            out[s] = var(labels, idx)
     assert not torch.allclose(out[4.0], out[100.0])  # below the cap the scale matters ...
     assert torch.equal(out[100.0], out[1e4])         # ... above it nothing changes
 
@@ -1192,9 +1192,9 @@ def test_group_samples_depend_on_global_group_index_only():
     a = vg.TrainArgs(preset="tiny", out="unused", labels_per_step=4, group_size=2, temperature=1.0, seed=7)
     vae, policy, _ = vg.build_models(a, "cpu")
     labels_all = torch.tensor([3, 1, 4, 1])
-    _, idx_all, logp_all, *_ = vg.rollout(policy, vae, labels_all, [0, 1, 2, 3], a, 5, contextlib.nullcontext, "cpu")
-    _, idx_hi, logp_hi, *_ = vg.rollout(policy, vae, labels_all[2:], [2, 3], a, 5, contextlib.nullcontext, "cpu")
-    assert torch.equal(idx_hi, idx_all[4:]) and torch.equal(logp_hi, logp_all[4:])
+    every = vg.rollout(policy, labels_all, [0, 1, 2, 3], a, 5)
+    high = vg.rollout(policy, labels_all[2:], [2, 3], a, 5)
+    assert torch.equal(high.idx, every.idx[4:]) and torch.equal(high.logprobs, every.logprobs[4:])
 
 
 @given(seed=st.integers(0, 2**16))
@@ -1206,14 +1206,14 @@ def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
     ref.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0, 0, 1, 1])
-    idx = torch.randint(0, 32, (4, ref.cfg.seq_len), generator=g)
+    idx = torch.randint(0, 32, (4, ref.config.seq_len), generator=g)
     other = idx.clone()
-    other[3] = torch.randint(0, 32, (ref.cfg.seq_len,), generator=g)
+    other[3] = torch.randint(0, 32, (ref.config.seq_len,), generator=g)
     rewards = torch.tensor([0.2, 0.9, 0.4, float("nan")])
     a = vg.TrainArgs(group_size=2, minibatch=4, beta=1.0, weight_decay=0.0, lr=1e-2, temperature=1.0, seed=seed)
     params = []
     for tokens in (idx, other):
-        policy = vg.VAR(ref.cfg, vae)
+        policy = vg.VAR(ref.config, vae)
         policy.load_state_dict(ref.state_dict())
         gp = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -1221,8 +1221,11 @@ def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
                 p.add_(0.05 * torch.randn(p.shape, generator=gp))
         opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=0.0)
         old = vg.token_logprobs(policy, labels, tokens).detach()
-        batch = vg.update_batch(a, None, ref.cfg.patch_nums, labels, tokens, old, rewards, None, 2, 0)
-        assert batch[4][3].sum() == 0 and batch[5][3].sum() == 0
-        vg.policy_update(policy, ref, opt, *batch[:6], a, 0, vg.Dist(), contextlib.nullcontext)
+        values = vg.advantage_groups(rewards, None, a, 2)  # steps 3 and 4 of the trainer
+        adv, valid = vg.group_advantages(values).flatten(), torch.isfinite(values).flatten()
+        w = vg.normalise_rows(vg.stage_weights(ref.config.patch_nums, 0.0, None, 0).expand(4, -1)) * valid[:, None]
+        assert w[3].sum() == 0 and torch.allclose(w[:3].sum(1), torch.ones(3))
+        batch = vg.UpdateBatch(labels=labels, idx=tokens, old_logp=old, adv=adv, token_w=w, kl_w=w)
+        vg.policy_update(policy, ref, opt, batch, a, 0, vg.Dist(), contextlib.nullcontext)
         params.append({k: v.clone() for k, v in policy.state_dict().items()})
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])

@@ -4,22 +4,21 @@ Reference implementation of
   [GRPO-VAR] Gallici & Saez de Ocariz Borde, "Fine-Tuning Next-Scale Visual Autoregressive Models
              with Group Relative Policy Optimization" (2025), and
   [VAR-RL]   "VAR RL Done Right" (arXiv 2601.02256): VMR, PANW and mask propagation,
-on top of a re-implementation of VAR (Tian et al. 2024) that loads the official checkpoints
+on a re-implementation of VAR (Tian et al. 2024) that loads the official checkpoints
 (FoundationVision/VAR: vae_ch160v4096z32.pth, var_d16.pth .. var_d30.pth) with strict key matching.
 
 Launch lines:
-  python vargrpo.py train --preset tiny --reward brightness --out runs/demo --lr 1e-3   # 1 process, CPU ok
+  python vargrpo.py train --preset digits --reward brightness --out runs/b --lr 1e-4   # 1 process, CPU ok
   torchrun --nproc_per_node=8 vargrpo.py train --preset d16 --reward aesthetic --out runs/aes   # 1 node
-  torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 vargrpo.py train ...  # 2 nodes
-  python vargrpo.py eval --ckpt runs/aes                     # Table 1: aesthetic, CLIPScore, ResNet-50 top-5
-  python vargrpo.py ablate                                   # VAR-RL ablation on the CPU tiny preset
-  python vargrpo.py bench                                    # speed and memory on this machine
+  torchrun --nnodes=2 --node-rank=R --nproc-per-node=8 --rdzv-backend=c10d \\
+      --rdzv-endpoint=HOST:29500 vargrpo.py train ...                                  # 2 nodes, R = 0, 1
+Evaluation, the ablation, benchmarks, plots and the digits model live in vargrpo_tools.py.
 
-Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> checkpoint loading ->
-logits processing -> sampler -> per-token log-probs -> the RL maths (GRPO, then PANW / VMR / MP)
--> distributed helpers -> trainer -> evaluation -> ablation -> benchmark -> CLI.
+Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> pre-trained weights ->
+logits processing -> sample -> token_logprobs -> GRPO maths -> VAR-RL maths (PANW, VMR, MP) ->
+distributed helpers -> TrainArgs -> train (one step, numbered 1-6) -> run folder -> CLI.
 
-Choices and deviations from the official VAR code (numbered, referenced below as [C1] ...):
+Choices and deviations from the official VAR code, referenced below as [C1] ...:
  1. No label dropout and no drop-path: they are pre-training regularisers; RL needs a
     deterministic teacher-forced pass that equals the sampling distribution.
  2. One attention path: torch SDPA with the official block-causal mask for teacher forcing,
@@ -31,19 +30,21 @@ Choices and deviations from the official VAR code (numbered, referenced below as
  5. The head (adaLN + linear) always runs in fp32, also under autocast: log-probabilities feed ratios.
  6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its
     state_dict and parameters, so the VAR state_dict is exactly the official one.
-
 Choices within the papers (where they are silent):
  7. Group std is the population std (ddof 0) plus eps = 1e-4; a group of equal rewards gets A = 0.
  8. The loss averages each sample's tokens with weights summing to 1 (uniform: the token mean), then
     the samples; the k3 KL and the ratio use the tempered policy (the one sampled from) for both
     the policy and the reference.
- 9. Each group of G samples has its own sampler seed (seed, step, group): runs do not depend on the
-    number of processes. Labels per step and minibatch sizes are global.
+ 9. Every group of G samples draws from its own generator seeded by (seed, step, group), and every
+    minibatch holds the same samples whatever the number of processes: a run's result does not
+    depend on it (up to float summation order). Labels per step and minibatch sizes are global.
 10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps
     alternate by the schedule; the KV cache of the prefix is recomputed, not reused (the prefix is
     ~8% of the tokens). Each stage's loss, its per-token KL included, covers that stage's tokens only.
-11. Mask propagation without a region mask uses gradient saliency; a reward with a flat or no
-    gradient keeps every token.
+11. Mask propagation starts from the reward's region when every term of the reward scores a region,
+    else from gradient saliency; a reward with a flat or no gradient keeps every token.
+12. AdamW with the official VAR parameter groups: no weight decay on embeddings, position/level
+    embeddings, scale_mul, biases and other 1-D tensors (decay 0.01, torch's default, elsewhere).
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ import os
 import re
 import sys
 import time
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -110,11 +110,9 @@ PRESETS = {
     "d24": VARConfig(depth=24), "d30": VARConfig(depth=30),
     # d36 (512 px) follows the official build arguments; its file layout is not checked by a fixture.
     "d36": VARConfig(depth=36, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32), shared_aln=True),
-    # CPU demos and tests: 64 px images, 30 tokens, 4 scales. The official code's reference outputs
-    # (../shared/fixtures/official_var_tiny.pt) use the same shape with vae_ch=32; 64 lets the demo
-    # tokenizer carry colours through the decoder's GroupNorms (colour_tokenizer_).
-    "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64,
-                      num_classes=10),
+    # CPU tests and smoke runs, random weights: 64 px images, 30 tokens, 4 scales (the shape of the
+    # official code's reference outputs in ../shared/fixtures, with vae_ch 64 for the colour tokenizer).
+    "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64, num_classes=10),
 }
 
 
@@ -389,19 +387,19 @@ def area_down(f_BChw, pn: int):
 
 class VQVAE(nn.Module):
     """The frozen tokenizer: images in [-1, 1] <-> multi-scale tokens. State dict = official."""
-    def __init__(self, cfg: VARConfig):
+    def __init__(self, config: VARConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg.vae_ch, cfg.z_channels)
-        self.decoder = Decoder(cfg.vae_ch, cfg.z_channels)
-        self.quantize = VectorQuantizer(cfg.vocab_size, cfg.z_channels, cfg.patch_nums)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, 1, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, 1, 1)
+        self.config = config
+        self.encoder = Encoder(config.vae_ch, config.z_channels)
+        self.decoder = Decoder(config.vae_ch, config.z_channels)
+        self.quantize = VectorQuantizer(config.vocab_size, config.z_channels, config.patch_nums)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, 1, 1)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, 1, 1)
 
     @torch.no_grad()
     def img_to_idx(self, img_B3HW):
         """Images in [-1, 1], (B, 3, 16*pn_K, 16*pn_K) -> tokens (B, L), all scales concatenated."""
-        S = self.cfg.image_size
+        S = self.config.image_size
         if img_B3HW.ndim != 4 or img_B3HW.shape[1:] != (3, S, S):
             raise ValueError(f"img_to_idx expects images of shape (B, 3, {S}, {S}) in [-1, 1], got {tuple(img_B3HW.shape)}")
         f = self.quant_conv(self.encoder(img_B3HW))
@@ -413,9 +411,9 @@ class VQVAE(nn.Module):
 
     def idx_to_img(self, idx_BL):
         """Tokens (B, L) -> images (B, 3, H, W) in [0, 1]."""
-        if idx_BL.shape[1] != self.cfg.seq_len:
-            raise ValueError(f"idx_to_img expects all {self.cfg.seq_len} tokens, got {idx_BL.shape[1]}")
-        return self.fhat_to_img(self.quantize.idx_to_fhat(split_scales(idx_BL, self.cfg.patch_nums)))
+        if idx_BL.shape[1] != self.config.seq_len:
+            raise ValueError(f"idx_to_img expects all {self.config.seq_len} tokens, got {idx_BL.shape[1]}")
+        return self.fhat_to_img(self.quantize.idx_to_fhat(split_scales(idx_BL, self.config.patch_nums)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,25 +516,26 @@ class VAR(nn.Module):
     scales < k); scale 0 is the class embedding + pos_start. Plus absolute position and scale
     (level) embeddings. A block-causal mask lets each scale see itself and all coarser scales.
     """
-    def __init__(self, cfg: VARConfig, vae: VQVAE):
+    def __init__(self, config: VARConfig, vae: VQVAE):
         super().__init__()
-        self.cfg = cfg
-        C, K, L = cfg.embed_dim, cfg.num_scales, cfg.seq_len
-        self.begin_ends = scale_begin_ends(cfg.patch_nums)
-        self.first_l = cfg.patch_nums[0] ** 2
+        self.config = config
+        C, K, L = config.embed_dim, config.num_scales, config.seq_len
+        self.begin_ends = scale_begin_ends(config.patch_nums)
+        self.first_l = config.patch_nums[0] ** 2
         self._vae = (vae,)  # a plain reference: not a submodule, not in the state_dict [C6]
-        self.word_embed = nn.Linear(cfg.z_channels, C)
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # row num_classes = null class (CFG)
+        self.word_embed = nn.Linear(config.z_channels, C)
+        self.class_emb = nn.Embedding(config.num_classes + 1, C)  # row num_classes = null class (CFG)
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         self.lvl_embed = nn.Embedding(K, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if cfg.shared_aln else nn.Identity()
-        self.blocks = nn.ModuleList([AdaLNSelfAttn(C, cfg.num_heads, cfg.shared_aln, cfg.attn_l2_norm)
-                                     for _ in range(cfg.depth)])
-        self.register_buffer("lvl_1L", scale_ids(cfg.patch_nums).view(1, L))
-        self.register_buffer("attn_bias_for_masking", block_causal_bias(cfg.patch_nums).view(1, 1, L, L))
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(C, config.num_heads, config.shared_aln, config.attn_l2_norm)
+                                     for _ in range(config.depth)])
+        self.register_buffer("lvl_1L", scale_ids(config.patch_nums).view(1, L))
+        self.register_buffer("attn_bias_for_masking", block_causal_bias(config.patch_nums).view(1, 1, L, L))
         self.head_nm = AdaLNBeforeHead(C)
-        self.head = nn.Linear(C, cfg.vocab_size)
+        self.head = nn.Linear(C, config.vocab_size)
+        self.grad_checkpointing = False  # --grad-checkpointing: trade a second forward for activation memory
 
     @property
     def vae(self) -> VQVAE:
@@ -546,7 +545,7 @@ class VAR(nn.Module):
         """The official initialisation: truncated normal std sqrt(1/(3C)) for linear, embedding and
         position weights; head x0.02; adaLN scale/shift x0.5 and gammas x1e-5 (blocks start ~identity);
         attention/FFN output projections / sqrt(2 depth)."""
-        std = math.sqrt(1 / self.cfg.embed_dim / 3)
+        std = math.sqrt(1 / self.config.embed_dim / 3)
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)
         for m in self.modules():
@@ -554,14 +553,14 @@ class VAR(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        C, depth = self.cfg.embed_dim, self.cfg.depth
+        C, depth = self.config.embed_dim, self.config.depth
         with torch.no_grad():
             self.head.weight.mul_(init_head)
             self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
             for block in self.blocks:
                 block.attn.proj.weight.div_(math.sqrt(2 * depth))
                 block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-                if self.cfg.shared_aln:
+                if self.config.shared_aln:
                     block.ada_gss[:, :, 2:].mul_(init_adaln)
                     block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
                 else:
@@ -581,7 +580,7 @@ class VAR(nn.Module):
     def forward(self, labels_B, idx_BL):
         """Teacher forcing, one pass: logits (B, l, V) of the tokens idx_BL (all scales, or the first
         scales only), each predicted from the class and the tokens of coarser scales."""
-        idx_per_scale = split_scales(idx_BL, self.cfg.patch_nums)
+        idx_per_scale = split_scales(idx_BL, self.config.patch_nums)
         B, l = idx_BL.shape
         cond_BD, ada_cond = self.cond(labels_B)
         x_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
@@ -591,21 +590,23 @@ class VAR(nn.Module):
         x_BlC = x_BlC + (self.lvl_embed(self.lvl_1L[:, :l]) + self.pos_1LC[:, :l])
         visible_ll = self.attn_bias_for_masking[0, 0, :l, :l] == 0  # block-causal, as a boolean mask
         for block in self.blocks:
-            x_BlC = block(x_BlC, ada_cond, visible_ll)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recompute the block in backward
+                x_BlC = torch.utils.checkpoint.checkpoint(block, x_BlC, ada_cond, visible_ll, use_reentrant=False)
+            else:
+                x_BlC = block(x_BlC, ada_cond, visible_ll)
         return self.head_logits(x_BlC, cond_BD)
 
 
-def build_vae_var(cfg: VARConfig, seed: int = 0) -> tuple[VQVAE, VAR]:
+def build_vae_var(config: VARConfig, seed: int = 0) -> tuple[VQVAE, VAR]:
     """A random VQVAE (PyTorch default init) and VAR (official init), both on CPU, seeded locally
     (the global RNG state is left as it was). The VQVAE is frozen (eval, no grad)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = VQVAE(cfg)
-        var = VAR(cfg, vae)
+        vae = VQVAE(config)
+        var = VAR(config, vae)
         var.init_weights()
     vae.eval().requires_grad_(False)
     return vae, var
-
 
 def colour_tokenizer_(vae: VQVAE, seed: int = 0, gain: float = 1.0) -> VQVAE:
     """Make a random VQVAE of the `tiny` preset a tokenizer whose tokens are colours (CPU demos).
@@ -622,7 +623,7 @@ def colour_tokenizer_(vae: VQVAE, seed: int = 0, gain: float = 1.0) -> VQVAE:
         conv_out recovers c from SiLU(c) - SiLU(-c) = c.
     Pixel = clamp(gain * c / rms(c)): a mosaic of colours whose brightness the tokens decide.
     """
-    cfg = vae.cfg
+    cfg = vae.config
     if cfg.vae_ch != 64 or cfg.z_channels < 3:
         raise ValueError(f"colour_tokenizer_ needs vae_ch=64 and z_channels>=3 (the tiny preset), got {cfg}")
     g = torch.Generator().manual_seed(seed)
@@ -660,15 +661,17 @@ def colour_tokenizer_(vae: VQVAE, seed: int = 0, gain: float = 1.0) -> VQVAE:
     return vae
 
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The VAR inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
 # ----------------------------------------------------------------------------------------------
-# Official checkpoints: weights_dir, then the cache, then the official URL.
+# Pre-trained weights: --weights-dir, then the cache, then the official repository on the Hugging
+# Face hub. Files (.pth or .safetensors) load with strict key matching into the classes above.
 
-OFFICIAL_URL = "https://huggingface.co/FoundationVision/var/resolve/main/{}"
+OFFICIAL_REPO, OFFICIAL_ENDPOINT = "FoundationVision/var", "https://huggingface.co"
 VAE_FILE = "vae_ch160v4096z32.pth"
 
 
@@ -676,57 +679,53 @@ class CheckpointError(RuntimeError):
     """A weights file that cannot be used; the message ends with what to do."""
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
 
 
-def find_or_download(filename: str, weights_dir=None, url=None, flag="--weights-dir") -> Path:
-    """Path of `filename` in weights_dir or the cache; otherwise download it (from `url`, default the
-    official VAR files) into the cache. Offline or unreachable: one line naming the file, the URL and
-    the flag that points at a local copy."""
+def find_or_download(filename: str, weights_dir=None) -> Path:
+    """`filename` (or the .safetensors of the same name) in weights_dir, else in the cache, else
+    downloaded from the official repository into the cache. Offline or unreachable: one line naming
+    the file, the URL and the flag that points at a local copy."""
     folders = [Path(d) for d in (weights_dir, cache_dir()) if d]
     for folder in folders:
-        if (folder / filename).is_file():
-            return folder / filename
-    url = url or OFFICIAL_URL.format(filename)
-    todo = f"download {url} yourself and pass {flag} naming it (or put it in {cache_dir()})"
+        for name in (filename, Path(filename).stem + ".safetensors"):
+            if (folder / name).is_file():
+                return folder / name
+    url = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}"
+    todo = f"download {url} yourself and pass --weights-dir naming its folder (or put it in {cache_dir()})"
     where = " or ".join(str(f) for f in folders)
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
         raise CheckpointError(f"{filename} is not in {where} and offline mode is on; {todo}")
-    dest = cache_dir() / filename
-    try:
-        _download(url, dest)
-    except OSError as e:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
-        raise CheckpointError(f"{filename} is not in {where} and downloading {url} failed ({e}); {todo}") from None
-    return dest
-
-
-def _download(url: str, dest: Path):
-    from tqdm import tqdm
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    os.replace(part, dest)  # atomic: a broken download never leaves a truncated file under the real name
+    from huggingface_hub import hf_hub_download
+    try:  # a .part file while downloading, renamed when complete: never a truncated file under the real name
+        return Path(hf_hub_download(OFFICIAL_REPO, filename, local_dir=cache_dir(), endpoint=OFFICIAL_ENDPOINT))
+    except Exception as e:  # offline, unreachable, 404, disk full: huggingface_hub raises many types
+        raise CheckpointError(f"{filename} is not in {where} and downloading {url} failed ({first_line(e)}); {todo}") from None
 
 
 def load_pth(path, hint: str):
-    """torch.load(path, weights_only=True) onto the CPU; a file it cannot read (truncated zip, pickle
-    garbage, text, ...) is one CheckpointError naming the file, the reason and `hint`."""
+    """torch.load(path, weights_only=True) onto the CPU; a file it cannot read is one CheckpointError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); {hint}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); {hint}") from None
 
 
 def read_state_dict(path) -> dict:
-    """The state_dict in a .pth file: a plain state_dict, the official training-script wrapper
-    (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint (ckpt['model'])."""
+    """The state_dict in a .safetensors or .pth file: a plain state_dict, the official training
+    script's wrapper (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint (ckpt['model'])."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)}); export it again") from None
     obj = load_pth(path, "if it is a partial download, delete it and fetch it again")
     if isinstance(obj, dict) and isinstance(obj.get("trainer"), dict) and "var_wo_ddp" in obj["trainer"]:
         obj = obj["trainer"]["var_wo_ddp"]
@@ -735,12 +734,6 @@ def read_state_dict(path) -> dict:
     if not (isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values())):
         raise CheckpointError(f"{path} holds no model state_dict; pass an official VAR/VQVAE .pth file")
     return obj
-
-
-def var_depth_in(state_dict: dict) -> int:
-    """The depth a VAR state_dict implies (number of blocks)."""
-    ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
-    return max(ids) + 1 if ids else 0
 
 
 def load_checked(module: nn.Module, state_dict: dict, path, assign: bool = False):
@@ -758,29 +751,28 @@ def load_checked(module: nn.Module, state_dict: dict, path, assign: bool = False
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-def check_var_file(state_dict: dict, cfg: VARConfig, path):
+def check_var_file(state_dict: dict, config: VARConfig, path):
     """The load errors a user can cause with a real file, each with what to do."""
-    depth = var_depth_in(state_dict)
-    if depth != cfg.depth:
-        raise CheckpointError(f"{path} holds a depth-{depth} VAR (by its shapes), not depth {cfg.depth}; "
-                              f"use --preset d{depth} (load_pretrained(depth={depth})) or the var_d{cfg.depth}.pth file")
-    if cfg.attn_l2_norm and "blocks.0.attn.scale_mul_1H11" not in state_dict:
+    depth = max((int(k.split(".")[1]) + 1 for k in state_dict if k.startswith("blocks.")), default=0)
+    if depth != config.depth:
+        raise CheckpointError(f"{path} holds a depth-{depth} VAR (by its shapes), not depth {config.depth}; "
+                              f"use --preset d{depth} or the var_d{config.depth}.pth file")
+    if config.attn_l2_norm and "blocks.0.attn.scale_mul_1H11" not in state_dict:
         raise CheckpointError(f"{path} has no blocks.*.attn.scale_mul_1H11: it was saved by an old VAR version "
-                              f"(before attn_l2_norm); download the current file from {OFFICIAL_URL.format(Path(path).name)}")
+                              f"(before attn_l2_norm); download the current file from the {OFFICIAL_REPO} repository")
 
 
-def load_pretrained(depth: int = 16, weights_dir=None, device="cpu") -> tuple[VQVAE, VAR]:
-    """The official VQVAE and VAR-d{depth} (16, 20, 24, 30, 36), loaded strictly, on `device`."""
-    if f"d{depth}" not in PRESETS:
-        raise ValueError(f"no official VAR of depth {depth}; choose 16, 20, 24, 30 or 36")
-    cfg = VARConfig.preset(f"d{depth}")
-    var_path = find_or_download(f"var_d{depth}.pth", weights_dir)
-    vae_path = find_or_download(VAE_FILE, weights_dir)
+def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu") -> tuple[VQVAE, VAR]:
+    """The official VQVAE and VAR-d16 .. d36 ('d16' .. 'd36'), loaded strictly, on `device`."""
+    if preset not in PRESETS or preset == "tiny":
+        raise ValueError(f"no official weights for preset {preset!r}; choose d16, d20, d24, d30 or d36")
+    config = VARConfig.preset(preset)
+    var_path, vae_path = find_or_download(f"var_{preset}.pth", weights_dir), find_or_download(VAE_FILE, weights_dir)
     var_sd, vae_sd = read_state_dict(var_path), read_state_dict(vae_path)
-    check_var_file(var_sd, cfg, var_path)
+    check_var_file(var_sd, config, var_path)
     with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
-        vae = VQVAE(cfg)
-        var = VAR(cfg, vae)
+        vae = VQVAE(config)
+        var = VAR(config, vae)
     load_checked(vae, vae_sd, vae_path, assign=True)
     load_checked(var, var_sd, var_path, assign=True)
     vae.to(device).eval().requires_grad_(False)
@@ -817,9 +809,9 @@ def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0, temperature=1.0, t
 
 
 def check_sampling_args(temperature, cfg, top_k, top_p):
-    if not temperature > 0:
+    if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if cfg < 0 or top_k < 0 or not 0 <= top_p < 1:
+    if not (0 <= cfg < math.inf) or top_k < 0 or not 0 <= top_p < 1:
         raise ValueError(f"need cfg >= 0, top_k >= 0 and 0 <= top_p < 1; got cfg={cfg}, top_k={top_k}, top_p={top_p}")
 
 
@@ -833,36 +825,44 @@ class Rollout:
     idx: torch.Tensor             # (B, L) tokens, all scales concatenated
     logprobs: torch.Tensor        # (B, L) log-prob of each token under the distribution sampled from
     images: torch.Tensor | None   # (B, 3, H, W) in [0, 1], or None with decode=False
+    nonfinite: torch.Tensor       # () number of tokens whose distribution was not finite (drawn uniformly)
 
 
 @torch.no_grad()
 def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, generator=None,
            prefix_idx=None, decode=True) -> Rollout:
     """Draw one image per label, scale by scale: one multinomial per scale over the (B*l, V)
-    probabilities (the official sampler's RNG call order). With prefix_idx (B, l), the first scales
-    are taken from it (no RNG used) and sampling continues from there."""
+    probabilities (the official sampler's RNG call order). `generator` may be a list of n
+    generators for n equal groups of consecutive rows: each group then draws from its own, exactly
+    as a call with its rows alone would. With prefix_idx (B, l), the first scales are taken from it
+    (no RNG used) and sampling continues from there. A distribution that is not finite (a diverged
+    policy) is replaced by the uniform one and counted, so that multinomial never fails on it."""
     check_sampling_args(temperature, cfg, top_k, top_p)
     model = unwrap(var)
-    cfgm, quant = model.cfg, model.vae.quantize
-    device, B, K, V = model.pos_1LC.device, labels_B.shape[0], cfgm.num_scales, cfgm.vocab_size
+    config, quant = model.config, model.vae.quantize
+    device, B, K, V = model.pos_1LC.device, labels_B.shape[0], config.num_scales, config.vocab_size
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if B % len(gens):
+        raise ValueError(f"{B} rows cannot be split into {len(gens)} equal groups, one per generator")
     if quant.embedding.weight.device != device:
         raise ValueError(f"the VAR is on {device} but its VQVAE on {quant.embedding.weight.device}; move both (vae.to(device))")
     n_prefix = 0 if prefix_idx is None else prefix_idx.shape[1]
     if prefix_idx is not None:
-        split_scales(prefix_idx, cfgm.patch_nums)  # validates the scale boundary
+        split_scales(prefix_idx, config.patch_nums)  # validates the scale boundary
         if prefix_idx.shape[0] != B:
             raise ValueError(f"prefix_idx has {prefix_idx.shape[0]} rows for {B} labels")
     guided = cfg != 0  # [C3]: no unconditional half without CFG
-    labels_in = torch.cat((labels_B, torch.full_like(labels_B, cfgm.num_classes))) if guided else labels_B
+    labels_in = torch.cat((labels_B, torch.full_like(labels_B, config.num_classes))) if guided else labels_B
     cond_BD, ada_cond = model.cond(labels_in)
     lvl_pos_1LC = model.lvl_embed(model.lvl_1L) + model.pos_1LC
     x_BlC = (cond_BD.unsqueeze(1).expand(-1, model.first_l, -1) + model.pos_start.expand(len(labels_in), -1, -1)
              + lvl_pos_1LC[:, :model.first_l])
     kv_caches = [[None, None] for _ in model.blocks]
-    H = cfgm.patch_nums[-1]
-    f_hat = torch.zeros(B, cfgm.z_channels, H, H, device=device)
-    idx_BL = torch.empty(B, cfgm.seq_len, dtype=torch.long, device=device)
-    logp_BL = torch.empty(B, cfgm.seq_len, device=device)
+    H = config.patch_nums[-1]
+    f_hat = torch.zeros(B, config.z_channels, H, H, device=device)
+    idx_BL = torch.empty(B, config.seq_len, dtype=torch.long, device=device)
+    logp_BL = torch.empty(B, config.seq_len, device=device)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
     for si, (bg, ed) in enumerate(model.begin_ends):
         for block, kv in zip(model.blocks, kv_caches):
             x_BlC = block(x_BlC, ada_cond, None, kv)
@@ -872,56 +872,59 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
         if ed <= n_prefix:
             idx_Bl = prefix_idx[:, bg:ed]
         else:
-            probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
-            idx_Bl = torch.multinomial(probs_NV, num_samples=1, generator=generator).view(B, ed - bg)
+            probs_BlV = logits_BlV.softmax(dim=-1)
+            finite_Bl1 = torch.isfinite(probs_BlV).all(-1, keepdim=True)
+            nonfinite += (~finite_Bl1).sum()
+            probs_BlV = torch.where(finite_Bl1, probs_BlV, 1.0 / V)
+            idx_Bl = torch.cat([torch.multinomial(p.reshape(-1, V), num_samples=1, generator=g)
+                                for p, g in zip(probs_BlV.chunk(len(gens)), gens)]).view(B, ed - bg)
         idx_BL[:, bg:ed] = idx_Bl
         logp_BL[:, bg:ed] = logits_BlV.log_softmax(-1).gather(-1, idx_Bl.unsqueeze(-1)).squeeze(-1)
         f_hat = quant.add_scale(f_hat, quant.embed(idx_Bl), si)
         if si < K - 1:  # the next scale's input: the partial reconstruction, area-downsampled
             nb, ne = model.begin_ends[si + 1]
-            x_BlC = model.word_embed(area_down(f_hat, cfgm.patch_nums[si + 1])) + lvl_pos_1LC[:, nb:ne]
+            x_BlC = model.word_embed(area_down(f_hat, config.patch_nums[si + 1])) + lvl_pos_1LC[:, nb:ne]
             if guided:
                 x_BlC = x_BlC.repeat(2, 1, 1)
     del kv_caches, x_BlC, logits_BlV  # free the KV cache before the decoder allocates its feature maps
     images = model.vae.fhat_to_img(f_hat) if decode else None
-    return Rollout(labels=labels_B, idx=idx_BL, logprobs=logp_BL, images=images)
+    return Rollout(labels=labels_B, idx=idx_BL, logprobs=logp_BL, images=images, nonfinite=nonfinite)
 
 
-def token_logits(var, labels_B, idx_BL):
-    """Teacher-forced logits (B, L, V) of every token, one forward pass (differentiable)."""
-    return var(labels_B, idx_BL)
-
-
-def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, top_p=0.0):
+def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, top_p=0.0, return_logits=False):
     """log pi(idx_t | label, coarser scales) for every token, (B, L), under the same distribution
-    `sample` draws from with these settings (differentiable). With cfg != 0 the conditional and
-    null-class passes run as one batch."""
+    `sample` draws from with these settings, in one teacher-forced pass (differentiable). With
+    cfg != 0 the conditional and null-class passes run as one batch. return_logits: also the
+    processed logits (B, L, V), as (logp_BL, logits_BLV) - the trainer's entropy and exact KL."""
     check_sampling_args(temperature, cfg, top_k, top_p)
-    cfgm = unwrap(var).cfg
+    config = unwrap(var).config
     B, l = idx_BL.shape
     if cfg == 0:
         logits_BlV, uncond_BlV = var(labels_B, idx_BL), None
     else:
-        null_B = torch.full_like(labels_B, cfgm.num_classes)
+        null_B = torch.full_like(labels_B, config.num_classes)
         logits_BlV, uncond_BlV = var(torch.cat((labels_B, null_B)), idx_BL.repeat(2, 1)).chunk(2)
-    si_l = scale_ids(cfgm.patch_nums)[:l].to(logits_BlV.device)
-    cfg_t = (cfg * (si_l.double() / (cfgm.num_scales - 1))).float().view(1, l, 1)
+    si_l = scale_ids(config.patch_nums)[:l].to(logits_BlV.device)
+    cfg_t = (cfg * (si_l.double() / (config.num_scales - 1))).float().view(1, l, 1)
     logits_BlV = process_logits(logits_BlV, uncond_BlV, cfg_t=cfg_t, temperature=temperature, top_k=top_k, top_p=top_p)
-    return logits_BlV.gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1) - logits_BlV.logsumexp(-1)
+    logp_Bl = logits_BlV.gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1) - logits_BlV.logsumexp(-1)
+    return (logp_Bl, logits_BlV) if return_logits else logp_Bl
+
 
 
 # ----------------------------------------------------------------------------------------------
-# The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out.
+# The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one runs when
+# pasted alone into a file that imports math, torch and torch.nn.functional as F.
 # Sign convention: we maximise the objective J; the loss is -J.
 
 
-def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4):
+def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean(r)) / (std(r) + eps) over the G samples of one group (a row)  [GRPO-VAR eq. 2].
 
     Population std (ddof 0), in float64. A group whose rewards are all equal carries no signal and
     gets A = 0 exactly (not rounding noise blown up by the division). Non-finite rewards are left
     out of their group's statistics and get A = 0. The same A is then used for every token of the
-    sample [GRPO-VAR 4.2]. Returns (A (N, G) float32, number of groups with zero spread).
+    sample [GRPO-VAR 4.2]. Returns A (N, G) float32 (a group with no spread is a row of zeros).
     """
     r = rewards_NG.double()
     valid = torch.isfinite(r)
@@ -932,38 +935,38 @@ def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4):
     hi = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
     lo = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
     flat = ~(hi > lo)  # all equal, or fewer than two finite rewards
-    adv = torch.where(flat, 0.0, centred / (std + eps))
-    return adv.float(), int(flat.sum())
+    return torch.where(flat, 0.0, centred / (std + eps)).float()
 
 
 def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2, clip_eps_high=None):
     """PPO's clipped objective per token  [GRPO-VAR eq. 1]:
-        min(rho A, clip(rho, 1 - eps, 1 + eps_high) A),  rho = pi / pi_old = exp(logp - old_logp).
-    eps_high defaults to eps. Returns (objective (B, L), rho (B, L), clipped (B, L) bool: the clipped
-    term is the smaller one, so this token gives no gradient)."""
+        min(rho A, clip(rho, 1 - eps, 1 + eps_high) A),  rho = pi / pi_old = exp(logp - old_logp),
+    A broadcast from the sample to its tokens; eps_high defaults to eps. A token whose clipped
+    term is the smaller one gives no gradient. Returns (B, L)."""
     ratio = torch.exp(logp_BL - old_logp_BL)
     A = adv_B.unsqueeze(1)
     upper = 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
-    unclipped, clipped = ratio * A, ratio.clamp(1 - clip_eps, upper) * A
-    return torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+    return torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, upper) * A)
 
 
 def kl_k3(logp_BL, ref_logp_BL):
-    """Per-token KL(pi || pi_ref) estimate k3 = pi_ref/pi - log(pi_ref/pi) - 1  [GRPO-VAR eq. 1],
-    written expm1(d) - d with d = ref_logp - logp: >= 0 always, exactly 0 where pi = pi_ref, and its
-    expectation over tokens drawn from pi is the exact KL."""
+    """Per-token KL estimate k3 = pi_ref/pi - log(pi_ref/pi) - 1  [GRPO-VAR eq. 1], written
+    expm1(d) - d with d = ref_logp - logp: >= 0 always and exactly 0 where pi = pi_ref. Its value,
+    averaged over tokens drawn from pi, estimates KL(pi || pi_ref). Its gradient as a loss term is
+    d k3 / d logp = 1 - pi_ref/pi, whose expectation over tokens drawn from pi is
+    -sum_v pi_ref_v grad log pi_v: the gradient of KL(pi_ref || pi), not of KL(pi || pi_ref).
+    kl_exact has the gradient of KL(pi || pi_ref)."""
     d = ref_logp_BL - logp_BL
     return torch.expm1(d) - d
 
 
 def kl_exact(logits_BLV, ref_logits_BLV):
-    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary.
-
-    Computed as sum_v pi_v k3_v (equal, since sum_v pi_v (pi_ref_v / pi_v - 1) = 0): every term is
-    >= 0 in floating point, so the result never dips below 0 for nearly equal policies."""
+    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary,
+    with its true gradient. Computed as sum_v pi_v k3_v (equal, since sum_v pi_v (pi_ref_v / pi_v - 1)
+    = 0): every term is >= 0 in floating point, so it never dips below 0 for nearly equal policies."""
     logp, ref_logp = logits_BLV.log_softmax(-1), ref_logits_BLV.log_softmax(-1)
-    p = logp.exp()
-    return torch.where(p > 0, p * kl_k3(logp, ref_logp), 0.0).sum(-1)
+    p, d = logp.exp(), ref_logp - logp
+    return torch.where(p > 0, p * (torch.expm1(d) - d), 0.0).sum(-1)
 
 
 def entropy(logits_BLV):
@@ -972,34 +975,22 @@ def entropy(logits_BLV):
     return -torch.where(logp > -torch.inf, logp.exp() * logp, 0.0).sum(-1)
 
 
-def uniform_token_weights(B: int, L: int, device=None):
-    """w_bt = 1/L: the plain mean over a sample's tokens."""
-    return torch.full((B, L), 1.0 / L, device=device)
-
-
 def grpo_loss(surrogate_BL, kl_BL, token_weights_BL=None, beta=0.2, kl_weights_BL=None):
     """loss = -J,  J = (1/B) sum_b sum_t [ w_bt surrogate_bt - beta u_bt kl_bt ]   [GRPO-VAR eq. 1].
 
-    w: policy-gradient token weights, each sample's summing to 1 (uniform 1/L = the token mean;
+    w: policy-gradient token weights, each sample's summing to 1 (default 1/L: the token mean;
     PANW and mask propagation change it); a sample with w = 0 gets no policy gradient.
     u: KL token weights, default w (mask propagation keeps the KL outside its mask).
     """
-    if token_weights_BL is None:
-        token_weights_BL = uniform_token_weights(*surrogate_BL.shape, device=surrogate_BL.device)
-    u = token_weights_BL if kl_weights_BL is None else kl_weights_BL
-    return -((token_weights_BL * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
+    w = torch.full_like(surrogate_BL, 1.0 / surrogate_BL.shape[1]) if token_weights_BL is None else token_weights_BL
+    u = w if kl_weights_BL is None else kl_weights_BL
+    return -((w * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
 # Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return
 # (VMR) and mask propagation (MP). Pure functions; the trainer combines them through the loss's
-# token weights and the advantages.
-
-
-def normalise_rows(w_BL: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its sum; an all-zero row stays zero (that sample gets no gradient)."""
-    s = w_BL.sum(dim=1, keepdim=True)
-    return torch.where(s > 0, w_BL / torch.where(s > 0, s, 1.0), 0.0)
+# token weights (PANW, MP) and the advantages (VMR).
 
 
 def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
@@ -1011,27 +1002,12 @@ def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
     return (k_L / k_L.sum()).float()
 
 
-def scale_token_mask(patch_nums, first_scale: int, end_scale: int) -> torch.Tensor:
-    """(L,) 1.0 on the tokens of scales first_scale .. end_scale - 1, else 0."""
-    s_L = scale_ids(patch_nums)
-    return ((s_L >= first_scale) & (s_L < end_scale)).float()
-
-
 def middle_value(rewards_NK: torch.Tensor, eta: float) -> torch.Tensor:
     """Value as middle return  [VAR-RL, Eq. 10]: V_m(s_m) = eta log( (1/K) sum_k exp(R_k / eta) ),
     a soft maximum of the K on-policy completions' rewards of one prefix (a row). It lies between
     their mean (eta -> inf) and their max (eta -> 0). Computed in float64 with logsumexp."""
     r = rewards_NK.double()
-    K = r.shape[1]
-    return (eta * (torch.logsumexp(r / eta, dim=1) - math.log(K))).to(rewards_NK.dtype)
-
-
-def default_vmr_split(patch_nums) -> int:
-    """The middle scale m (prefix = scales 0..m-1): the scale boundary nearest 8% of the tokens
-    (VAR-RL's m256 fraction). For the 256 px models that is after the 5x5 scale: 55 of 680 tokens."""
-    ends = [e for _, e in scale_begin_ends(patch_nums)][:-1]  # the prefix must leave a suffix
-    L = sum(p * p for p in patch_nums)
-    return 1 + min(range(len(ends)), key=lambda i: abs(ends[i] - 0.08 * L))
+    return (eta * (torch.logsumexp(r / eta, dim=1) - math.log(r.shape[1]))).to(rewards_NK.dtype)
 
 
 def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums) -> torch.Tensor:
@@ -1044,21 +1020,40 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums) -> torch.Tensor:
                       for pn in patch_nums], dim=1)
 
 
-def reward_region(reward, H: int, W: int, device=None):
-    """The (H, W) mask of the pixels the reward scores, if it scores a region (a box); else None."""
-    return reward.region_mask(H, W, device) if hasattr(reward, "region_mask") else None
+def normalise_rows(w_BL: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum; an all-zero row stays zero (that sample gets no gradient)."""
+    s = w_BL.sum(dim=1, keepdim=True)
+    return torch.where(s > 0, w_BL / torch.where(s > 0, s, 1.0), 0.0)
+
+
+def default_vmr_split(patch_nums) -> int:
+    """The middle scale m (prefix = scales 0..m-1): the scale boundary nearest 8% of the tokens
+    (VAR-RL's m256 fraction). For the 256 px models that is after the 5x5 scale: 55 of 680 tokens."""
+    ends = [e for _, e in scale_begin_ends(patch_nums)][:-1]  # the prefix must leave a suffix
+    L = sum(p * p for p in patch_nums)
+    return 1 + min(range(len(ends)), key=lambda i: abs(ends[i] - 0.08 * L))
+
+
+def stage_weights(patch_nums, alpha: float, stage, split_m: int) -> torch.Tensor:
+    """(L,) PANW weights of the tokens a step trains: all (plain GRPO), the prefix scales 0..m-1
+    (a VMR prefix step) or the suffix scales m..K-1 (a suffix step); other tokens weigh 0."""
+    s_L = scale_ids(patch_nums)
+    first, end = {None: (0, len(patch_nums)), "prefix": (0, split_m), "suffix": (split_m, len(patch_nums))}[stage]
+    return panw_weights(patch_nums, alpha) * ((s_L >= first) & (s_L < end)).float()
 
 
 def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> torch.Tensor:
     """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from.
 
-    The reward's own region mask if it has one (a box: the pixels it scores); otherwise gradient
-    saliency |d reward / d image| summed over channels, area-pooled to the token grid, keeping the
-    top `keep` fraction of cells per image. An image whose saliency is flat (a reward with no
-    gradient, or a uniform one) keeps every cell: there is nothing to choose by.
+    The reward's region if it scores one (a box: the pixels it looks at; `reward.region_mask` is
+    None unless every term of the reward is a region term [C11]); otherwise gradient saliency
+    |d reward / d image| summed over channels, area-pooled to the token grid, keeping the top `keep`
+    fraction of cells (ties kept). An image whose saliency is flat (a reward with no gradient, or
+    a uniform one) keeps every cell: there is nothing to choose by. The mask is where the reward
+    is most sensitive, not a proof that other tokens cannot change it (the decoder mixes areas).
     """
     B, _, H, W = images_B3HW.shape
-    region = reward_region(reward, H, W, images_B3HW.device)
+    region = reward.region_mask(H, W, images_B3HW.device) if hasattr(reward, "region_mask") else None
     if region is not None:
         pooled = F.interpolate(region[None, None].float(), size=(pn, pn), mode="area")[:, 0]
         return (pooled > 0).float().expand(B, pn, pn)
@@ -1068,14 +1063,12 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
         grad = torch.autograd.grad(r.sum(), x, allow_unused=True)[0] if r.requires_grad else None
     if grad is None:  # a reward without a gradient (a threshold, or not built differentiable)
         return torch.ones(B, pn, pn, device=images_B3HW.device)
-    sal_Bpp = F.interpolate(grad.abs().sum(1, keepdim=True), size=(pn, pn), mode="area")[:, 0]
-    flat = sal_Bpp.view(B, -1)
-    n_keep = max(1, round(keep * pn * pn))
-    kth = flat.topk(n_keep, dim=1).values[:, -1:]
+    flat = F.interpolate(grad.abs().sum(1, keepdim=True), size=(pn, pn), mode="area")[:, 0].view(B, -1)
+    kth = flat.topk(max(1, round(keep * pn * pn)), dim=1).values[:, -1:]
     mask = (flat >= kth).float()
-    uniform = (flat.amax(1) - flat.amin(1)) <= 1e-12 * flat.amax(1).clamp_min(1e-30)
-    mask[uniform] = 1.0
+    mask[(flat.amax(1) - flat.amin(1)) <= 1e-12 * flat.amax(1).clamp_min(1e-30)] = 1.0
     return mask.view(B, pn, pn)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1096,7 +1089,7 @@ class Dist:
 
 
 def setup_distributed(device=None) -> Dist:
-    device = device or default_device()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return Dist(device=device)
     import torch.distributed as dist
@@ -1104,7 +1097,8 @@ def setup_distributed(device=None) -> Dist:
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank, world, local, device)
 
 
@@ -1114,9 +1108,8 @@ def distributed() -> bool:
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if distributed():
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-               "min": torch.distributed.ReduceOp.MIN}
-        torch.distributed.all_reduce(t, ops[op])
+        torch.distributed.all_reduce(t, {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+                                         "min": torch.distributed.ReduceOp.MIN}[op])
     return t
 
 
@@ -1129,16 +1122,39 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def on_main(d: Dist, fn):
+    """fn() on rank 0 only; its result, or the usage / checkpoint / I/O error it raised, reaches
+    every rank (raised there too), so that no rank waits forever for a peer that gave up."""
+    result, error = None, None
+    if d.main:
+        try:
+            result = fn()
+        except (UsageError, CheckpointError, RunFailed) as e:
+            error = e
+    if distributed():
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def derive_seed(*keys: int) -> int:
     """A seed for one explicit random stream, mixed from integers (seed, step, stream, index, ...)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_PREVIEW, STREAM_SUBSET, STREAM_EVAL = 1, 2, 3, 4, 5, 6
+STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_PREVIEW, STREAM_SUBSET = 1, 2, 3, 4, 5
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainer. `python vargrpo.py train --help` lists every setting; defaults are the GRPO-VAR paper's.
+# Settings. `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR paper's.
 
 
 def arg(default, help, **extra):
@@ -1148,25 +1164,26 @@ def arg(default, help, **extra):
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic, clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as 0.5*aesthetic+clip:a painting")
-    preset: str = arg("d16", "model: d16 d20 d24 d30 d36 (official weights, --weights-dir) or tiny (random, CPU demo)")
-    out: str = arg("", "run directory (metrics, checkpoints, images); required unless --resume")
+    preset: str = arg("d16", "model: d16 d20 d24 d30 d36 (official weights, --weights-dir) or tiny (random, CPU tests)")
+    out: str = arg("", "run directory (metrics, checkpoints, images): new, empty, or a run to replace with --overwrite")
     steps: int = arg(1000, "training steps (one step = one rollout batch and its updates)")
     seed: int = arg(0, "seed of every random stream: labels, sampling, minibatch order")
-    labels_per_step: int = arg(32, "class labels drawn per step, GLOBAL: split across ranks, a group never spans ranks [paper: 32]")
+    labels_per_step: int = arg(32, "class labels drawn per step, GLOBAL: split across processes, a group never spans two [paper: 32]")
     group_size: int = arg(16, "G: samples per label; advantages are normalised within these groups [paper: 16]")
     minibatch: int = arg(32, "samples per optimizer step, global [paper: 32]; labels*G/minibatch updates per step")
-    micro_batch: int = arg(0, "samples per forward/backward on each rank (gradient accumulation); 0 = minibatch/ranks")
+    micro_batch: int = arg(0, "samples per forward/backward on each process (gradient accumulation); 0 = minibatch/processes")
+    sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 = all of the process's rows)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     lr: float = arg(1e-4, "AdamW learning rate [paper: 1e-4]")
-    weight_decay: float = arg(0.01, "AdamW weight decay (torch default; the paper does not say)")
+    weight_decay: float = arg(0.01, "AdamW weight decay of matrices (torch default; the paper does not say) [C12]")
     beta: float = arg(0.2, "KL coefficient [paper: 0.2]")
-    kl: str = arg("k3", "per-token KL to the pre-trained model: k3 (estimator, as the paper) or exact (whole vocabulary)", choices=("k3", "exact"))
+    kl: str = arg("k3", "per-token KL to the pre-trained model: k3 (estimator, as the paper; its gradient is KL(ref||pi)'s) or exact (whole vocabulary, KL(pi||ref))", choices=("k3", "exact"))
     clip_eps: float = arg(0.2, "PPO clip range epsilon [paper: 0.2]")
     clip_eps_high: float = arg(None, "separate upper clip bound (1 + eps_high); default = clip_eps", type=float)
     temperature: float = arg(0.7, "sampling temperature while training (no CFG / top-k / top-p) [paper: 0.7]")
     adv_eps: float = arg(1e-4, "epsilon added to the group std")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this (0 = off; the paper does not clip)")
-    reward_batch: int = arg(64, "images per reward-model call")
+    reward_batch: int = arg(64, "images per reward-model (and decoder) call")
     clip_model: str = arg(None, "open_clip model of the CLIP rewards (default ViT-L-14-quickgelu; 'tiny-random' or a JSON config for CPU smoke runs)", type=str)
     clip_pretrained: str = arg("openai", "open_clip weights tag of --clip-model ('none' = random)")
     clip_weights: str = arg(None, "local open_clip checkpoint file for --clip-model (no download)", type=str)
@@ -1182,89 +1199,141 @@ class TrainArgs:
     mask_propagation: bool = arg(False, "MP: policy-gradient weight only on reward-relevant tokens, propagated fine to coarse")
     mp_keep: float = arg(0.5, "MP: fraction of finest-grid cells kept by gradient saliency (rewards without a region)")
     scale_grad_norms: bool = arg(False, "log the parameter-gradient norm of each scale's tokens (first minibatch; K extra backward passes)")
-    label_subset: str = arg("all", "train on all classes, or 'half': a fixed 50%% of them (seeded by --seed, saved in DIR/labels.json); eval reports seen and unseen", choices=("all", "half"))
+    label_subset: str = arg("all", "train on all classes, or 'half': a fixed 50%% of them (seeded by --seed, saved in DIR/labels.json)", choices=("all", "half"))
     save_every: int = arg(100, "checkpoint every this many steps (and at the end, and on Ctrl-C / SIGTERM)")
     keep_last: int = arg(3, "checkpoints to keep")
     image_every: int = arg(50, "write a PNG grid of samples every this many steps (0 = off)")
+    tracker: str = arg("none", "live curves: tensorboard mirrors metrics.jsonl and the grids to DIR/tb (rank 0)", choices=("none", "tensorboard"))
     resume: str = arg(None, "continue the run in this directory from its last checkpoint", type=str)
-    overwrite: bool = arg(False, "allow --out to name a directory that already holds a run (its run files are replaced)")
-    weights_dir: str = arg(None, "folder with the official .pth files (else cache, else download)", type=str)
+    overwrite: bool = arg(False, "allow --out to name a directory that holds a run: exactly that run's files are replaced")
+    weights_dir: str = arg(None, "folder with the pre-trained .pth / .safetensors files (else cache, else download)", type=str)
     init_seed: int = arg(0, "seed of the random 'pre-trained' model of the tiny preset (and of --random-init)")
-    random_init: bool = arg(False, "start from random weights instead of the official ones (benchmarks, smoke tests)")
+    random_init: bool = arg(False, "start from random weights instead of the pre-trained ones (benchmarks, smoke tests)")
+    grad_checkpointing: bool = arg(False, "recompute each transformer block in the backward pass (less activation memory)")
     preview_images: int = arg(16, "images in before.png / after.png (fixed labels and seed; 0 = off)")
     device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU), bf16, fp32", choices=("auto", "bf16", "fp32"))
 
 
-RESUME_OVERRIDABLE = ("steps", "save_every", "keep_last", "image_every", "device")
-RUN_FILES = ("metrics.jsonl", "checkpoints", "images", "reward_curve.png", "before.png", "after.png", "args.json", "labels.json")
+# settings a resumed run may change: they change neither the samples nor the updates
+RESUME_OVERRIDABLE = ("steps", "save_every", "keep_last", "image_every", "tracker", "device", "micro_batch",
+                      "sample_batch", "reward_batch", "grad_checkpointing", "weights_dir")
 
 
 class UsageError(ValueError):
-    """A bad flag or argument combination; the message says what to change."""
+    """A bad flag, file or folder; the message says what to change (exit code 2)."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_train_args(a: TrainArgs, world: int):
+    """Every setting a user can get wrong: one UsageError naming it and what to do."""
     import reward_models
+    for f in fields(a):  # NaN / inf are never meant (they would silently turn checks and clipping off)
+        v = getattr(a, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"{flag(f.name)} {v}: must be a finite number")
     try:
         reward_models.parse_spec(a.reward)
     except ValueError as e:
         raise UsageError(f"--reward: {e}") from None
     if a.preset not in PRESETS:
         raise UsageError(f"--preset {a.preset!r}: choose one of {', '.join(PRESETS)}")
-    if not a.out:
-        raise UsageError("--out DIR is required (or --resume DIR)")
     positive = dict(steps=a.steps, labels_per_step=a.labels_per_step, minibatch=a.minibatch, ppo_epochs=a.ppo_epochs,
                     lr=a.lr, temperature=a.temperature, save_every=a.save_every, keep_last=a.keep_last,
-                    reward_batch=a.reward_batch)
+                    reward_batch=a.reward_batch, adv_eps=a.adv_eps)
     for name, v in positive.items():
         if not v > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+            raise UsageError(f"{flag(name)} must be > 0, got {v}")
+    if a.lr >= 1:
+        raise UsageError(f"--lr {a.lr}: AdamW at a learning rate >= 1 diverges at once; the paper uses 1e-4")
     if a.group_size < 2:
         raise UsageError(f"--group-size must be >= 2 (advantages compare samples of one label), got {a.group_size}")
     if a.labels_per_step % world:
-        raise UsageError(f"--labels-per-step {a.labels_per_step} must be divisible by the {world} processes (groups never span ranks)")
+        raise UsageError(f"--labels-per-step {a.labels_per_step} must be divisible by the {world} processes (groups never span two)")
     n = a.labels_per_step * a.group_size
     if n % a.minibatch or a.minibatch % world:
         raise UsageError(f"--minibatch {a.minibatch} must divide labels*group = {n} and be divisible by the {world} processes")
     if a.micro_batch < 0 or a.micro_batch and (a.minibatch // world) % a.micro_batch:
         raise UsageError(f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
+    if a.sample_batch < 0 or min(a.beta, a.max_grad_norm, a.weight_decay, a.image_every, a.preview_images, a.panw_alpha) < 0:
+        raise UsageError("--sample-batch, --beta, --max-grad-norm, --weight-decay, --image-every, --preview-images and "
+                         "--panw-alpha must be >= 0")
     if not 0 < a.clip_eps < 1 or (a.clip_eps_high is not None and not a.clip_eps_high > 0):
         raise UsageError(f"need 0 < --clip-eps < 1 and --clip-eps-high > 0, got {a.clip_eps}, {a.clip_eps_high}")
     if a.vmr:
-        K = len(VARConfig.preset(a.preset).patch_nums)
+        K = VARConfig.preset(a.preset).num_scales
         if not 0 <= a.vmr_m < K:
             raise UsageError(f"--vmr-m {a.vmr_m}: the split must leave scales on both sides (1 .. {K - 1}, or 0 = auto)")
         if a.vmr_k < 2 or a.vmr_eta <= 0 or not re.fullmatch(r"\d+:\d+", a.vmr_schedule) or \
                 sum(map(int, a.vmr_schedule.split(":"))) == 0:
             raise UsageError(f"need --vmr-k >= 2, --vmr-eta > 0 and --vmr-schedule P:S (e.g. 3:1 or 30:10); "
                              f"got {a.vmr_k}, {a.vmr_eta}, {a.vmr_schedule!r}")
+    if not 0 < a.mp_keep <= 1:
+        raise UsageError(f"need 0 < --mp-keep <= 1, got {a.mp_keep}")
     try:
         dev = torch.device(a.device) if a.device else None
     except RuntimeError:
         raise UsageError(f"--device {a.device!r}: use cpu, cuda or cuda:N") from None
     if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {a.device}: this machine has no CUDA GPU that torch can use")
-    if a.panw_alpha < 0 or not 0 < a.mp_keep <= 1:
-        raise UsageError(f"need --panw-alpha >= 0 and 0 < --mp-keep <= 1, got {a.panw_alpha}, {a.mp_keep}")
-    if min(a.beta, a.max_grad_norm, a.weight_decay, a.image_every, a.preview_images) < 0 or a.adv_eps <= 0:
-        raise UsageError("--beta, --max-grad-norm, --weight-decay, --image-every, --preview-images must be >= 0 and --adv-eps > 0")
+
+
+def resolve_args(a: TrainArgs, given, saved: dict | None) -> TrainArgs:
+    """The run's settings: a resumed run's saved ones, with only RESUME_OVERRIDABLE flags changed;
+    --method nextflow switches VMR, MP and PANW (alpha 1) on; flags that would do nothing are refused."""
+    if saved is not None:
+        unknown = sorted(set(saved) - {f.name for f in fields(TrainArgs)})
+        if unknown:
+            raise UsageError(f"the checkpoint's settings hold {', '.join(unknown)}, unknown to this vargrpo version")
+        changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
+        if changed:
+            raise UsageError(f"--resume keeps the run's settings; {', '.join(map(flag, changed))} cannot change "
+                             f"(only {', '.join(map(flag, RESUME_OVERRIDABLE))} can)")
+        return TrainArgs(**{**saved, **{k: getattr(a, k) for k in RESUME_OVERRIDABLE if k in given},
+                            "resume": a.resume, "out": a.resume})
+    if a.method == "nextflow":  # VAR-RL's full recipe; explicit flags still win for the numbers
+        a = TrainArgs(**{**asdict(a), "vmr": True, "mask_propagation": True,
+                         "panw_alpha": a.panw_alpha if "panw_alpha" in given else 1.0})
+    idle = [k for k in given if (k.startswith("vmr_") and not a.vmr) or (k == "mp_keep" and not a.mask_propagation)]
+    if idle:
+        raise UsageError(f"{', '.join(map(flag, sorted(idle)))} only act with --vmr / --mask-propagation "
+                         "(or --method nextflow); add the switch or drop the flag")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer [GRPO-VAR 4]: one step = 1 sample, 2 reward, 3 advantages, 4 token weights,
+# 5 clipped updates with the per-token KL, 6 log and save. `train` holds the loop.
 
 
 def build_models(a: TrainArgs, device):
     """(vae, policy, ref): the frozen tokenizer, the policy to train, the frozen pre-trained VAR."""
-    cfg = VARConfig.preset(a.preset)
-    if a.preset == "tiny":
-        vae, ref = build_vae_var(cfg, seed=a.init_seed)
-        colour_tokenizer_(vae, seed=a.init_seed)
-    elif a.random_init:
-        vae, ref = build_vae_var(cfg, seed=a.init_seed)
+    if a.preset == "tiny" or a.random_init:
+        vae, ref = build_vae_var(VARConfig.preset(a.preset), seed=a.init_seed)
+        if a.preset == "tiny":
+            colour_tokenizer_(vae, seed=a.init_seed)
     else:
-        vae, ref = load_pretrained(cfg.depth, a.weights_dir)
-    policy = VAR(cfg, vae)
+        vae, ref = load_pretrained(a.preset, a.weights_dir)
+    policy = VAR(ref.config, vae)
     policy.load_state_dict(ref.state_dict())
+    policy.grad_checkpointing = a.grad_checkpointing
     ref.requires_grad_(False)  # never holds gradients or optimizer state
     return vae.to(device), policy.to(device), ref.to(device)
+
+
+def make_optimizer(policy: VAR, a: TrainArgs, device: str):
+    """AdamW with the official VAR parameter groups [C12]: no weight decay on the class, position
+    and level embeddings, scale_mul, the d36 adaLN table, biases and 1-D tensors, so that rows that
+    never get a gradient (the null class; unseen classes with --label-subset half) never change."""
+    no_decay_names = ("class_emb", "lvl_embed", "pos_start", "pos_1LC", "scale_mul", "ada_gss")
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        (no_decay if p.ndim < 2 or any(k in name for k in no_decay_names) else decay).append(p)
+    return torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                             lr=a.lr, fused=True if device.startswith("cuda") else None)
 
 
 def make_reward(spec: str, device, a, differentiable: bool = False):
@@ -1286,142 +1355,15 @@ def label_pool(a: TrainArgs, num_classes: int) -> torch.Tensor:
     return perm[:num_classes // 2].sort().values
 
 
+def step_labels(a: TrainArgs, step: int, pool: torch.Tensor) -> torch.Tensor:
+    """The step's global labels (the same on every rank): uniform over the label pool."""
+    g = torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_LABELS))
+    return pool[torch.randint(len(pool), (a.labels_per_step,), generator=g)]
+
+
 def autocast_ctx(a: TrainArgs, device: str):
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else None, "bf16": torch.bfloat16, "fp32": None}[a.dtype]
     return (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if dtype else nullcontext
-
-
-# ---- run directory: checkpoints, metrics, images
-
-
-def save_checkpoint(out: Path, state: dict, step: int, keep_last: int) -> Path:
-    """Atomic: written to a temp file and renamed; last.pt is a hard link to the newest."""
-    folder = out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:06d}.pt"
-    torch.save(state, path.with_name(path.name + ".tmp"))
-    os.replace(path.with_name(path.name + ".tmp"), path)
-    tmp_last = folder / "last.pt.tmp"
-    tmp_last.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp_last)
-    except OSError:  # a filesystem without hard links
-        import shutil
-        shutil.copyfile(path, tmp_last)
-    os.replace(tmp_last, folder / "last.pt")
-    for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
-        old.unlink()
-    return folder / "last.pt"
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def all_rng_states() -> list:
-    states = [rng_state()]
-    if distributed():
-        states = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(states, rng_state())
-    return states
-
-
-def save_grid(images_B3HW, captions, path: Path, ncol: int = 8):
-    """A PNG grid with a caption under each image (nearest-upscaled to >= 128 px)."""
-    from PIL import Image, ImageDraw
-    imgs = (images_B3HW.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    B, H, W = imgs.shape[:3]
-    s = max(1, 128 // W)
-    cw, ch, pad = W * s, H * s, 14
-    ncol = min(ncol, B)
-    grid = Image.new("RGB", (ncol * cw, ((B + ncol - 1) // ncol) * (ch + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(B):
-        x, y = (i % ncol) * cw, (i // ncol) * (ch + pad)
-        grid.paste(Image.fromarray(imgs[i]).resize((cw, ch), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + ch + 1), captions[i], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
-def plot_reward_curve(metrics_path: Path, out_path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["reward/mean"] for r in rows], label="reward (mean)", color="C0")
-    ax.fill_between(steps, [r["reward/mean"] - r["reward/std"] for r in rows],
-                    [r["reward/mean"] + r["reward/std"] for r in rows], color="C0", alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["policy/kl"] for r in rows], color="C3", label="KL to pre-trained (per token)")
-    ax2.set_ylabel("KL", color="C3")
-    ax.set_title(title, fontsize=9)
-    ax.legend(handles=ax.get_lines() + ax2.get_lines(), loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
-    def __init__(self):
-        import signal
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self.handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def handle(self, signum, frame):
-        import signal
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n[vargrpo] signal {signum}: finishing this step, saving a checkpoint, then exiting "
-              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
-
-    def restore(self):
-        import signal
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class RewardFailed(RuntimeError):
-    pass
-
-
-def compute_rewards(reward, images_N3HW, batch: int):
-    """Rewards (N,) and component means, in chunks; a failure is retried once, then raised."""
-    for attempt in (1, 2):
-        try:
-            totals, comps = [], {}
-            with torch.no_grad():
-                for i in range(0, len(images_N3HW), batch):
-                    t, c = reward(images_N3HW[i:i + batch], return_components=True)
-                    totals.append(t.float())
-                    for k, v in c.items():
-                        comps.setdefault(k, []).append(v.float())
-            return torch.cat(totals), {k: torch.cat(v) for k, v in comps.items()}
-        except Exception as e:  # a user's reward can fail in any way
-            if attempt == 2:
-                raise RewardFailed(f"{type(e).__name__}: {e}") from e
-            print(f"[vargrpo] the reward raised {type(e).__name__}: {e}; retrying once", file=sys.stderr, flush=True)
-
-
-# ---- one training step
 
 
 def vmr_stage(a: TrainArgs, step: int):
@@ -1432,761 +1374,695 @@ def vmr_stage(a: TrainArgs, step: int):
     return "prefix" if step % (p + s) < p else "suffix"
 
 
-def rollout(policy, vae, labels_n, group_ids, a: TrainArgs, step: int, amp, device, prefix_len=None):
-    """G samples per label from the current policy (old = pi at sampling time). Each group has
-    its own generator seeded by (seed, step, global group index): the samples do not depend on how
-    many processes share the batch.
-
-    With VMR (prefix_len = the prefix's tokens) the first scales of each of the G samples are a
-    prefix and K - 1 more completions of it are drawn (the sample itself is the first): G*K samples
-    per label, prefix-major (prefix j's completion k is row j*K + k)."""
-    G, K, t0 = a.group_size, (a.vmr_k if prefix_len else 1), time.perf_counter()
-    idx, old_logp = [], []
-    with torch.no_grad(), amp():
-        for label, gid in zip(labels_n.tolist(), group_ids):
-            gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, step, STREAM_SAMPLE, gid))
-            labels_G = torch.full((G,), label, device=device)
-            outs = [sample(policy, labels_G, temperature=a.temperature, generator=gen, decode=False)]
-            for _ in range(K - 1):
-                outs.append(sample(policy, labels_G, temperature=a.temperature, generator=gen,
-                                   prefix_idx=outs[0].idx[:, :prefix_len], decode=False))
-            idx.append(torch.stack([o.idx for o in outs], dim=1).flatten(0, 1))                # (G*K, L)
-            old_logp.append(torch.stack([o.logprobs for o in outs], dim=1).flatten(0, 1).float())
-        sync(device)
-        t1 = time.perf_counter()
-        idx = torch.cat(idx)
-        images = torch.cat([vae.idx_to_img(idx[i:i + a.reward_batch]).float() for i in range(0, len(idx), a.reward_batch)])
-        sync(device)
-    labels = labels_n.repeat_interleave(G * K)
-    return labels, idx, torch.cat(old_logp), images, t1 - t0, time.perf_counter() - t1
+@dataclass
+class Setup:
+    """What a run trains with (built once, before the first step)."""
+    vae: VQVAE
+    policy: VAR                 # the policy, pi_theta (never wrapped: saving and sampling use it)
+    model: nn.Module            # the policy, DDP-wrapped when several processes train it
+    ref: VAR                    # the frozen pre-trained model, pi_ref
+    opt: torch.optim.Optimizer
+    reward: nn.Module
+    pool: torch.Tensor          # the classes labels are drawn from
+    split_m: int                # VMR's middle scale (0 without VMR)
+    start: int                  # the first step to run
 
 
-def update_batch(a: TrainArgs, stage, patch_nums, labels, idx, old_logp, rewards, mp_mask_NL, n_labels: int, split_m: int):
-    """What a step trains on: rows, advantages, policy-gradient and KL token weights.
+def setup_training(a: TrainArgs, ckpt, run, d: Dist) -> Setup:
+    reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
+    vae, policy, ref = build_models(a, d.device)
+    opt = make_optimizer(policy, a, d.device)
+    start = run.restore(ckpt, policy, opt, d) if ckpt else 0
+    model = policy
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
+                    gradient_as_bucket_view=True)
+    pool = label_pool(a, policy.config.num_classes)
+    split_m = (a.vmr_m or default_vmr_split(policy.config.patch_nums)) if a.vmr else 0
+    if ckpt is None:
+        run.begin(a, policy, vae, reward, pool)  # args.json, labels.json, before.png
+    return Setup(vae, policy, model, ref, opt, reward, pool, split_m, start)
 
-    grpo:   every sample; A = group-normalised R over a label's G samples.
-    prefix: one row per prefix; A = group-normalised middle value V_m over a label's G prefixes;
-            only prefix tokens (scales < m) in the loss.                        [VAR-RL, VMR]
-    suffix: every completion; A = group-normalised R over a label's G*K completions (or a
-            prefix's K); only suffix tokens (scales >= m) in the loss.
-    Token weights: PANW (uniform when alpha = 0) x the stage's tokens, times the mask-propagation
-    mask for the policy gradient only, renormalised per sample; the KL keeps the unmasked weights.
-    A sample with a non-finite reward (or middle value) gets no gradient at all.
-    Returns (labels, idx, old_logp, adv, token_w, kl_w, n_flat_groups, n_groups)."""
-    G, K = a.group_size, (a.vmr_k if stage else 1)
-    device = idx.device
-    rows = torch.arange(0, len(idx), K, device=device) if stage == "prefix" else torch.arange(len(idx), device=device)
+
+def train(args: TrainArgs, given=frozenset()) -> dict:
+    """GRPO fine-tuning of a VAR [GRPO-VAR 4]; VMR / PANW / MP [VAR-RL] when switched on. `given`:
+    the flags set on the command line. Returns the last step's metrics."""
+    d, stop = setup_distributed(args.device), StopRequest()
+    run = RunFolder(Path(args.resume or args.out), d)
+    try:
+        args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked while we run
+        s = setup_training(args, ckpt, run, d)
+        amp, config = autocast_ctx(args, d.device), s.policy.config
+        n_local = args.labels_per_step // d.world
+        groups = list(range(d.rank * n_local, (d.rank + 1) * n_local))  # this rank's global group indices
+        prefix_len = s.policy.begin_ends[s.split_m - 1][1] if args.vmr else None
+        m = {}
+        for step in range(s.start, args.steps):
+            timer, stage = Timer(d.device), vmr_stage(args, step)
+            # 1 sample: G images per label from the current policy (pi_old), log-probs recorded;
+            #   VMR: K - 1 more completions of each sample's first scales (its prefix)
+            with amp():
+                roll = rollout(s.policy, step_labels(args, step, s.pool)[groups].to(d.device), groups, args, step, prefix_len)
+            timer.lap("sample")
+            images = decode(s.vae, roll.idx, args.reward_batch, d.device)
+            timer.lap("decode")
+            # 2 reward (retried once if it raises); MP: the reward-relevant tokens
+            rewards, comps, mp_mask = run.score(s, images, args, step)
+            timer.lap("reward")
+            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all of its tokens
+            values_Ng = advantage_groups(rewards, stage, args, n_local)
+            keep = slice(None, None, args.vmr_k) if stage == "prefix" else slice(None)  # prefix: one row per prefix
+            adv, valid = group_advantages(values_Ng, args.adv_eps).flatten(), torch.isfinite(values_Ng).flatten()
+            # 4 token weights (PANW x stage x MP), each sample's summing to 1 (0: a non-finite reward)
+            w_L = stage_weights(config.patch_nums, args.panw_alpha, stage, s.split_m).to(d.device)
+            kl_w = normalise_rows(w_L.expand(len(adv), -1)) * valid[:, None]
+            token_w = kl_w if mp_mask is None else normalise_rows(w_L * mp_mask[keep]) * valid[:, None]
+            batch = gather_batch(UpdateBatch(labels=roll.labels[keep], idx=roll.idx[keep], old_logp=roll.logprobs[keep],
+                                             adv=adv, token_w=token_w, kl_w=kl_w))
+            # 5 clipped update with the per-token KL (eq. 1), one optimizer step per minibatch
+            stats = policy_update(s.model, s.ref, s.opt, batch, args, step, d, amp)
+            timer.lap("update")
+            # 6 log and save (a non-finite policy stops the run; Ctrl-C / SIGTERM after saving)
+            m = step_metrics(step, rewards, comps, values_Ng, batch, stats, timer.times, args, d)
+            m.update(budget_metrics(args, step, s.reward, stage, batch, mp_mask is not None))
+            run.log(m, step, images, roll.labels, rewards)
+            run.halt_if_nonfinite(roll.nonfinite, stats, step, s, args)
+            stop_all = all_reduce(torch.tensor([float(stop.signum)], device=d.device), "max").item()
+            if stop_all or (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                run.save(s, args, step + 1)
+            if stop_all and step + 1 < args.steps:
+                raise Stopped(int(stop_all), f"stopped after step {step + 1}; continue with --resume {run.out}")
+        run.finish(s, args)
+        return m
+    finally:
+        stop.restore()
+        run.close()
+        leave_distributed(d)
+
+
+# ---- the parts of a step, in order
+
+
+class Timer:
+    """Wall time of a step's phases, the device synchronised at each lap (GPU work is asynchronous)."""
+    def __init__(self, device):
+        self.device, self.times, self.t0 = device, {}, time.perf_counter()
+
+    def lap(self, name: str):
+        sync(self.device)
+        now = time.perf_counter()
+        self.times[name], self.t0 = now - self.t0, now
+
+
+def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int, prefix_len=None) -> Rollout:
+    """Step 1: G samples of each label (labels_n: one per group, on the policy's device) with their
+    log-probs. Group g (a global index) draws from its own generator seeded by (seed, step, g), so
+    its samples do not depend on which process draws them, nor with which other groups [C9]; up to
+    --sample-batch rows share one sample() call. VMR (prefix_len = the prefix's tokens): K - 1 more
+    completions of each sample's prefix are drawn, the sample being the first: G*K rows per label,
+    prefix j's completion k at row j*K + k."""
+    G, n_comp = a.group_size, (a.vmr_k if prefix_len else 1)
+    gens = [torch.Generator(labels_n.device).manual_seed(derive_seed(a.seed, step, STREAM_SAMPLE, g)) for g in group_ids]
+    per_call = max(1, a.sample_batch // G) if a.sample_batch else len(group_ids)
+    parts = []
+    for c in range(0, len(group_ids), per_call):
+        labels_B = labels_n[c:c + per_call].repeat_interleave(G)
+        kw = dict(temperature=a.temperature, generator=gens[c:c + per_call], decode=False)
+        outs = [sample(policy, labels_B, **kw)]
+        outs += [sample(policy, labels_B, prefix_idx=outs[0].idx[:, :prefix_len], **kw) for _ in range(n_comp - 1)]
+        parts.append(Rollout(labels=labels_B.repeat_interleave(n_comp), idx=torch.stack([o.idx for o in outs], 1).flatten(0, 1),
+                             logprobs=torch.stack([o.logprobs for o in outs], 1).flatten(0, 1).float(), images=None,
+                             nonfinite=sum(o.nonfinite for o in outs)))
+    return Rollout(labels=torch.cat([p.labels for p in parts]), idx=torch.cat([p.idx for p in parts]),
+                   logprobs=torch.cat([p.logprobs for p in parts]), images=None, nonfinite=sum(p.nonfinite for p in parts))
+
+
+@torch.no_grad()
+def decode(vae: VQVAE, idx_NL, batch: int, device: str):
+    """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder under bf16 autocast on GPUs."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        return torch.cat([vae.idx_to_img(idx_NL[i:i + batch]).float() for i in range(0, len(idx_NL), batch)])
+
+
+def advantage_groups(rewards_N, stage, a: TrainArgs, n_labels: int):
+    """Step 3's groups (rows), normalised by group_advantages [GRPO-VAR eq. 2; VAR-RL VMR]:
+    plain GRPO: R over each label's G samples; VMR prefix step: the middle value V_m of each prefix
+    (its K completions' rewards) over the label's G prefixes; suffix step: R over the label's G*K
+    completions (--vmr-suffix-group label) or over each prefix's K (prefix)."""
     if stage == "prefix":
-        value = middle_value(rewards.view(-1, K), a.vmr_eta)
-        groups, valid, stage_L = value.view(n_labels, G), torch.isfinite(value), scale_token_mask(patch_nums, 0, split_m)
-    else:
-        shape = (n_labels * G, K) if stage == "suffix" and a.vmr_suffix_group == "prefix" else (n_labels, -1)
-        groups, valid = rewards.view(*shape), torch.isfinite(rewards)
-        stage_L = scale_token_mask(patch_nums, split_m, len(patch_nums)) if stage == "suffix" else torch.ones(len(idx[0]))
-    adv, n_flat = group_advantages(groups, a.adv_eps)
-    w_L = (panw_weights(patch_nums, a.panw_alpha) * stage_L).to(device).expand(len(rows), -1)
-    kl_w = normalise_rows(w_L) * valid[:, None]
-    token_w = normalise_rows(w_L * mp_mask_NL[rows]) * valid[:, None] if mp_mask_NL is not None else kl_w
-    return labels[rows], idx[rows], old_logp[rows], adv.reshape(-1), token_w, kl_w, n_flat, groups.shape[0]
+        return middle_value(rewards_N.view(-1, a.vmr_k), a.vmr_eta).view(n_labels, a.group_size)
+    if stage == "suffix" and a.vmr_suffix_group == "prefix":
+        return rewards_N.view(-1, a.vmr_k)
+    return rewards_N.view(n_labels, -1)
 
 
-def loss_terms(model, ref, labels, idx, old_logp, adv, a: TrainArgs, amp):
-    """The per-token pieces of the loss for one micro-batch: (policy logits, kl, surrogate, ratio, clipped)."""
+@dataclass
+class UpdateBatch:
+    """What step 5 trains on, one row per sample of the whole step (all processes')."""
+    labels: torch.Tensor    # (N,)
+    idx: torch.Tensor       # (N, L) tokens
+    old_logp: torch.Tensor  # (N, L) log-probs at sampling, pi_old
+    adv: torch.Tensor       # (N,) the sample's advantage, for each of its tokens
+    token_w: torch.Tensor   # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
+    kl_w: torch.Tensor      # (N, L) KL token weights
+
+
+def gather_batch(b: UpdateBatch) -> UpdateBatch:
+    """Every process's rows, in global group order: the minibatches are then the same whatever the
+    number of processes [C9] (a few MB even at the paper's 512 samples of 680 tokens)."""
+    return UpdateBatch(**{k: all_gather_cat(v) for k, v in vars(b).items()})
+
+
+@dataclass
+class LossTerms:
+    logp: torch.Tensor       # (n, L) log pi_theta of the tokens (tempered, as sampled)
+    logits: torch.Tensor     # (n, L, V) pi_theta's processed logits (entropy, exact KL)
+    kl: torch.Tensor         # (n, L) per-token KL to pi_ref
+    surrogate: torch.Tensor  # (n, L) the clipped objective
+
+
+def loss_terms(model, ref, b: UpdateBatch, ids, a: TrainArgs, amp) -> LossTerms:
+    """The per-token pieces of eq. 1 for the samples `ids`, both policies tempered as sampled [C8]."""
+    labels, idx = b.labels[ids], b.idx[ids]
     with amp():
-        logits = process_logits(model(labels, idx), temperature=a.temperature)
+        logp, logits = token_logprobs(model, labels, idx, a.temperature, return_logits=True)
         with torch.no_grad():
-            ref_logits = process_logits(ref(labels, idx), temperature=a.temperature)
-    tok = idx.unsqueeze(-1)
-    logp = logits.gather(-1, tok).squeeze(-1) - logits.logsumexp(-1)
-    ref_logp = ref_logits.gather(-1, tok).squeeze(-1) - ref_logits.logsumexp(-1)
+            ref_logp, ref_logits = token_logprobs(ref, labels, idx, a.temperature, return_logits=True)
     kl = kl_k3(logp, ref_logp) if a.kl == "k3" else kl_exact(logits, ref_logits)
-    surr, ratio, clipped = clipped_surrogate(logp, old_logp, adv, a.clip_eps, a.clip_eps_high)
-    return logits, kl, surr, ratio, clipped
+    surrogate = clipped_surrogate(logp, b.old_logp[ids], b.adv[ids], a.clip_eps, a.clip_eps_high)
+    return LossTerms(logp=logp, logits=logits, kl=kl, surrogate=surrogate)
 
 
-def per_scale_grad_norms(policy, ref, labels, idx, old_logp, adv, token_w, kl_w, a: TrainArgs, amp) -> list:
+class UpdateStats:
+    """Sums over a step's updates, kept on the device (read once per step, in step_metrics)."""
+    def __init__(self, num_scales: int, device):
+        zeros = lambda *shape: torch.zeros(shape, device=device)
+        self.per_scale = zeros(4, num_scales)  # kl, clipped, entropy, tokens (the tokens with KL weight)
+        self.ratio_sum, self.loss_sum, self.first_dev = zeros(), zeros(), zeros()
+        self.ratio_min, self.ratio_max = zeros().fill_(math.inf), zeros().fill_(-math.inf)
+        self.grad_norms, self.scale_norms, self.nonfinite = [], None, None
+
+    @torch.no_grad()
+    def add(self, t: LossTerms, b: UpdateBatch, ids, sid_L, loss, first: bool):
+        on_nL = (b.kl_w[ids] > 0).float()
+        ratio = (t.logp - b.old_logp[ids]).exp()
+        clipped = t.surrogate < ratio * b.adv[ids, None]  # the clipped term is the smaller: no gradient
+        for i, v in enumerate((t.kl, clipped, entropy(t.logits), torch.ones_like(t.kl))):
+            self.per_scale[i].index_add_(0, sid_L, (v.float() * on_nL).sum(0))
+        self.ratio_sum += (ratio * on_nL).sum()
+        self.ratio_min = torch.minimum(self.ratio_min, ratio.masked_fill(on_nL == 0, math.inf).amin())
+        self.ratio_max = torch.maximum(self.ratio_max, ratio.masked_fill(on_nL == 0, -math.inf).amax())
+        if first:  # before any update the policy is the sampling policy: ratio 1 up to float error
+            self.first_dev = torch.maximum(self.first_dev, ((ratio - 1).abs() * on_nL).amax())
+        self.loss_sum += loss.detach().float()
+
+
+def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs, step: int, d: Dist, amp) -> UpdateStats:
+    """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch of
+    --minibatch samples  [GRPO-VAR eq. 1]. One seeded global order makes the minibatches the same
+    whatever the number of processes; each process takes its share of each, in micro-batches whose
+    gradients add up, and DDP averages the shares. An optimizer step whose gradient is not finite
+    is not taken, and ends the updates (the run then stops, see halt_if_nonfinite)."""
+    config = unwrap(model).config
+    share = a.minibatch // d.world
+    micro = a.micro_batch or share
+    sid_L = scale_ids(config.patch_nums).to(b.idx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = UpdateStats(config.num_scales, b.idx.device)
+    for epoch in range(a.ppo_epochs):
+        g = torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_ORDER, epoch))
+        order = torch.randperm(len(b.idx), generator=g).to(b.idx.device)
+        for m in range(len(b.idx) // a.minibatch):
+            mine = order[m * a.minibatch + d.rank * share:][:share]
+            if a.scale_grad_norms and epoch == m == 0:
+                stats.scale_norms = per_scale_grad_norms(unwrap(model), ref, b, mine[:micro], a, amp)
+            opt.zero_grad(set_to_none=True)
+            for c0 in range(0, share, micro):
+                ids = mine[c0:c0 + micro]
+                with model.no_sync() if d.world > 1 and c0 + micro < share else nullcontext():
+                    t = loss_terms(model, ref, b, ids, a, amp)
+                    loss = grpo_loss(t.surrogate, t.kl, b.token_w[ids], a.beta, b.kl_w[ids]) * (len(ids) / share)
+                    loss.backward()
+                stats.add(t, b, ids, sid_L, loss, first=epoch == m == 0)
+            norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm or math.inf)
+            if not torch.isfinite(norm):  # the one host read of an update
+                stats.nonfinite = f"the loss gradient (update {m + 1} of epoch {epoch + 1})"
+                return stats
+            opt.step()
+            stats.grad_norms.append(norm)
+    return stats
+
+
+def per_scale_grad_norms(policy, ref, b: UpdateBatch, ids, a: TrainArgs, amp) -> list:
     """||grad_theta loss_k|| for every scale k, loss_k = the loss restricted to scale k's tokens
     (weights not renormalised: the K parts sum to the loss). Shows which scales drive the update."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    _, kl, surr, _, _ = loss_terms(policy, ref, labels, idx, old_logp, adv, a, amp)
+    t = loss_terms(policy, ref, b, ids, a, amp)
     norms = []
     for bg, ed in policy.begin_ends:
-        sel = torch.zeros_like(token_w)
+        sel = torch.zeros_like(b.token_w[ids])
         sel[:, bg:ed] = 1
-        grads = torch.autograd.grad(grpo_loss(surr, kl, token_w * sel, a.beta, kl_w * sel), params,
-                                    retain_graph=True, allow_unused=True)
-        norms.append(math.sqrt(sum(g.float().square().sum().item() for g in grads if g is not None)))
+        loss_k = grpo_loss(t.surrogate, t.kl, b.token_w[ids] * sel, a.beta, b.kl_w[ids] * sel)
+        grads = torch.autograd.grad(loss_k, params, retain_graph=True, allow_unused=True)
+        norms.append(torch.stack([g.float().square().sum() for g in grads if g is not None]).sum().sqrt())
     return norms
 
 
-def policy_update(model, ref, opt, labels, idx, old_logp, adv, token_w, kl_w, a: TrainArgs, step: int, d: Dist, amp):
-    """PPO-style passes over the update batch in minibatches; returns summed statistics."""
-    cfgm = unwrap(model).cfg
-    N, K = len(idx), cfgm.num_scales
-    mb = a.minibatch // d.world  # divides N (check_train_args)
-    micro = a.micro_batch or mb
-    sid_L = scale_ids(cfgm.patch_nums).to(idx.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    acc = {k: torch.zeros(K, device=idx.device) for k in ("kl", "clip", "ent", "tokens")}
-    ratio_min, ratio_max, ratio_sum, first_dev, losses, norms = math.inf, -math.inf, 0.0, None, [], []
-    scale_norms = None
-    for epoch in range(a.ppo_epochs):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_ORDER, d.rank, epoch)))
-        for m in range(N // mb):
-            ids_mb = order[m * mb:(m + 1) * mb].to(idx.device)
-            if a.scale_grad_norms and scale_norms is None:
-                ids = ids_mb[:micro]
-                scale_norms = per_scale_grad_norms(unwrap(model), ref, labels[ids], idx[ids], old_logp[ids], adv[ids],
-                                                   token_w[ids], kl_w[ids], a, amp)
-            opt.zero_grad(set_to_none=True)
-            loss_mb = 0.0
-            for c0 in range(0, mb, micro):
-                ids = ids_mb[c0:c0 + micro]
-                last = c0 + micro >= mb
-                with model.no_sync() if (d.world > 1 and not last) else nullcontext():
-                    logits, kl, surr, ratio, clipped = loss_terms(model, ref, labels[ids], idx[ids], old_logp[ids], adv[ids], a, amp)
-                    loss = grpo_loss(surr, kl, token_w[ids], a.beta, kl_w[ids]) * (len(ids) / mb)
-                    loss.backward()
-                with torch.no_grad():
-                    on = (kl_w[ids] > 0).float()
-                    for key, v in (("kl", kl), ("clip", clipped.float()), ("ent", entropy(logits)), ("tokens", torch.ones_like(kl))):
-                        acc[key].index_add_(0, sid_L, (v.detach().float() * on).sum(0))
-                    r = ratio.detach()[on > 0]
-                    if r.numel():
-                        ratio_min, ratio_max = min(ratio_min, r.min().item()), max(ratio_max, r.max().item())
-                        ratio_sum += r.sum().item()
-                        if epoch == 0 and m == 0:  # before any update: the sampler's policy == the trained one
-                            first_dev = max(first_dev or 0.0, (r - 1).abs().max().item())
-                    loss_mb += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm if a.max_grad_norm > 0 else math.inf)
-            opt.step()
-            losses.append(loss_mb)
-            norms.append(norm.item())
-    return dict(acc=acc, ratio_min=ratio_min, ratio_max=ratio_max, ratio_sum=ratio_sum,
-                first_dev=first_dev if first_dev is not None else 0.0,
-                loss=float(np.mean(losses)), grad_norm=float(np.mean(norms)), scale_norms=scale_norms)
-
-
-def step_labels(a: TrainArgs, step: int, pool: torch.Tensor) -> torch.Tensor:
-    """The step's global labels (the same on every rank): uniform over the label pool."""
-    g = torch.Generator().manual_seed(derive_seed(a.seed, step, STREAM_LABELS))
-    return pool[torch.randint(len(pool), (a.labels_per_step,), generator=g)]
-
-
-def step_metrics(step, rewards, comps, adv, n_flat_groups, n_groups, upd, times, n_samples, lr) -> dict:
-    """One metrics.jsonl line from this rank's numbers; call on every rank (it all-reduces)."""
-    all_r = all_gather_cat(rewards)
-    finite = all_r[torch.isfinite(all_r)]
-    all_adv = all_gather_cat(adv)
-    acc = {k: all_reduce(v.clone()) for k, v in upd["acc"].items()}
-    counts = all_reduce(torch.tensor([float(n_flat_groups), float(n_groups), upd["ratio_sum"]], device=rewards.device))
-    rmin = all_reduce(torch.tensor([upd["ratio_min"]], device=rewards.device), "min").item()
-    rmax = all_reduce(torch.tensor([upd["ratio_max"]], device=rewards.device), "max").item()
-    tokens = acc["tokens"].sum().clamp_min(1)
-    m = {"step": step,
-         "reward/mean": finite.mean().item() if finite.numel() else float("nan"),
-         "reward/std": finite.std(unbiased=False).item() if finite.numel() else float("nan"),
-         "reward/min": finite.min().item() if finite.numel() else float("nan"),
-         "reward/max": finite.max().item() if finite.numel() else float("nan"),
-         "reward/nonfinite": int((~torch.isfinite(all_r)).sum()),
-         "adv/mean": all_adv.mean().item(), "adv/std": all_adv.std(unbiased=False).item(),
-         "adv/abs_max": all_adv.abs().max().item(),
-         "adv/zero_std_group_frac": (counts[0] / counts[1]).item(),
-         "policy/kl": (acc["kl"].sum() / tokens).item(),
-         "policy/clip_frac": (acc["clip"].sum() / tokens).item(),
-         "policy/entropy": (acc["ent"].sum() / tokens).item(),
-         "policy/ratio_mean": (counts[2] / tokens).item(), "policy/ratio_min": rmin, "policy/ratio_max": rmax,
-         "policy/ratio_dev_first_minibatch": all_reduce(torch.tensor([upd["first_dev"]], device=rewards.device), "max").item(),
-         "loss/loss": upd["loss"], "loss/grad_norm": upd["grad_norm"], "lr": lr}
+def step_metrics(step, rewards, comps, values_Ng, b: UpdateBatch, u: UpdateStats, times, a: TrainArgs, d: Dist) -> dict:
+    """One metrics.jsonl line. Call on every rank (it gathers and reduces); its host reads are the
+    step's only ones besides one per optimizer step."""
+    r = all_gather_cat(rewards)
+    fin = r[torch.isfinite(r)]
+    none = torch.tensor(math.nan, device=r.device)
+    per_scale = all_reduce(u.per_scale.clone())
+    kl, clipped, ent, tokens = per_scale
+    total = tokens.sum().clamp_min(1)
+    flat = all_reduce(torch.stack([(group_advantages(values_Ng, a.adv_eps) == 0).all(1).sum().float(),
+                                   torch.tensor(float(len(values_Ng)), device=r.device)]))
+    dev = {"reward/mean": fin.mean() if len(fin) else none, "reward/std": fin.std(unbiased=False) if len(fin) else none,
+           "reward/min": fin.min() if len(fin) else none, "reward/max": fin.max() if len(fin) else none,
+           "reward/nonfinite": (~torch.isfinite(r)).sum(),
+           "adv/mean": b.adv.mean(), "adv/std": b.adv.std(unbiased=False), "adv/abs_max": b.adv.abs().max(),
+           "adv/zero_std_group_frac": flat[0] / flat[1],
+           "policy/kl": kl.sum() / total, "policy/clip_frac": clipped.sum() / total, "policy/entropy": ent.sum() / total,
+           "policy/ratio_mean": all_reduce(u.ratio_sum.clone()) / total,
+           "policy/ratio_min": all_reduce(u.ratio_min.clone(), "min"), "policy/ratio_max": all_reduce(u.ratio_max.clone(), "max"),
+           "policy/ratio_dev_first_minibatch": all_reduce(u.first_dev.clone(), "max"),
+           "loss/loss": all_reduce(u.loss_sum.clone()) / max(1, len(u.grad_norms)),
+           "loss/grad_norm": torch.stack(u.grad_norms).mean() if u.grad_norms else none}
     for name, v in comps.items():
         v = all_gather_cat(v)
-        m[f"reward/{name}"] = v[torch.isfinite(v)].mean().item()
-    for si in range(len(acc["kl"])):
-        n = acc["tokens"][si].clamp_min(1)
-        m[f"scale/kl_s{si}"] = (acc["kl"][si] / n).item()
-        m[f"scale/clip_frac_s{si}"] = (acc["clip"][si] / n).item()
-        m[f"scale/entropy_s{si}"] = (acc["ent"][si] / n).item()
-    for si, v in enumerate(upd["scale_norms"] or []):
-        m[f"scale/grad_norm_s{si}"] = v
-    total = sum(times.values())
+        dev[f"reward/{name}"] = v[torch.isfinite(v)].mean()
+    for si in range(per_scale.shape[1]):
+        n = tokens[si].clamp_min(1)
+        dev.update({f"scale/kl_s{si}": kl[si] / n, f"scale/clip_frac_s{si}": clipped[si] / n, f"scale/entropy_s{si}": ent[si] / n})
+    for si, v in enumerate(u.scale_norms or []):
+        dev[f"scale/grad_norm_s{si}"] = v
+    m = {"step": step, **dict(zip(dev, torch.stack([v.float() for v in dev.values()]).tolist())), "lr": a.lr}
+    m["reward/nonfinite"] = int(m["reward/nonfinite"])
     m.update({f"time/{k}": v for k, v in times.items()})
-    m["time/step"] = total
-    m["perf/samples_per_s"] = n_samples / total
+    m["time/step"] = sum(times.values())
+    m["perf/samples_per_s"] = len(r) / m["time/step"]
     return m
 
 
-def preview(policy, vae, reward, a: TrainArgs, device, amp, path: Path):
-    """Fixed labels and seed: before.png / after.png are comparable. Returns the mean reward."""
-    ncls = policy.cfg.num_classes
-    labels = torch.arange((a.preview_images + 1) // 2, device=device).repeat_interleave(2)[:a.preview_images] % ncls
+def budget_metrics(a: TrainArgs, step: int, reward, stage, b: UpdateBatch, mp: bool) -> dict:
+    """Images sampled (= decoded, rewarded) so far, the images the reward saw (MP's saliency pass
+    rewards them again), the VMR stage and the share of tokens MP kept."""
+    samples = (step + 1) * a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)
+    saliency = a.mask_propagation and getattr(reward, "region_mask", lambda *_: None)(8, 8) is None
+    m = {"budget/samples": samples, "budget/reward_images": samples * (1 + int(saliency))}
+    if stage:
+        m["vmr/stage"] = stage
+    if mp:
+        m["mp/kept_fraction"] = b.token_w.gt(0).float().mean().item()
+    return m
+
+
+@torch.no_grad()
+def preview(policy: VAR, reward, a: TrainArgs, device, path: Path) -> float:
+    """Samples of fixed labels and seed (before.png / after.png are comparable); their mean reward."""
+    labels = (torch.arange(a.preview_images, device=device) // 2) % policy.config.num_classes
     gen = torch.Generator(device=device).manual_seed(derive_seed(a.seed, STREAM_PREVIEW))
-    with torch.no_grad(), amp():
+    with autocast_ctx(a, device)():
         images = sample(policy, labels, temperature=a.temperature, generator=gen).images.float()
     try:
-        with torch.no_grad():
-            r = reward(images)
+        r = reward(images)
     except Exception as e:  # the training steps retry a failing reward; a preview just goes without
-        print(f"[vargrpo] preview: the reward raised {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        r = torch.full((len(images),), float("nan"))
+        print(f"[vargrpo] preview: the reward raised {type(e).__name__}: {first_line(e)}", file=sys.stderr, flush=True)
+        r = torch.full((len(images),), math.nan)
     save_grid(images, [f"{l} r={v:.2f}" for l, v in zip(labels.tolist(), r.tolist())], path)
     return r.mean().item()
 
 
-def train(a: TrainArgs, given=frozenset()) -> dict:
-    """The GRPO loop [GRPO-VAR 4]: sample G images per label, reward, group-normalise, clipped
-    updates with a per-token KL to the pre-trained model. `given`: the flags set on the command
-    line (a resumed run keeps its saved settings but these). Returns the last step's metrics."""
-    from tqdm import tqdm
-    d = setup_distributed(a.device)
-    resume_ckpt = None
-    if a.resume:
-        last = Path(a.resume) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise UsageError(f"--resume {a.resume}: no checkpoints/last.pt there; start a new run with --out instead")
-        if "out" in given and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
-            raise UsageError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
-        resume_ckpt = load_pth(last, f"resume from another file in {last.parent} by copying it to last.pt")
-        saved = dict(resume_ckpt["args"])
-        changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
-        if changed:
-            raise UsageError(f"--resume keeps the run's settings; {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                             f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE)} can)")
-        saved.update({k: getattr(a, k) for k in RESUME_OVERRIDABLE if k in given})
-        a = TrainArgs(**{**saved, "resume": a.resume, "out": a.resume})
-    elif a.method == "nextflow":  # VAR-RL's full recipe; explicit flags still win for the numbers
-        a = TrainArgs(**{**asdict(a), "vmr": True, "mask_propagation": True,
-                         "panw_alpha": a.panw_alpha if "panw_alpha" in given else 1.0})
-    idle = [k for k in given if (k.startswith("vmr_") and not a.vmr) or (k == "mp_keep" and not a.mask_propagation)]
-    if idle:
-        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(idle))} only act with --vmr / "
-                         "--mask-propagation (or --method nextflow); add the switch or drop the flag")
-    check_train_args(a, d.world)
-    out = Path(a.out)
-    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if not a.resume and holds_run and not a.overwrite:
-        raise UsageError(f"{out} already holds a run; continue it with --resume {out}, choose another --out, or pass --overwrite")
-    if not a.resume and holds_run and d.main:
-        print(f"[vargrpo] --overwrite: replacing the run in {out}", file=sys.stderr)
-    reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
-    amp = autocast_ctx(a, d.device)
-    vae, policy, ref = build_models(a, d.device)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
-    start = 0
-    if resume_ckpt is not None:
-        policy.load_state_dict(resume_ckpt["model"])
-        opt.load_state_dict(resume_ckpt["optimizer"])
-        start = resume_ckpt["step"]
-        if len(resume_ckpt["rng"]) == d.world:
-            set_rng_state(resume_ckpt["rng"][d.rank])
-    model = policy
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
-    metrics_path = out / "metrics.jsonl"
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if a.resume:  # drop log lines of steps after the checkpoint (they will be redone)
-            keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < start] if metrics_path.exists() else []
-            metrics_path.write_text("".join(l + "\n" for l in keep))
-        else:  # --overwrite: the previous run's files go, so that nothing of it mixes with this one
-            import shutil
-            for stale in RUN_FILES:
-                shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
-            (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-            if a.preview_images:
-                r = preview(policy, vae, reward, a, d.device, amp, out / "before.png")
-                print(f"[vargrpo] preview before training ({out / 'before.png'}): mean reward {r:.4f}")
-    pool = label_pool(a, policy.cfg.num_classes)
-    if d.main and not a.resume:
-        (out / "labels.json").write_text(json.dumps({"label_subset": a.label_subset, "seen": pool.tolist()}))
-    n_local = a.labels_per_step // d.world
-    split_m = (a.vmr_m or default_vmr_split(policy.cfg.patch_nums)) if a.vmr else 0
-    samples_per_step = a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)
-    saliency_pass = int(a.mask_propagation and reward_region(reward, 8, 8) is None)  # initial_mask's second reward pass
-    stop = StopRequest()
+def save_grid(images_B3HW, captions, path: Path, ncol: int = 8) -> np.ndarray:
+    """A PNG grid with a caption under each image (nearest-upscaled to >= 128 px); returns its pixels."""
+    from PIL import Image, ImageDraw
+    imgs = (images_B3HW.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    B, H, W = imgs.shape[:3]
+    s = max(1, 128 // W)
+    cw, ch, pad, ncol = W * s, H * s, 14, min(ncol, B)
+    grid = Image.new("RGB", (ncol * cw, ((B + ncol - 1) // ncol) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        x, y = (i % ncol) * cw, (i // ncol) * (ch + pad)
+        grid.paste(Image.fromarray(imgs[i]).resize((cw, ch), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + ch + 1), captions[i], fill="black")
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    return np.asarray(grid)
 
-    def checkpoint(step):
-        states = all_rng_states()
-        if d.main:
-            state = {"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "config": asdict(policy.cfg), "args": asdict(a), "rng": states}
-            return save_checkpoint(out, state, step, a.keep_last)
 
-    bar = tqdm(total=a.steps, initial=start, disable=not d.main, dynamic_ncols=True, desc="grpo")
-    m, step = {}, start
+# ----------------------------------------------------------------------------------------------
+# The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a second
+# trainer out; checkpoints are written atomically and resume exactly; Ctrl-C / SIGTERM stop after
+# a save; a reward that raises is retried once; a non-finite policy stops the run.
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (a reward that keeps raising, a non-finite policy, a disk error); the
+    message says what was saved and what to do (exit code 1)."""
+
+
+class Stopped(RuntimeError):
+    """Ctrl-C / SIGTERM: the run saved a checkpoint and stopped (exit code 128 + signal, as shells)."""
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+LOCK_NAME = ".vargrpo.lock"
+RUN_FILES = ("args.json", "labels.json", "metrics.jsonl", "before.png", "after.png", "reward_curve.png", "summary.json",
+             "checkpoints/step_*.pt", "checkpoints/step_*.safetensors", "checkpoints/last.pt", "checkpoints/last.safetensors",
+             "checkpoints/*.tmp", "images/step_*.png", "images/*.tmp", "tb/events.out.tfevents.*")  # what a run writes
+
+
+def io_reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+
+
+def atomic_write(path: Path, write):
+    """write(file) into path.tmp, then rename it to path: a crash never leaves a torn file under the
+    real name. An I/O error (disk full, read-only, ...) is one RunFailed naming the path and the cause."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        for step in range(start, a.steps):
-            labels_all = step_labels(a, step, pool)
-            group_ids = list(range(d.rank * n_local, (d.rank + 1) * n_local))
-            stage = vmr_stage(a, step)
-            labels, idx, old_logp, images, t_sample, t_decode = rollout(
-                policy, vae, labels_all[group_ids].to(d.device), group_ids, a, step, amp, d.device,
-                prefix_len=policy.begin_ends[split_m - 1][1] if a.vmr else None)
-            t0 = time.perf_counter()
-            failed, mp_mask = None, None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise RunFailed(f"cannot write {path}: {io_reason(e)}; nothing earlier was changed: fix that (free space, "
+                        "permissions) and continue with --resume, or choose another --out") from None
+
+
+def run_state(out: Path) -> str:
+    """'new' (absent, or empty but for our lock), 'run' (a vargrpo run's folder) or 'other'."""
+    if not out.exists() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return "new"
+    try:
+        saved = json.loads((out / "args.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    is_args = isinstance(saved, dict) and {"reward", "preset", "steps"} <= saved.keys()
+    return "run" if is_args or (out / "checkpoints" / "last.pt").is_file() else "other"
+
+
+class RunFolder:
+    def __init__(self, out: Path, d: Dist):
+        self.out, self.d, self.lock_fd, self.tracker, self.bar, self.warned_flat = out, d, None, None, None, False
+
+    def open(self, a: TrainArgs, given):
+        """The run's settings, and its checkpoint when resuming. Rank 0 applies the folder rules and
+        takes the lock; a refusal reaches every rank."""
+        if a.resume and "out" in given and a.out and Path(a.out).resolve() != Path(a.resume).resolve():
+            raise UsageError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
+        if not (a.resume or a.out):
+            raise UsageError("--out DIR is required (or --resume DIR)")
+        ckpt, last = None, self.out / "checkpoints" / "last.pt"
+        if a.resume:
+            if not last.is_file():
+                raise UsageError(f"--resume {a.resume}: no checkpoints/last.pt there; start a new run with --out instead")
+            ckpt = load_pth(last, f"resume from another step: copy one of {last.parent}/step_*.pt to last.pt")
+            if not (isinstance(ckpt, dict) and {"model", "optimizer", "step", "args"} <= ckpt.keys()):
+                raise CheckpointError(f"{last} is not a vargrpo run checkpoint (it lacks model/optimizer/step/args)")
+        a = self.args = resolve_args(a, given, ckpt["args"] if ckpt else None)
+        check_train_args(a, self.d.world)
+        on_main(self.d, lambda: self.claim(a))
+        if self.d.main:
+            self.tracker = Tracker(a.tracker, self.out / "tb")
+        return a, ckpt
+
+    def claim(self, a: TrainArgs):
+        """Rank 0: refuse anything that could lose a file, then lock DIR (re-checking: a trainer that
+        started at the same moment may have claimed it first); --overwrite removes the old run's files."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} is a file, not a folder; choose a folder for the run")
+        refuse = lambda state: (
+            state == "run" and not a.resume and not a.overwrite and f"{out} already holds a run; continue it with "
+            f"--resume {out}, choose another --out, or pass --overwrite to replace it") or (
+            state == "other" and f"{out} holds files that are not a vargrpo run "
+            f"({', '.join(sorted(p.name for p in out.iterdir())[:3])}); choose a new or empty folder (nothing was changed)")
+        for state in (run_state(out), None):
+            if state is None:  # second pass, under the lock
+                self.lock()
+                state = run_state(out)
+            if refuse(state):
+                raise UsageError(refuse(state))
+        if not a.resume and state == "run":
+            print(f"[vargrpo] --overwrite: removing the previous run's files from {out}", file=sys.stderr)
+            for pattern in RUN_FILES:
+                for p in out.glob(pattern):
+                    p.unlink()
+            for sub in ("checkpoints", "images", "tb"):
+                if (out / sub).is_dir() and not any((out / sub).iterdir()):
+                    (out / sub).rmdir()
+
+    def lock(self):
+        import fcntl
+        import socket
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot write in {self.out}: {io_reason(e)}; choose a folder you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"{self.out} is in use by another trainer ({holder}); wait for it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.lock_fd = fd
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the lock (so does any exit, kill -9 included)
+            self.lock_fd = None
+
+    def begin(self, a: TrainArgs, policy: VAR, vae: VQVAE, reward, pool):
+        """A new run (rank 0): its settings, the classes it trains on, before.png."""
+        def write():
+            atomic_write(self.out / "args.json", lambda f: f.write(json.dumps(asdict(a), indent=1).encode()))
+            atomic_write(self.out / "labels.json", lambda f: f.write(json.dumps(
+                {"label_subset": a.label_subset, "seen": pool.tolist()}).encode()))
+            if a.preview_images:
+                r = preview(policy, reward, a, self.d.device, self.out / "before.png")
+                print(f"[vargrpo] preview before training ({self.out / 'before.png'}): mean reward {r:.4f}")
+        on_main(self.d, write)
+
+    def restore(self, ckpt: dict, policy: VAR, opt, d: Dist) -> int:
+        """Policy and optimizer from the checkpoint; the metrics log cut back to the steps it covers."""
+        last = self.out / "checkpoints" / "last.pt"
+        load_checked(policy, ckpt["model"], last)
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{last}: its optimizer state does not fit this model ({first_line(e)}); "
+                                  "it was saved by another vargrpo version or for another model") from None
+        start = int(ckpt["step"])
+
+        def cut():  # a line of a step after the checkpoint (redone now) or a torn last line (a crash) goes
+            path = self.out / "metrics.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            keep = []
+            for line in lines:
+                try:
+                    if json.loads(line)["step"] < start:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    print(f"[vargrpo] {path}: dropping an unreadable line (a write cut short)", file=sys.stderr)
+            atomic_write(path, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
+        on_main(d, cut)
+        return start
+
+    def score(self, s: Setup, images, a: TrainArgs, step: int):
+        """Step 2: rewards (N,), their components {name: (N,)}, and MP's token mask (N, L) or None.
+        A reward that raises is retried once; if it raises again (on any process) the run saves a
+        checkpoint of the steps done and stops."""
+        error, chunks = None, range(0, len(images), a.reward_batch)
+        for attempt in (1, 2):
             try:
-                rewards, comps = compute_rewards(reward, images, a.reward_batch)
-                if a.mask_propagation:
-                    fine = torch.cat([initial_mask(reward, images[i:i + a.reward_batch], policy.cfg.patch_nums[-1], a.mp_keep)
-                                      for i in range(0, len(images), a.reward_batch)])
-                    mp_mask = propagate_mask(fine, policy.cfg.patch_nums)
-            except RewardFailed as e:
-                failed, rewards, comps = e, torch.zeros(len(images), device=d.device), {}
-            t_reward = time.perf_counter() - t0
-            if all_reduce(torch.tensor([float(failed is not None)], device=d.device), "max").item():
-                path = checkpoint(step)
-                raise RewardFailed(f"the reward raised twice at step {step} ({failed or 'on another rank'}); saved "
-                                   f"{path or 'a checkpoint'} of the {step} completed steps; fix the reward and continue with --resume {out}")
-            rewards = rewards.to(d.device)
-            batch = update_batch(a, stage, policy.cfg.patch_nums, labels, idx, old_logp, rewards, mp_mask, n_local, split_m)
-            t0 = time.perf_counter()
-            upd = policy_update(model, ref, opt, *batch[:6], a, step, d, amp)
-            t_update = time.perf_counter() - t0
-            times = dict(sample=t_sample, decode=t_decode, reward=t_reward, update=t_update)
-            m = step_metrics(step, rewards, comps, batch[3], batch[6], batch[7], upd, times,
-                             len(images) * d.world, opt.param_groups[0]["lr"])
-            m["budget/samples"] = (step + 1) * samples_per_step  # images sampled, decoded and rewarded so far
-            m["budget/reward_images"] = m["budget/samples"] * (1 + saliency_pass)  # MP saliency rewards them again
-            if stage:
-                m["vmr/stage"] = stage
-            if mp_mask is not None:
-                m["mp/kept_fraction"] = all_reduce(batch[4].gt(0).float().mean().reshape(1)).item() / d.world
-            if d.main:
-                if m["reward/nonfinite"]:
-                    print(f"\n[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient",
-                          file=sys.stderr, flush=True)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if a.image_every and step % a.image_every == 0:
-                    pick = torch.arange(len(idx)).view(n_local, -1).T.reshape(-1)[:16]  # one per group first
-                    save_grid(images[pick], [f"{l} r={v:.2f}" for l, v in zip(labels[pick].tolist(), rewards[pick].tolist())],
-                              out / "images" / f"step_{step:06d}.png")
-                bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['policy/kl']:.4f}")
-                bar.update(1)
-            done = step + 1
-            stop_all = all_reduce(torch.tensor([float(stop.requested)], device=d.device), "max").item()
-            if stop_all or done % a.save_every == 0 or done == a.steps:
-                checkpoint(done)
-                if stop_all and done < a.steps:
-                    if d.main:
-                        print(f"\n[vargrpo] stopped after step {done}; continue with --resume {out}", file=sys.stderr)
-                    break
-    finally:
-        bar.close()
-        stop.restore()
-    if distributed():  # ranks leave together, the DDP wrapper (it holds the group) first: a gloo rank
-        torch.distributed.barrier()  # that exits while its peer still talks can abort at exit
-        del model
-        torch.distributed.destroy_process_group()
-    if d.main and metrics_path.exists() and metrics_path.read_text().strip():
-        plot_reward_curve(metrics_path, out / "reward_curve.png", f"{a.preset}, reward {a.reward}")
-        rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-        first, last3 = rows[0]["reward/mean"], float(np.mean([r["reward/mean"] for r in rows[-3:]]))
-        print(f"[vargrpo] mean reward: first step {first:.4f} -> last 3 steps {last3:.4f} ({last3 - first:+.4f}); run in {out}")
-        if a.preview_images:
-            r = preview(policy, vae, reward, a, d.device, amp, out / "after.png")
-            print(f"[vargrpo] preview after training ({out / 'after.png'}): mean reward {r:.4f}")
-    return m
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation [GRPO-VAR Table 1]: aesthetic score, CLIP score and ResNet-50 top-5 accuracy of
-# images sampled with the official inference settings, for the pre-trained and fine-tuned models.
-
-
-@dataclass
-class EvalArgs:
-    ckpt: str = arg("", "a vargrpo checkpoint (RUN/checkpoints/last.pt) or its run directory")
-    samples_per_class: int = arg(10, "images per class [paper: 10 for each of the 1000 classes]")
-    max_classes: int = arg(0, "evaluate only the first N classes of each subset (0 = all)")
-    cfg: float = arg(1.5, "classifier-free guidance [official VAR inference: 1.5]")
-    top_k: int = arg(900, "top-k [official: 900]")
-    top_p: float = arg(0.96, "top-p [official: 0.96]")
-    temperature: float = arg(1.0, "sampling temperature")
-    prompt: str = arg("a painting", "prompt of the CLIP score")
-    batch: int = arg(50, "images per sampling call")
-    seed: int = arg(0, "sampling seed (the same images are drawn for both models up to their differences)")
-    out: str = arg(None, "folder for eval.md, eval.json and the grids (default: the run directory)", type=str)
-    clip_model: str = arg(None, "open_clip model (default ViT-L-14-quickgelu; 'tiny-random' for smoke runs)", type=str)
-    clip_pretrained: str = arg("openai", "open_clip weights tag ('none' = random)")
-    clip_weights: str = arg(None, "local open_clip checkpoint file", type=str)
-    aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth", type=str)
-    resnet_weights: str = arg(None, "local torchvision resnet50 IMAGENET1K_V2 state_dict (else torch hub cache, else download)", type=str)
-    weights_dir: str = arg(None, "folder with the official VAR .pth files", type=str)
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
-
-
-def load_resnet50(weights, device):
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
-    from torchvision.models import ResNet50_Weights, resnet50
-    spec = ResNet50_Weights.IMAGENET1K_V2
-    model = resnet50()
-    if weights:
-        if not Path(weights).is_file():
-            raise UsageError(f"--resnet-weights {weights}: no such file")
-        state = load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
-    else:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
-        import reward_models
-        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
-            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
-                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
-        state = spec.get_state_dict(progress=True, check_hash=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval().requires_grad_(False).to(device), spec.transforms()
-
-
-def evaluate(e: EvalArgs) -> dict:
-    path = Path(e.ckpt)
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise UsageError(f"--ckpt {e.ckpt}: no checkpoint there (expected RUN/checkpoints/last.pt)")
-    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0 or e.cfg < 0 \
-            or e.top_k < 0 or not 0 <= e.top_p < 1:
-        raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0, --temperature > 0, "
-                         "--cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
-    ckpt = load_pth(path, "pass another vargrpo checkpoint")
-    device = e.device or default_device()
-    a = TrainArgs(**{**ckpt["args"], "weights_dir": e.weights_dir or ckpt["args"]["weights_dir"]})
-    vae, finetuned, pretrained = build_models(a, device)
-    finetuned.load_state_dict(ckpt["model"])
-    reward = make_reward(f"aesthetic+clip:{e.prompt}", device, e)
-    classifier, classifier_preprocess = load_resnet50(e.resnet_weights, device)
-    ncls = finetuned.cfg.num_classes
-    seen = label_pool(a, ncls)
-    subsets = {"all": seen} if a.label_subset == "all" else \
-        {"seen": seen, "unseen": torch.tensor(sorted(set(range(ncls)) - set(seen.tolist())))}
-    out = Path(e.out) if e.out else path.parent.parent
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for model_name, model in (("pre-trained", pretrained), ("fine-tuned", finetuned)):
-        for subset, classes in subsets.items():
-            classes = classes[:e.max_classes] if e.max_classes else classes
-            labels = classes.repeat_interleave(e.samples_per_class).to(device)
-            sums, grid = {"aesthetic": 0.0, "clipscore": 0.0, "top5": 0.0}, []
-            for i in range(0, len(labels), e.batch):
-                gen = torch.Generator(device=device).manual_seed(derive_seed(e.seed, STREAM_EVAL, i))
                 with torch.no_grad():
-                    images = sample(model, labels[i:i + e.batch], temperature=e.temperature, cfg=e.cfg, top_k=e.top_k,
-                                    top_p=e.top_p, generator=gen).images.float()
-                    _, parts = reward(images, return_components=True)
-                    top5 = classifier(classifier_preprocess(images)).topk(5, dim=-1).indices
-                sums["aesthetic"] += parts["aesthetic"].sum().item()
-                sums["clipscore"] += parts[f"clip:{e.prompt}/clipscore"].sum().item()
-                sums["top5"] += (top5 == labels[i:i + e.batch, None]).any(-1).float().sum().item()
-                grid += [(img, lab) for img, lab in zip(images, labels[i:i + e.batch].tolist())
-                         if lab in classes[:8].tolist() and sum(1 for _, l in grid if l == lab) < 4]
-            n = len(labels)
-            results.append({"model": model_name, "subset": subset, "images": n, "aesthetic": sums["aesthetic"] / n,
-                            "clipscore": sums["clipscore"] / n, "resnet50_top5": sums["top5"] / n})
-            save_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid],
-                      out / f"eval_{model_name}_{subset}.png")
-    table = [f"| model | labels | images | aesthetic score | CLIPScore '{e.prompt}' | ResNet-50 top-5 |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | {r['aesthetic']:.3f} | {r['clipscore']:.2f} | "
-              f"{100 * r['resnet50_top5']:.1f}% |" for r in results]
-    settings = {k: getattr(e, k) for k in ("samples_per_class", "cfg", "top_k", "top_p", "temperature", "prompt", "seed")}
-    (out / "eval.json").write_text(json.dumps({"checkpoint": str(path), "step": ckpt["step"], "settings": settings,
-                                               "results": results}, indent=1))
-    (out / "eval.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    return {"results": results}
+                    out = [s.reward(images[i:i + a.reward_batch], return_components=True) for i in chunks]
+                rewards = torch.cat([r.float() for r, _ in out]).to(self.d.device)
+                comps = {k: torch.cat([c[k].float() for _, c in out]) for k in out[0][1]}
+                mask, pn = None, s.policy.config.patch_nums
+                if a.mask_propagation:  # [VAR-RL MP]: the reward-relevant finest tokens, propagated to all scales
+                    mask = propagate_mask(torch.cat([initial_mask(s.reward, images[i:i + a.reward_batch], pn[-1], a.mp_keep)
+                                                     for i in chunks]), pn)
+                error = None
+                break
+            except Exception as e:  # a user's reward can fail in any way
+                error = f"{type(e).__name__}: {first_line(e)}"
+                if attempt == 1:
+                    print(f"[vargrpo] the reward raised {error}; retrying once", file=sys.stderr, flush=True)
+        if all_reduce(torch.tensor([float(error is not None)], device=self.d.device), "max").item():
+            path = self.save(s, a, step)
+            raise RunFailed(f"the reward raised twice at step {step} ({error or 'on another process'}); saved {path} "
+                            f"(the {step} steps done); fix the reward and continue with --resume {self.out}")
+        return rewards, comps, mask
+
+    def log(self, m: dict, step: int, images, labels, rewards):
+        """Step 6 (rank 0): a metrics.jsonl line, the tracker, a sample grid every --image-every steps."""
+        a = self.args
+
+        def write():
+            path = self.out / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            except OSError as e:
+                raise RunFailed(f"cannot write {path}: {io_reason(e)}; the last checkpoint is intact: fix that and "
+                                f"continue with --resume {self.out}") from None
+            if m["reward/nonfinite"]:
+                print(f"\n[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient",
+                      file=sys.stderr, flush=True)
+            if m["adv/abs_max"] == 0 and not self.warned_flat:
+                self.warned_flat = True
+                print(f"\n[vargrpo] step {step}: every sample of every group got the same reward, so every advantage is 0 "
+                      "and the policy only follows the KL; check that the reward can tell samples apart", file=sys.stderr)
+            if a.image_every and step % a.image_every == 0:
+                pick = torch.arange(len(images)).view(a.labels_per_step // self.d.world, -1).T.reshape(-1)[:16]  # a group each first
+                grid = save_grid(images[pick], [f"{l} r={v:.2f}" for l, v in zip(labels[pick].tolist(), rewards[pick].tolist())],
+                                 self.out / "images" / f"step_{step:06d}.png")
+                self.tracker.image("samples", grid, step)
+            self.tracker.log(m, step)
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=a.steps, initial=step, dynamic_ncols=True, desc="grpo")
+            self.bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['policy/kl']:.4f}")
+            self.bar.update(1)
+        on_main(self.d, write)
+
+    def halt_if_nonfinite(self, sampling_nonfinite, stats: UpdateStats, step: int, s: Setup, a: TrainArgs):
+        """A policy that diverged (a non-finite sampling distribution or gradient, on any process)
+        stops the run. No update was taken with a non-finite gradient, so the weights are saved."""
+        bad = all_reduce(torch.tensor([float(sampling_nonfinite > 0), float(stats.nonfinite is not None)],
+                                      device=self.d.device), "max").tolist()
+        if not any(bad):
+            return
+        what = " and ".join(w for w, b in zip(("the sampling distribution", stats.nonfinite or "the loss gradient"), bad) if b)
+        finite = all(bool(torch.isfinite(p).all()) for p in s.policy.parameters())
+        saved = f"saved {self.save(s, a, step)} (the weights after the last finite update)" if finite else "saved nothing"
+        raise RunFailed(f"step {step}: {what} went non-finite (the policy diverged); {saved}; start again with a lower "
+                        f"--lr (now {a.lr:g}) or a --max-grad-norm")
+
+    def save(self, s: Setup, a: TrainArgs, step: int):
+        """A checkpoint after `step` completed steps (rank 0; returns its path): checkpoints/step_N.pt
+        (policy, optimizer, step, settings: an exact resume) and step_N.safetensors (the policy alone,
+        official key layout, settings in its metadata), each written atomically; last.pt and
+        last.safetensors are the newest; --keep-last of each are kept."""
+        def write():
+            from safetensors.torch import save as safetensors_bytes
+            folder = self.out / "checkpoints"
+            path = folder / f"step_{step:06d}.pt"
+            state = {"model": s.policy.state_dict(), "optimizer": s.opt.state_dict(), "step": step,
+                     "config": asdict(s.policy.config), "args": asdict(a)}
+            weights = {k: v.detach().cpu().contiguous() for k, v in s.policy.state_dict().items()}
+            meta = {"vargrpo_config": json.dumps(asdict(s.policy.config)), "vargrpo_args": json.dumps(asdict(a)),
+                    "vargrpo_step": str(step)}
+            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(path.with_suffix(".safetensors"), lambda f: f.write(safetensors_bytes(weights, metadata=meta)))
+            for suffix in (".pt", ".safetensors"):
+                last, tmp = folder / f"last{suffix}", folder / f"last{suffix}.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path.with_suffix(suffix), tmp)  # a hard link: no second copy on disk
+                    os.replace(tmp, last)
+                except OSError:  # a filesystem without hard links
+                    atomic_write(last, lambda f, src=path.with_suffix(suffix): f.write(src.read_bytes()))
+                for old in sorted(folder.glob(f"step_*{suffix}"))[:-a.keep_last]:
+                    old.unlink()
+            return folder / "last.pt"
+        return on_main(self.d, write)
+
+    def finish(self, s: Setup, a: TrainArgs):
+        """After the last step (rank 0): the reward's first and last values, after.png."""
+        def write():
+            rows = [json.loads(l) for l in (self.out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            if rows:
+                first, last3 = rows[0]["reward/mean"], float(np.mean([r["reward/mean"] for r in rows[-3:]]))
+                print(f"[vargrpo] mean reward: first step {first:.4f} -> last 3 steps {last3:.4f} ({last3 - first:+.4f}); "
+                      f"run in {self.out}")
+            if a.preview_images:
+                r = preview(s.policy, s.reward, a, self.d.device, self.out / "after.png")
+                print(f"[vargrpo] preview after training ({self.out / 'after.png'}): mean reward {r:.4f}")
+        on_main(self.d, write)
+
+
+class Tracker:
+    """Live curves: with --tracker tensorboard, every metrics.jsonl value and the sample grids go to
+    DIR/tb as well (watch with `tensorboard --logdir runs/`); metrics.jsonl stays the record."""
+    def __init__(self, kind: str, folder: Path):
+        self.writer = None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tracker tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(folder))
+
+    def log(self, m: dict, step: int):
+        for k, v in (m.items() if self.writer else ()):
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(k, v, step)
+            elif isinstance(v, str):
+                self.writer.add_text(k, v, step)
+
+    def image(self, tag: str, grid_HW3: np.ndarray, step: int):
+        if self.writer:
+            self.writer.add_image(tag, grid_HW3, step, dataformats="HWC")
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+    def __init__(self):
+        import signal
+        self.signum, self.previous = 0, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def handle(self, signum, frame):
+        import signal
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[vargrpo] signal {signum}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def leave_distributed(d: Dist):
+    """Ranks leave together (a gloo rank that exits while its peer still talks can abort at exit)."""
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
-# Ablation [VAR-RL]: vanilla GRPO, +PANW, +VMR, +MP, all three, on the CPU tiny preset, at equal
-# sample budgets (VMR's extra completions count: each image sampled, decoded and rewarded).
-
-ABLATION_METHODS = {
-    "grpo": {},
-    "+panw": {"panw_alpha": 1.0},
-    "+vmr": {"vmr": True},
-    "+mp": {"mask_propagation": True},
-    "nextflow (all three)": {"vmr": True, "mask_propagation": True, "panw_alpha": 1.0},
-}
-
-
-def ablate(args):
-    """Runs every method for every seed to the same sample budget; writes ablation.md / .json / .png."""
-    out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    common = dict(preset="tiny", reward=args.reward, labels_per_step=4, group_size=8, minibatch=16, lr=1e-3,
-                  beta=0.1, temperature=1.0, preview_images=0, image_every=0, save_every=10**6, scale_grad_norms=True,
-                  overwrite=True)
-    runs = {}
-    for name, flags in ABLATION_METHODS.items():
-        per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
-        steps = max(1, args.budget // per_step)
-        for seed in seeds:
-            run = out / f"{name.split()[0].lstrip('+')}_s{seed}"
-            t0 = time.perf_counter()
-            train(TrainArgs(**common, **flags, out=str(run), steps=steps, seed=seed))
-            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-            runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
-    table, summary = summarise_ablation(runs, seeds, args)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=1))
-    plot_ablation(runs, seeds, out / "ablation.png", args.reward)
-    print(table)
-
-
-def summarise_ablation(runs, seeds, args):
-    lines = [f"Reward `{args.reward}`, tiny preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
-             "",
-             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | grad-norm share of the finest scale |",
-             "|---|---|---|---|---|---|---|---|"]
-    summary = {}
-    for name in ABLATION_METHODS:
-        stats = []
-        for seed in seeds:
-            rows, wall = runs[name, seed]["rows"], runs[name, seed]["wall"]
-            budget = [r["budget/samples"] for r in rows]
-            reward = [r["reward/mean"] for r in rows]
-            last = [r for b, r in zip(budget, reward) if b > 0.9 * budget[-1]]
-            half = min(range(len(budget)), key=lambda i: abs(budget[i] - 0.5 * budget[-1]))
-            norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(4)] for r in rows])
-            stats.append(dict(start=reward[0], half=reward[half], final=float(np.mean(last)), wall=wall, steps=len(rows),
-                              finest_share=float(np.mean(norms[:, -1] / norms.sum(1)))))
-        agg = {k: (float(np.mean([s[k] for s in stats])), float(np.std([s[k] for s in stats]))) for k in stats[0]}
-        summary[name] = {"per_seed": stats, "mean_std": agg}
-        f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}" if len(seeds) > 1 else f"{agg[k][0]:.{p}f}"
-        gain = [s["final"] - s["start"] for s in stats]
-        lines.append(f"| {name} | {stats[0]['steps']} | {f('start')} | {f('half')} | {f('final')} | "
-                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {agg['finest_share'][0]:.2f} |")
-    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds. The grad-norm share is "
-              "||grad of the finest scale's part of the loss|| / sum over scales (first minibatch of each step)."]
-    return "\n".join(lines) + "\n", summary
-
-
-def plot_ablation(runs, seeds, path: Path, reward: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, name in enumerate(ABLATION_METHODS):
-        curves = [([r["budget/samples"] for r in runs[name, s]["rows"]], [r["reward/mean"] for r in runs[name, s]["rows"]])
-                  for s in seeds]
-        x = curves[0][0]
-        ys = np.array([c[1][:len(x)] for c in curves])
-        ax.plot(x, ys.mean(0), label=name, color=f"C{i}")
-        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
-        norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(4)] for s in seeds for r in runs[name, s]["rows"]])
-        share = (norms / norms.sum(1, keepdims=True)).mean(0)
-        ax2.bar(np.arange(4) + 0.16 * (i - 2), share, width=0.16, label=name, color=f"C{i}")
-    ax.set_xlabel("samples (sampled, decoded and rewarded images)")
-    ax.set_ylabel("mean reward")
-    ax.set_title(f"{reward}: mean over seeds, band = min..max", fontsize=9)
-    ax.legend(fontsize=8)
-    ax2.set_xticks(range(4), [f"scale {k} ({p}x{p})" for k, p in enumerate(VARConfig.preset('tiny').patch_nums)])
-    ax2.set_ylabel("share of the gradient norm")
-    ax2.set_title("which scales drive the update (mean over steps)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark: `python vargrpo.py bench`. Every row runs in a fresh process so that its peak memory
-# is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
-
-BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    while len(times) < min_calls or sum(times) < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def matmul_peak_flops(device) -> float:
-    """This machine's fp32 matmul throughput (FLOP/s): the fastest of 10 square matmuls."""
-    n = 8192 if str(device).startswith("cuda") else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = math.inf
-    for _ in range(10):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None) -> dict:
-    """One measurement, in this process: sampler (cfg 0 / cfg+top-k/top-p, ours or the official
-    code's) or teacher forcing (fwd / fwd+bwd) of a random model of this preset."""
-    from torch.utils.flop_counter import FlopCounterMode
-    if what.startswith("GRPO step"):
-        return bench_grpo_step(preset, batch, device)
-    if what.startswith("reward "):
-        return bench_reward(what[len("reward "):], batch, device)
-    cfg = VARConfig.preset(preset)
-    vae, var = build_vae_var(cfg, seed=0)
-    vae.to(device), var.to(device)
-    labels = torch.arange(batch, device=device) % cfg.num_classes
-    guided_kw = BENCH_SAMPLER_KW.get(preset, BENCH_SAMPLER_KW["default"])
-    gen = torch.Generator(device=device).manual_seed(0)
-    if what in ("sample cfg=0", "sample cfg+top-k/p"):
-        kw = {} if what == "sample cfg=0" else guided_kw
-        fn = lambda: sample(var, labels, generator=gen, **kw)
-        unit, per_call = "img/s", batch
-    elif what == "official sample cfg+top-k/p":
-        sys.path.insert(0, str(official_dir))
-        from models import build_vae_var as official_build  # the official repository's package
-        o_vae, o_var = official_build(device=device, patch_nums=cfg.patch_nums, V=cfg.vocab_size, Cvae=cfg.z_channels,
-                                      ch=cfg.vae_ch, share_quant_resi=4, num_classes=cfg.num_classes, depth=cfg.depth,
-                                      shared_aln=cfg.shared_aln, attn_l2_norm=cfg.attn_l2_norm,
-                                      flash_if_available=False, fused_if_available=False)
-        o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
-        o_var.eval()
-        fn = lambda: o_var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, more_smooth=False, **guided_kw)
-        ours = lambda: sample(var, labels, generator=gen, **guided_kw)
-        # this machine's speed drifts: time the two samplers interleaved, in one process
-        fn(), ours()
-        t, pairs = {fn: [], ours: []}, 8
-        for rep in range(pairs):
-            for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
-                t0 = time.perf_counter()
-                f()
-                sync(device)
-                t[f].append(time.perf_counter() - t0)
-        ratio = np.median(np.array(t[ours]) / np.array(t[fn]))  # pairs ran back to back
-        what = (f"official sample cfg+top-k/p, interleaved with ours ({np.median(t[ours]):.3f} s/call; "
-                f"ours/official per pair, median of {pairs}: {ratio:.3f})")
-        return dict(what=what, seconds=float(np.median(t[fn])), throughput=batch / float(np.median(t[fn])),
-                    unit="img/s", flops=None, peak_mem=None)
-    else:
-        idx = sample(var, labels, decode=False).idx
-        if what == "teacher-forced fwd":
-            fn = lambda: token_logprobs(var, labels, idx).sum()
-            fn = torch.no_grad()(fn)
-        else:
-            def fn():
-                var.zero_grad(set_to_none=True)
-                token_logprobs(var, labels, idx).sum().backward()
-        unit, per_call = "tok/s", batch * cfg.seq_len
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    seconds = time_call(fn, device)
-    if str(device).startswith("cuda"):
-        peak_mem = torch.cuda.max_memory_allocated()
-    else:
-        import resource
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(preset=preset, what=what, batch=batch, seconds=seconds, throughput=per_call / seconds, unit=unit,
-                flops=counter.get_total_flops(), peak_mem=peak_mem, device=device)
-
-
-def bench_grpo_step(preset: str, labels_per_step: int, device: str) -> dict:
-    """One full GRPO step of the real trainer (random weights, brightness reward): the second of
-    two steps, so that the first absorbs warm-up."""
-    import tempfile
-    G = 8 if preset == "tiny" or device.startswith("cuda") else 2
-    with tempfile.TemporaryDirectory() as tmp:
-        a = TrainArgs(preset=preset, random_init=True, out=tmp, steps=2, labels_per_step=labels_per_step, group_size=G,
-                      minibatch=min(16, labels_per_step * G), preview_images=0, image_every=0, device=device)
-        train(a)
-        m = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][-1]
-    split = " / ".join(f"{k} {100 * m['time/' + k] / m['time/step']:.0f}%" for k in ("sample", "decode", "reward", "update"))
-    peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
-        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
-    return dict(what=f"GRPO step, {labels_per_step}x{G} samples ({split})", seconds=m["time/step"],
-                throughput=m["perf/samples_per_s"], unit="samples/s", flops=None, peak_mem=peak_mem)
-
-
-def bench_reward(name: str, batch: int, device: str) -> dict:
-    """A reward on `batch` random 256 px images; CLIP ViT-L/14 and the aesthetic head with random
-    weights (the same work as the real ones)."""
-    import reward_models as rm
-    from torch.utils.flop_counter import FlopCounterMode
-    if name == "brightness":
-        fn_reward = rm.Brightness()
-    else:
-        clip, tokenizer = rm.load_clip(rm.AESTHETIC_CLIP[0], "none", None, device)
-        embedder = rm.ClipImageEmbedder(clip).to(device)
-        fn_reward = rm.Aesthetic(embedder, rm.AestheticHead().to(device)) if name == "aesthetic" else \
-            rm.ClipScore(embedder, tokenizer, "a painting")
-    images = torch.rand(batch, 3, 256, 256, device=device)
-    fn = torch.no_grad()(lambda: fn_reward(images))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    seconds = time_call(fn, device)
-    peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
-        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
-    return dict(seconds=seconds, throughput=batch / seconds, unit="img/s", flops=counter.get_total_flops(), peak_mem=peak_mem)
-
-
-def bench(args):
-    import subprocess
-    device = args.device or default_device()
-    if args.row:  # child process: one measurement, printed as JSON
-        preset, what, batch = args.row.split(":")
-        print(json.dumps(bench_row(preset, what, int(batch), device, args.official_var)))
-        return
-    peak = matmul_peak_flops(device)
-    on_gpu = device.startswith("cuda")
-    print(f"device: {device} ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    whats = ["sample cfg=0", "sample cfg+top-k/p"] + (["official sample cfg+top-k/p"] if args.official_var else []) \
-        + ["teacher-forced fwd", "teacher-forced fwd+bwd", "GRPO step"]
-    header = "| preset | what | batch | s/call | throughput | GFLOP/call | GFLOP/s | % of matmul peak | peak memory |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for preset in args.presets.split(","):
-        sample_batch = (32 if on_gpu else 16) if preset == "tiny" else (32 if on_gpu else 2)
-        tf_batch = (32 if on_gpu else 16) if preset == "tiny" else (16 if on_gpu else 2)
-        for what in whats:
-            batch = tf_batch if what.startswith("teacher") else sample_batch
-            if what == "GRPO step":  # labels per step
-                batch = (8 if on_gpu else 4) if preset == "tiny" else (4 if on_gpu else 1)
-            cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
-            if args.official_var:
-                cmd += ["--official-var", args.official_var]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                print(f"| {preset} | {what} | {batch} | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
-                continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            flop_cols = "- | - | -" if r["flops"] is None else \
-                f"{r['flops'] / 1e9:.1f} | {r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}%"
-            mem = "-" if r["peak_mem"] is None else f"{r['peak_mem'] / 2**30:.2f} GiB"
-            print(f"| {preset} | {r.get('what', what)} | {batch} | {r['seconds']:.3f} | {r['throughput']:.3g} {r['unit']} | "
-                  f"{flop_cols} | {mem} |", flush=True)
-    for name in ("brightness", "aesthetic", "clip"):
-        cmd = [sys.executable, __file__, "bench", "--row", f"-:reward {name}:32", "--device", device]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"| - | reward {name} | 32 | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
-            continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"| 256 px | reward {name} | 32 | {r['seconds']:.3f} | {r['throughput']:.3g} img/s | {r['flops'] / 1e9:.1f} | "
-              f"{r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% | {r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
-    print(f"(peak memory: {'max CUDA memory allocated' if on_gpu else 'peak RSS of the row process, Python and torch included'};"
-          " sampler rows include decoding the images; teacher-forced rows compute per-token log-probs)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: `python vargrpo.py train ...` (or under torchrun). Evaluation, ablation, benchmark
+# and the digits model: `python vargrpo_tools.py --help`.
 
 
 def add_dataclass_args(parser, cls):
@@ -2195,50 +2071,46 @@ def add_dataclass_args(parser, cls):
     for f in fields(cls):
         meta = dict(f.metadata)
         help = f"{meta.pop('help')} (default: {f.default})"
-        flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=help)
+            parser.add_argument(flag(f.name), action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=meta.pop("type", type(f.default)), help=help, **meta)
+            parser.add_argument(flag(f.name), type=meta.pop("type", type(f.default)), help=help, **meta)
+
+
+def read_config(path: str) -> dict:
+    """--config FILE: a run's saved args.json; its keys must be TrainArgs fields."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--config {path}: cannot read it as JSON ({io_reason(e)}); pass a run's args.json") from None
+    known = {f.name for f in fields(TrainArgs)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        bad = sorted(set(saved) - known) if isinstance(saved, dict) else ["(not a JSON object)"]
+        raise UsageError(f"--config {path}: unknown settings {', '.join(bad)}; it must hold `train` flags, as a run's args.json does")
+    return {k: v for k, v in saved.items() if k not in ("resume", "overwrite")}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="vargrpo.py", description="GRPO fine-tuning of VAR image models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", argument_default=argparse.SUPPRESS,
-                       help="GRPO fine-tuning (also under torchrun --nproc_per_node=N)",
+                       help="GRPO fine-tuning (also under torchrun --nproc-per-node=N)",
                        description="GRPO fine-tuning of a VAR model. Labels per step and minibatch sizes are global: "
-                                   "torchrun splits them across processes.")
+                                   "torchrun splits them across processes. Exit codes: 0 done, 1 the run failed (saved), "
+                                   "2 a bad flag / file / folder, 130 / 143 stopped by Ctrl-C / SIGTERM (saved).")
+    p.add_argument("--config", metavar="FILE", help="start from a run's args.json; flags given here win")
     add_dataclass_args(p, TrainArgs)
-    p = sub.add_parser("eval", argument_default=argparse.SUPPRESS,
-                       help="aesthetic / CLIP score / ResNet-50 top-5 of a checkpoint and its pre-trained model (Table 1)")
-    add_dataclass_args(p, EvalArgs)
-    p = sub.add_parser("ablate", help="VAR-RL ablation on the CPU tiny preset: GRPO, +PANW, +VMR, +MP, all three")
-    p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--budget", type=int, default=2560, help="samples per run (VMR's extra completions count)")
-    p.add_argument("--reward", default="brightness:region=0.25,0.25,0.75,0.75",
-                   help="reward of every run (a region reward gives mask propagation its mask)")
-    p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
-    p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--official-var", default=None, metavar="DIR",
-                   help="a checkout of FoundationVision/VAR: also time its sampler on the same weights")
-    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
     try:
-        if args.command == "train":
-            given = {k for k in vars(args) if k != "command"}
-            return train(TrainArgs(**{k: getattr(args, k) for k in given}), given)
-        if args.command == "eval":
-            return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
-        if args.command == "bench":
-            return bench(args)
-        if args.command == "ablate":
-            return ablate(args)
-    except (UsageError, CheckpointError, RewardFailed, FileNotFoundError) as e:
+        config = read_config(args.pop("config")) if "config" in args else {}
+        return train(TrainArgs(**{**config, **args}), given=set(args))
+    except (UsageError, CheckpointError, RunFailed) as e:
         print(f"vargrpo: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, UsageError) else 1)
+        raise SystemExit(1 if isinstance(e, RunFailed) else 2)
+    except Stopped as e:
+        print(f"\n[vargrpo] {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,524 @@
+"""vargrpo_tools: what a reader does not need to learn the method, beside vargrpo.py (which it
+imports; vargrpo.py never imports this file).
+
+  python vargrpo_tools.py eval --ckpt runs/aes        Table 1: reward and class accuracy, pre-trained vs fine-tuned
+  python vargrpo_tools.py ablate                      the VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three
+  python vargrpo_tools.py bench                       speed and memory on this machine
+  python vargrpo_tools.py plot runs/demo              reward_curve.png of a run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vargrpo as vg
+from vargrpo import CheckpointError, TrainArgs, UsageError, arg
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run's checkpoint: RUN (its last.pt), a step_N.pt, or an exported .safetensors
+
+
+def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
+    """(the run's settings, the policy's state_dict, its step) from a run folder, a vargrpo .pt
+    checkpoint or a .safetensors export (settings in its metadata)."""
+    path = Path(ckpt)
+    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--ckpt {ckpt}: no checkpoint there (expected RUN, RUN/checkpoints/*.pt or *.safetensors)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({vg.first_line(e)})") from None
+        if "vargrpo_args" not in meta:
+            raise CheckpointError(f"{path} has no vargrpo settings in its metadata; pass a run's export "
+                                  "(RUN/checkpoints/last.safetensors) or its .pt checkpoint")
+        return json.loads(meta["vargrpo_args"]), vg.read_state_dict(path), int(meta["vargrpo_step"])
+    obj = vg.load_pth(path, "pass another vargrpo checkpoint")
+    if not (isinstance(obj, dict) and {"model", "args", "step"} <= obj.keys()):
+        raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks model/args/step); pass RUN/checkpoints/last.pt")
+    return obj["args"], obj["model"], int(obj["step"])
+
+
+def load_finetuned(ckpt: str, device, weights_dir=None):
+    """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint."""
+    saved, state, step = load_run_checkpoint(ckpt)
+    known = {f.name for f in fields(TrainArgs)}
+    a = TrainArgs(**{k: v for k, v in saved.items() if k in known})
+    if weights_dir:
+        a.weights_dir = weights_dir
+    vae, finetuned, pretrained = vg.build_models(a, device)
+    vg.load_checked(finetuned, state, ckpt)
+    return vae, finetuned, pretrained, a, step
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation [GRPO-VAR Table 1]: aesthetic score, CLIP score and ResNet-50 top-5 accuracy of
+# images sampled with the official inference settings, for the pre-trained and fine-tuned models.
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = arg("", "a run directory, a vargrpo checkpoint (.pt) or its .safetensors export")
+    samples_per_class: int = arg(10, "images per class [paper: 10 for each of the 1000 classes]")
+    max_classes: int = arg(0, "evaluate only the first N classes of each subset (0 = all)")
+    cfg: float = arg(1.5, "classifier-free guidance [official VAR inference: 1.5]")
+    top_k: int = arg(900, "top-k [official: 900]")
+    top_p: float = arg(0.96, "top-p [official: 0.96]")
+    temperature: float = arg(1.0, "sampling temperature")
+    prompt: str = arg("a painting", "prompt of the CLIP score")
+    batch: int = arg(50, "images per sampling call")
+    seed: int = arg(0, "sampling seed (the same images are drawn for both models up to their differences)")
+    out: str = arg(None, "folder for eval.md, eval.json and the grids (default: the run directory)", type=str)
+    clip_model: str = arg(None, "open_clip model (default ViT-L-14-quickgelu; 'tiny-random' for smoke runs)", type=str)
+    clip_pretrained: str = arg("openai", "open_clip weights tag ('none' = random)")
+    clip_weights: str = arg(None, "local open_clip checkpoint file", type=str)
+    aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth", type=str)
+    resnet_weights: str = arg(None, "local torchvision resnet50 IMAGENET1K_V2 state_dict (else torch hub cache, else download)", type=str)
+    weights_dir: str = arg(None, "folder with the pre-trained VAR files", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+
+
+def load_resnet50(weights, device):
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
+    from torchvision.models import ResNet50_Weights, resnet50
+    spec = ResNet50_Weights.IMAGENET1K_V2
+    model = resnet50()
+    if weights:
+        if not Path(weights).is_file():
+            raise UsageError(f"--resnet-weights {weights}: no such file")
+        state = vg.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        import reward_models
+        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
+            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
+                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
+        state = spec.get_state_dict(progress=True, check_hash=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False).to(device), spec.transforms()
+
+
+def evaluate(e: EvalArgs) -> dict:
+    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0 or e.cfg < 0 \
+            or e.top_k < 0 or not 0 <= e.top_p < 1:
+        raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0, --temperature > 0, "
+                         "--cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
+    device = e.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, device, e.weights_dir)
+    reward = vg.make_reward(f"aesthetic+clip:{e.prompt}", device, e)
+    classifier, classifier_preprocess = load_resnet50(e.resnet_weights, device)
+    ncls = finetuned.config.num_classes
+    seen = vg.label_pool(a, ncls)
+    subsets = {"all": seen} if a.label_subset == "all" else \
+        {"seen": seen, "unseen": torch.tensor(sorted(set(range(ncls)) - set(seen.tolist())))}
+    ckpt = Path(e.ckpt)
+    out = Path(e.out) if e.out else (ckpt if ckpt.is_dir() else ckpt.parent.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model_name, model in (("pre-trained", pretrained), ("fine-tuned", finetuned)):
+        for subset, classes in subsets.items():
+            classes = classes[:e.max_classes] if e.max_classes else classes
+            labels = classes.repeat_interleave(e.samples_per_class).to(device)
+            sums, grid = {"aesthetic": 0.0, "clipscore": 0.0, "top5": 0.0}, []
+            for i in range(0, len(labels), e.batch):
+                gen = torch.Generator(device=device).manual_seed(vg.derive_seed(e.seed, 6, i))
+                with torch.no_grad():
+                    images = vg.sample(model, labels[i:i + e.batch], temperature=e.temperature, cfg=e.cfg, top_k=e.top_k,
+                                       top_p=e.top_p, generator=gen).images.float()
+                    _, parts = reward(images, return_components=True)
+                    top5 = classifier(classifier_preprocess(images)).topk(5, dim=-1).indices
+                sums["aesthetic"] += parts["aesthetic"].sum().item()
+                sums["clipscore"] += parts[f"clip:{e.prompt}/clipscore"].sum().item()
+                sums["top5"] += (top5 == labels[i:i + e.batch, None]).any(-1).float().sum().item()
+                grid += [(img, lab) for img, lab in zip(images, labels[i:i + e.batch].tolist())
+                         if lab in classes[:8].tolist() and sum(1 for _, l in grid if l == lab) < 4]
+            n = len(labels)
+            results.append({"model": model_name, "subset": subset, "images": n, "aesthetic": sums["aesthetic"] / n,
+                            "clipscore": sums["clipscore"] / n, "resnet50_top5": sums["top5"] / n})
+            vg.save_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid], out / f"eval_{model_name}_{subset}.png")
+    table = [f"| model | labels | images | aesthetic score | CLIPScore '{e.prompt}' | ResNet-50 top-5 |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | {r['aesthetic']:.3f} | {r['clipscore']:.2f} | "
+              f"{100 * r['resnet50_top5']:.1f}% |" for r in results]
+    settings = {k: getattr(e, k) for k in ("samples_per_class", "cfg", "top_k", "top_p", "temperature", "prompt", "seed")}
+    (out / "eval.json").write_text(json.dumps({"checkpoint": str(e.ckpt), "step": step, "settings": settings,
+                                               "results": results}, indent=1))
+    (out / "eval.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return {"results": results}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation [VAR-RL]: vanilla GRPO, +PANW, +VMR, +MP, all three, at equal sample budgets (VMR's
+# extra completions count: each image sampled, decoded and rewarded).
+
+ABLATION_METHODS = {
+    "grpo": {},
+    "+panw": {"panw_alpha": 1.0},
+    "+vmr": {"vmr": True},
+    "+mp": {"mask_propagation": True},
+    "nextflow (all three)": {"vmr": True, "mask_propagation": True, "panw_alpha": 1.0},
+}
+
+
+def ablate(args):
+    """Runs every method for every seed to the same sample budget; writes ablation.md / .json / .png."""
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    common = dict(preset=args.preset, reward=args.reward, labels_per_step=4, group_size=8, minibatch=16, lr=1e-3,
+                  beta=0.1, temperature=1.0, preview_images=0, image_every=0, save_every=10**6, scale_grad_norms=True,
+                  overwrite=True)
+    runs = {}
+    for name, flags in ABLATION_METHODS.items():
+        per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
+        steps = max(1, args.budget // per_step)
+        for seed in seeds:
+            run = out / f"{name.split()[0].lstrip('+')}_s{seed}"
+            t0 = time.perf_counter()
+            vg.train(TrainArgs(**common, **flags, out=str(run), steps=steps, seed=seed))
+            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+            runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
+    table, summary = summarise_ablation(runs, seeds, args)
+    (out / "ablation.md").write_text(table)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=1))
+    plot_ablation(runs, seeds, out / "ablation.png", args.reward, vg.VARConfig.preset(args.preset).patch_nums)
+    print(table)
+
+
+def summarise_ablation(runs, seeds, args):
+    lines = [f"Reward `{args.reward}`, {args.preset} preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
+             "",
+             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | grad-norm share of the finest scale |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in ABLATION_METHODS:
+        stats = []
+        for seed in seeds:
+            rows, wall = runs[name, seed]["rows"], runs[name, seed]["wall"]
+            budget = [r["budget/samples"] for r in rows]
+            reward = [r["reward/mean"] for r in rows]
+            last = [r for b, r in zip(budget, reward) if b > 0.9 * budget[-1]]
+            half = min(range(len(budget)), key=lambda i: abs(budget[i] - 0.5 * budget[-1]))
+            K = sum(1 for k in rows[0] if k.startswith("scale/grad_norm_s"))
+            norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(K)] for r in rows])
+            stats.append(dict(start=reward[0], half=reward[half], final=float(np.mean(last)), wall=wall, steps=len(rows),
+                              finest_share=float(np.mean(norms[:, -1] / norms.sum(1)))))
+        agg = {k: (float(np.mean([s[k] for s in stats])), float(np.std([s[k] for s in stats]))) for k in stats[0]}
+        summary[name] = {"per_seed": stats, "mean_std": agg}
+        f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}" if len(seeds) > 1 else f"{agg[k][0]:.{p}f}"
+        gain = [s["final"] - s["start"] for s in stats]
+        lines.append(f"| {name} | {stats[0]['steps']} | {f('start')} | {f('half')} | {f('final')} | "
+                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {agg['finest_share'][0]:.2f} |")
+    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds. The grad-norm share is "
+              "||grad of the finest scale's part of the loss|| / sum over scales (first minibatch of each step)."]
+    return "\n".join(lines) + "\n", summary
+
+
+def plot_ablation(runs, seeds, path: Path, reward: str, patch_nums):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    K = len(patch_nums)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(ABLATION_METHODS):
+        curves = [([r["budget/samples"] for r in runs[name, s]["rows"]], [r["reward/mean"] for r in runs[name, s]["rows"]])
+                  for s in seeds]
+        x = curves[0][0]
+        ys = np.array([c[1][:len(x)] for c in curves])
+        ax.plot(x, ys.mean(0), label=name, color=f"C{i}")
+        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
+        norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(K)] for s in seeds for r in runs[name, s]["rows"]])
+        share = (norms / norms.sum(1, keepdims=True)).mean(0)
+        ax2.bar(np.arange(K) + 0.16 * (i - 2), share, width=0.16, label=name, color=f"C{i}")
+    ax.set_xlabel("samples (sampled, decoded and rewarded images)")
+    ax.set_ylabel("mean reward")
+    ax.set_title(f"{reward}: mean over seeds, band = min..max", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2.set_xticks(range(K), [f"scale {k} ({p}x{p})" for k, p in enumerate(patch_nums)])
+    ax2.set_ylabel("share of the gradient norm")
+    ax2.set_title("which scales drive the update (mean over steps)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots of a run
+
+
+def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None = None):
+    """reward_curve.png: the mean reward (band: +- std over the step's samples) and the KL per token."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line
+            pass
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward/mean"] for r in rows], label="reward (mean)", color="C0")
+    ax.fill_between(steps, [r["reward/mean"] - r["reward/std"] for r in rows],
+                    [r["reward/mean"] + r["reward/std"] for r in rows], color="C0", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["policy/kl"] for r in rows], color="C3", label="KL to pre-trained (per token)")
+    ax2.set_ylabel("KL", color="C3")
+    if title is None:
+        a = json.loads((run / "args.json").read_text())
+        title = f"{a['preset']}, reward {a['reward']}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=ax.get_lines() + ax2.get_lines(), loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path or run / "reward_curve.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: `python vargrpo_tools.py bench`. Every row runs in a fresh process so that its peak
+# memory is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
+
+BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
+
+
+def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    vg.sync(device)
+    times = []
+    while len(times) < min_calls or sum(times) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        vg.sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def peak_memory(device) -> int:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_flops(device) -> float:
+    """This machine's fp32 matmul throughput (FLOP/s): the fastest of 10 square matmuls."""
+    n = 8192 if str(device).startswith("cuda") else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = math.inf
+    for _ in range(10):
+        vg.sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        vg.sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None) -> dict:
+    """One measurement, in this process: sampler (cfg 0 / cfg+top-k/top-p, ours or the official
+    code's) or teacher forcing (fwd / fwd+bwd, optionally with gradient checkpointing) of a random
+    model of this preset."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if what.startswith("GRPO step"):
+        return bench_grpo_step(preset, batch, device)
+    if what.startswith("reward "):
+        return bench_reward(what[len("reward "):], batch, device)
+    config = vg.VARConfig.preset(preset)
+    vae, var = vg.build_vae_var(config, seed=0)
+    vae.to(device), var.to(device)
+    labels = torch.arange(batch, device=device) % config.num_classes
+    guided_kw = BENCH_SAMPLER_KW.get(preset, BENCH_SAMPLER_KW["default"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    if what in ("sample cfg=0", "sample cfg+top-k/p"):
+        kw = {} if what == "sample cfg=0" else guided_kw
+        fn = lambda: vg.sample(var, labels, generator=gen, **kw)
+        unit, per_call = "img/s", batch
+    elif what == "official sample cfg+top-k/p":
+        sys.path.insert(0, str(official_dir))
+        from models import build_vae_var as official_build  # the official repository's package
+        o_vae, o_var = official_build(device=device, patch_nums=config.patch_nums, V=config.vocab_size, Cvae=config.z_channels,
+                                      ch=config.vae_ch, share_quant_resi=4, num_classes=config.num_classes, depth=config.depth,
+                                      shared_aln=config.shared_aln, attn_l2_norm=config.attn_l2_norm,
+                                      flash_if_available=False, fused_if_available=False)
+        o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
+        o_var.eval()
+        fn = lambda: o_var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, more_smooth=False, **guided_kw)
+        ours = lambda: vg.sample(var, labels, generator=gen, **guided_kw)
+        # this machine's speed drifts: time the two samplers interleaved, in one process
+        fn(), ours()
+        t, pairs = {fn: [], ours: []}, 8
+        for rep in range(pairs):
+            for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
+                t0 = time.perf_counter()
+                f()
+                vg.sync(device)
+                t[f].append(time.perf_counter() - t0)
+        ratio = np.median(np.array(t[ours]) / np.array(t[fn]))  # pairs ran back to back
+        what = (f"official sample cfg+top-k/p, interleaved with ours ({np.median(t[ours]):.3f} s/call; "
+                f"ours/official per pair, median of {pairs}: {ratio:.3f})")
+        return dict(what=what, seconds=float(np.median(t[fn])), throughput=batch / float(np.median(t[fn])),
+                    unit="img/s", flops=None, peak_mem=None)
+    else:
+        idx = vg.sample(var, labels, decode=False).idx
+        var.grad_checkpointing = what.endswith("checkpointing")
+        if what == "teacher-forced fwd":
+            fn = torch.no_grad()(lambda: vg.token_logprobs(var, labels, idx).sum())
+        else:
+            def fn():
+                var.zero_grad(set_to_none=True)
+                vg.token_logprobs(var, labels, idx).sum().backward()
+        unit, per_call = "tok/s", batch * config.seq_len
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds = time_call(fn, device)
+    return dict(preset=preset, what=what, batch=batch, seconds=seconds, throughput=per_call / seconds, unit=unit,
+                flops=counter.get_total_flops(), peak_mem=peak_memory(device), device=device)
+
+
+def bench_grpo_step(preset: str, labels_per_step: int, device: str) -> dict:
+    """One full GRPO step of the real trainer (random weights, brightness reward): the second of
+    two steps, so that the first absorbs warm-up."""
+    import tempfile
+    G = 16 if device.startswith("cuda") else (8 if preset == "tiny" else 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = TrainArgs(preset=preset, random_init=True, out=tmp + "/run", steps=2, labels_per_step=labels_per_step,
+                      group_size=G, minibatch=min(32, labels_per_step * G), preview_images=0, image_every=0, device=device)
+        vg.train(a)
+        m = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    split = " / ".join(f"{k} {100 * m['time/' + k] / m['time/step']:.0f}%" for k in ("sample", "decode", "reward", "update"))
+    return dict(what=f"GRPO step, {labels_per_step}x{G} samples ({split})", seconds=m["time/step"],
+                throughput=m["perf/samples_per_s"], unit="samples/s", flops=None, peak_mem=peak_memory(device))
+
+
+def bench_reward(name: str, batch: int, device: str) -> dict:
+    """A reward on `batch` random 256 px images; CLIP ViT-L/14 and the aesthetic head with random
+    weights (the same work as the real ones)."""
+    import reward_models as rm
+    from torch.utils.flop_counter import FlopCounterMode
+    if name == "brightness":
+        fn_reward = rm.Brightness()
+    else:
+        clip, tokenizer = rm.load_clip(rm.AESTHETIC_CLIP[0], "none", None, device)
+        embedder = rm.ClipImageEmbedder(clip).to(device)
+        fn_reward = rm.Aesthetic(embedder, rm.AestheticHead().to(device)) if name == "aesthetic" else \
+            rm.ClipScore(embedder, tokenizer, "a painting")
+    images = torch.rand(batch, 3, 256, 256, device=device)
+    fn = torch.no_grad()(lambda: fn_reward(images))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    seconds = time_call(fn, device)
+    return dict(seconds=seconds, throughput=batch / seconds, unit="img/s", flops=counter.get_total_flops(),
+                peak_mem=peak_memory(device))
+
+
+def bench(args):
+    import subprocess
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.row:  # child process: one measurement, printed as JSON
+        preset, what, batch = args.row.split(":")
+        print(json.dumps(bench_row(preset, what, int(batch), device, args.official_var)))
+        return
+    peak = matmul_peak_flops(device)
+    on_gpu = device.startswith("cuda")
+    print(f"device: {device} ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    whats = ["sample cfg=0", "sample cfg+top-k/p"] + (["official sample cfg+top-k/p"] if args.official_var else []) \
+        + ["teacher-forced fwd", "teacher-forced fwd+bwd", "teacher-forced fwd+bwd, grad checkpointing", "GRPO step"]
+    header = "| preset | what | batch | s/call | throughput | GFLOP/call | GFLOP/s | % of matmul peak | peak memory |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for preset in args.presets.split(","):
+        sample_batch = (32 if on_gpu else 16) if preset == "tiny" else (32 if on_gpu else 2)
+        tf_batch = (32 if on_gpu else 16) if preset == "tiny" else (16 if on_gpu else 2)
+        for what in whats:
+            batch = tf_batch if what.startswith("teacher") else sample_batch
+            if what == "GRPO step":  # labels per step
+                batch = (32 if on_gpu else 4) if preset == "tiny" else (32 if on_gpu else 1)
+            cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
+            if args.official_var:
+                cmd += ["--official-var", args.official_var]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"| {preset} | {what} | {batch} | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            flop_cols = "- | - | -" if r["flops"] is None else \
+                f"{r['flops'] / 1e9:.1f} | {r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}%"
+            mem = "-" if r["peak_mem"] is None else f"{r['peak_mem'] / 2**30:.2f} GiB"
+            print(f"| {preset} | {r.get('what', what)} | {batch} | {r['seconds']:.3f} | {r['throughput']:.3g} {r['unit']} | "
+                  f"{flop_cols} | {mem} |", flush=True)
+    for name in ("brightness", "aesthetic", "clip"):
+        cmd = [sys.executable, __file__, "bench", "--row", f"-:reward {name}:32", "--device", device]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"| - | reward {name} | 32 | failed: {res.stderr.strip().splitlines()[-1]} |", flush=True)
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"| 256 px | reward {name} | 32 | {r['seconds']:.3f} | {r['throughput']:.3g} img/s | {r['flops'] / 1e9:.1f} | "
+              f"{r['flops'] / r['seconds'] / 1e9:.1f} | {100 * r['flops'] / r['seconds'] / peak:.0f}% | {r['peak_mem'] / 2**30:.2f} GiB |", flush=True)
+    print(f"(peak memory: {'max CUDA memory allocated' if on_gpu else 'peak RSS of the row process, Python and torch included'};"
+          " sampler rows include decoding the images; teacher-forced rows compute per-token log-probs)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="vargrpo_tools.py", description="evaluation, ablation, benchmark and plots for vargrpo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", argument_default=argparse.SUPPRESS,
+                       help="aesthetic / CLIP score / ResNet-50 top-5 of a checkpoint and its pre-trained model (Table 1)")
+    vg.add_dataclass_args(p, EvalArgs)
+    p = sub.add_parser("ablate", help="VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three")
+    p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
+    p.add_argument("--preset", default="tiny", help="model of every run")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--budget", type=int, default=2560, help="samples per run (VMR's extra completions count)")
+    p.add_argument("--reward", default="brightness:region=0.25,0.25,0.75,0.75",
+                   help="reward of every run (a region reward gives mask propagation its mask)")
+    p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
+    p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--official-var", default=None, metavar="DIR",
+                   help="a checkout of FoundationVision/VAR: also time its sampler on the same weights")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    p = sub.add_parser("plot", help="reward_curve.png of a run")
+    p.add_argument("run", help="the run directory")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "eval":
+            return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
+        if args.command == "bench":
+            return bench(args)
+        if args.command == "ablate":
+            return ablate(args)
+        if args.command == "plot":
+            return plot_reward_curve(Path(args.run))
+    except (UsageError, CheckpointError, vg.RunFailed, FileNotFoundError) as e:
+        print(f"vargrpo_tools: error: {e}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)
+
+
+if __name__ == "__main__":
+    main()
