@@ -35,9 +35,7 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   test)  exec "$PY" -m pytest -q -o "markers=slow: long tests (CI runs them too)" "$@" ;;
-  demo)  exec "$PY" vargrpo.py train --preset tiny --reward brightness --out runs/demo --overwrite \
-           --steps 50 --labels-per-step 4 --group-size 8 --minibatch 16 \
-           --lr 1e-3 --beta 0.1 --temperature 1.0 --image-every 10 --save-every 25 "$@" ;;
+  demo)  exec "$PY" vargrpo_tools.py demo "$@" ;;
   brightness) launch --preset d16 --reward bright --out runs/brightness --steps 200 "$@" ;;
   dark)       launch --preset d16 --reward dark --out runs/dark --steps 200 "$@" ;;
   aesthetic)  launch --preset d16 --reward aesthetic --out runs/aesthetic --steps 40000 "$@" ;;

@@ -170,10 +170,10 @@ def test_official_teacher_forcing(official):
 def test_official_decode_and_encode(official):
     f, vae, _ = official
     idx = torch.cat(f["idx_per_scale"], dim=1)
-    assert torch.allclose(vae.quantize.idx_to_fhat(f["idx_per_scale"]), f["fhat"], atol=1e-6, rtol=0)
+    assert torch.allclose(vae.quantize.partial_sums(f["idx_per_scale"])[-1], f["fhat"], atol=1e-6, rtol=0)
     # measured: 6.4e-6 here; the fixture itself is 7.1e-6 from a float64 decode, ours 3.0e-6
     assert (vae.idx_to_img(idx) - f["decoded_images_01"]).abs().max() <= 1e-5
-    assert torch.equal(vae.img_to_idx(f["encoder_input_m11"]), torch.cat(f["encoder_idx_per_scale"], dim=1))
+    assert torch.equal(tools.img_to_idx(vae, f["encoder_input_m11"]), torch.cat(f["encoder_idx_per_scale"], dim=1))
 
 
 @needs_fixture
@@ -305,14 +305,14 @@ def test_prefix_continuation(seed, n_prefix_scales):
 def test_sampling_argument_errors():
     vae, var = random_model((1, 2), depth=1)
     labels = labels_for(var, 2, 0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="need temperature > 0.*got temperature=0"):
         vg.sample(var, labels, temperature=0)
     with pytest.raises(ValueError, match="0 <= top_p < 1"):
         vg.sample(var, labels, top_p=1.0)
     with pytest.raises(ValueError, match="scale boundary"):
         vg.sample(var, labels, prefix_idx=torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="shape \\(B, 3, 32, 32\\)"):
-        vae.img_to_idx(torch.zeros(1, 3, 64, 64))
+        tools.img_to_idx(vae, torch.zeros(1, 3, 64, 64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,12 +329,12 @@ def test_vqvae_round_trip_shapes_and_determinism(preset):
     S = cfg.image_size
     x = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        idx = vae.img_to_idx(x)
+        idx = tools.img_to_idx(vae, x)
         assert idx.shape == (1, cfg.seq_len) and idx.dtype == torch.long
         assert ((0 <= idx) & (idx < cfg.vocab_size)).all()
         img = vae.idx_to_img(idx)
         assert img.shape == (1, 3, S, S) and 0 <= img.min() and img.max() <= 1
-        assert torch.equal(vae.idx_to_img(vae.img_to_idx(x)), img)
+        assert torch.equal(vae.idx_to_img(tools.img_to_idx(vae, x)), img)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,14 +515,14 @@ def test_nonfinite_rewards_are_left_out():
     torch.testing.assert_close(A[0, [0, 2]], torch.tensor([-1.0, 1.0]), atol=1e-3, rtol=0)
 
 
-@given(seed=st.integers(0, 2**16), eps=st.floats(0.05, 0.5), eps_high=st.sampled_from([None, 0.1, 0.3]))
-def test_clipped_surrogate_properties(seed, eps, eps_high):
+@given(seed=st.integers(0, 2**16), eps=st.floats(0.05, 0.5))
+def test_clipped_surrogate_properties(seed, eps):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(4, 7, generator=g) * 5
     adv = torch.randn(4, generator=g)  # per-row different advantages
     # at the first inner step the policy is the sampling policy: ratio 1, objective = A, grad = w A
     logp = old.clone().requires_grad_(True)
-    obj = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    obj = vg.clipped_surrogate(logp, old, adv, eps)
     assert torch.equal(obj, adv[:, None].expand(4, 7))
     w = torch.rand(4, 7, generator=g)
     w = w / w.sum(1, keepdim=True)
@@ -531,14 +531,13 @@ def test_clipped_surrogate_properties(seed, eps, eps_high):
     torch.testing.assert_close(grad, -w * adv[:, None] / 4)
     # away from it: never above the unclipped term, clipped tokens get no gradient
     logp = (old + torch.randn(4, 7, generator=g) * 0.5).requires_grad_(True)
-    obj = vg.clipped_surrogate(logp, old, adv, eps, eps_high)
+    obj = vg.clipped_surrogate(logp, old, adv, eps)
     ratio = (logp - old).exp().detach()
     clipped = obj.detach() < ratio * adv[:, None]
     assert (obj <= ratio * adv[:, None] + 1e-6).all()
     (grad,) = torch.autograd.grad(obj.sum(), logp)
     assert (grad[clipped] == 0).all() and (grad[~clipped] != 0).all()
-    hi = 1 + (eps if eps_high is None else eps_high)
-    expect = ((ratio > hi) & (adv[:, None] > 0)) | ((ratio < 1 - eps) & (adv[:, None] < 0))
+    expect = ((ratio > 1 + eps) & (adv[:, None] > 0)) | ((ratio < 1 - eps) & (adv[:, None] < 0))
     assert torch.equal(clipped, expect)
 
 
@@ -603,11 +602,11 @@ def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [m["reward/mean"] for m in read_metrics(straight)] == [m["reward/mean"] for m in read_metrics(split)]
-    for name in ["before.png", "after.png", "images/step_000003.png", "args.json", "checkpoints/last.safetensors"]:
+    for name in ["images/step_000003.png", "args.json", "checkpoints/last.safetensors"]:
         assert (split / name).is_file(), name
     keys = read_metrics(split)[0].keys()
     for k in ["reward/mean", "reward/std", "reward/min", "reward/max", "adv/std", "policy/kl", "policy/clip_frac",
-              "policy/entropy", "policy/ratio_max", "scale/kl_s3", "scale/clip_frac_s0", "scale/entropy_s2",
+              "policy/entropy", "policy/ratio_mean", "scale/kl_s3", "scale/clip_frac_s0", "scale/entropy_s2",
               "adv/zero_std_group_frac", "loss/grad_norm", "lr", "time/sample", "time/decode", "time/reward",
               "time/update", "perf/samples_per_s", "policy/ratio_dev_first_minibatch"]:
         assert k in keys, k
@@ -641,7 +640,8 @@ def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys
     (["--reward", "brightnes"], "cannot parse reward term 'brightnes'"),
     (["--vmr-k", "3"], "--vmr-k only act with --vmr"),
     (["--mp-keep", "0.3"], "--mp-keep only act with"),
-    (["--micro-batch", "-2"], "--micro-batch -2 must divide"),
+    (["--micro-batch", "-2"], "--micro-batch must be >= 0, got -2"),
+    (["--micro-batch", "3"], "--micro-batch 3 must divide the per-process minibatch 4"),
     (["--device", "gpu"], "--device 'gpu': use cpu, cuda or cuda:N"),
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
 ])
@@ -656,15 +656,16 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(tmp_path):
     """--micro-batch splits each rank's minibatch into forward/backward passes whose gradients add up
     to the whole minibatch's: the weights after a step match; other loss options run end to end."""
     common = dict(preset="tiny", reward="brightness", labels_per_step=2, group_size=4, minibatch=8, lr=1e-3, beta=0.05,
-                  temperature=1.0, steps=1, image_every=0, preview_images=0, device="cpu")
+                  temperature=1.0, steps=1, image_every=0, device="cpu")
     vg.train(vg.TrainArgs(**common, out=str(tmp_path / "whole")))
     vg.train(vg.TrainArgs(**common, out=str(tmp_path / "micro"), micro_batch=2))
     whole, micro = policy_state(tmp_path / "whole")["model"], policy_state(tmp_path / "micro")["model"]
-    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 1e-6
+    # AdamW's first step moves a weight by ~lr whatever its gradient's size; where a gradient is near
+    # Adam's eps, float summation order shows: the two updates agree to 1% of a step
+    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 1e-2 * common["lr"]
     # Adam hides a gradient's scale; the logged gradient norm does not
     assert read_metrics(tmp_path / "micro")[0]["loss/grad_norm"] == pytest.approx(read_metrics(tmp_path / "whole")[0]["loss/grad_norm"], rel=1e-5)
-    m = vg.train(vg.TrainArgs(**{**common, "steps": 2}, out=str(tmp_path / "opts"), kl="exact", ppo_epochs=2,
-                              clip_eps_high=0.3, micro_batch=4))
+    m = vg.train(vg.TrainArgs(**{**common, "steps": 2}, out=str(tmp_path / "opts"), kl="exact", ppo_epochs=2, micro_batch=4))
     assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)) and m["policy/kl"] > 0
 
 
@@ -697,7 +698,7 @@ def test_nonfinite_rewards_and_a_failing_reward(tmp_path, capsys, flaky):
     err = capsys.readouterr().err
     assert "retrying once" in err and "non-finite rewards; those samples get no gradient" in err
     assert m["reward/nonfinite"] > 0 and len(read_metrics(tmp_path / "a")) == 2 and math.isfinite(m["loss/loss"])
-    flaky.calls, flaky.fail_on = 0, (3, 4)  # fails twice in step 1 (call 1 = preview, 2 = step 0)
+    flaky.calls, flaky.fail_on = 0, (2, 3)  # fails twice in step 1 (call 1 = step 0)
     with pytest.raises(SystemExit) as e:
         vg.main(["train", *TINY, "--reward", "flaky", "--out", str(tmp_path / "b"), "--steps", "5"])
     err = capsys.readouterr().err
@@ -770,7 +771,7 @@ def test_demo_learns_brightness(tmp_path):
     the last 3 steps is at least 0.2 above that of the first step."""
     import subprocess
     run = tmp_path / "demo"
-    res = subprocess.run(["bash", "run.sh", "demo", "--seed", "3", "--out", str(run), "--preview-images", "0"],
+    res = subprocess.run(["bash", "run.sh", "demo", "--seed", "3", "--out", str(run)],
                          cwd=Path(vg.__file__).parent, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     rewards = [m["reward/mean"] for m in read_metrics(run)]
@@ -928,7 +929,7 @@ def test_run_sh_aesthetic_smoke_on_cpu(tmp_path):
     run = tmp_path / "aes"
     res = subprocess.run(["bash", "run.sh", "aesthetic", "--preset", "tiny", "--clip-model", "tiny-random",
                           "--aesthetic-head", str(HEAD), "--steps", "2", "--labels-per-step", "2", "--group-size", "4",
-                          "--minibatch", "8", "--preview-images", "0", "--out", str(run)],
+                          "--minibatch", "8", "--out", str(run)],
                          cwd=Path(vg.__file__).parent, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m = read_metrics(run)
@@ -942,8 +943,8 @@ def test_eval_table_seen_unseen(tmp_path, capsys):
     whose top-5 are classes 0-4 scores exactly the share of labels in 0-4)."""
     import torchvision
     run = tmp_path / "run"
-    vg.main(["train", *TINY, "--out", str(run), "--steps", "1", "--label-subset", "half", "--preview-images", "0"])
-    seen = json.loads((run / "labels.json").read_text())["seen"]
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "1", "--label-subset", "half"])
+    seen = vg.label_pool(vg.TrainArgs(label_subset="half", seed=0), 10).tolist()
     assert len(seen) == 5 and seen == sorted(seen)
     r50 = torchvision.models.resnet50()
     torch.nn.init.zeros_(r50.fc.weight)
@@ -1014,11 +1015,6 @@ def test_default_vmr_split():
     m = vg.default_vmr_split(d16)
     assert m == 5 and vg.scale_begin_ends(d16)[m - 1][1] == 55  # after the 5x5 scale: 55 of 680 tokens (8%)
     assert vg.default_vmr_split((1, 2, 3, 4)) == 1  # 30 tokens: boundaries 1, 5, 14; 8% = 2.4
-    assert vg.vmr_stage(vg.TrainArgs(vmr=True), 0) == "prefix"
-    stages = [vg.vmr_stage(vg.TrainArgs(vmr=True, vmr_schedule="3:1"), s) for s in range(8)]
-    assert stages == ["prefix"] * 3 + ["suffix"] + ["prefix"] * 3 + ["suffix"]
-    assert [vg.vmr_stage(vg.TrainArgs(vmr=True, vmr_schedule="30:10"), s) for s in (29, 30, 39, 40)] == ["prefix", "suffix", "suffix", "prefix"]
-    assert vg.vmr_stage(vg.TrainArgs(), 3) is None
 
 
 @given(patch_nums=patch_nums_st, seed=st.integers(0, 2**16), density=st.floats(0.0, 1.0))
@@ -1070,8 +1066,6 @@ def test_advantage_groups_and_stage_weights():
     assert torch.equal(vg.advantage_groups(r6, None, plain, 2), r6.view(2, 3))
     torch.testing.assert_close(vg.advantage_groups(r12, "prefix", vmr, 2), vg.middle_value(r12.view(6, 2), 1.0).view(2, 3))
     assert torch.equal(vg.advantage_groups(r12, "suffix", vmr, 2), r12.view(2, 6))  # a label's G*K completions
-    per_prefix = vg.TrainArgs(group_size=3, vmr=True, vmr_k=2, vmr_suffix_group="prefix")
-    assert torch.equal(vg.advantage_groups(r12, "suffix", per_prefix, 2), r12.view(6, 2))  # a prefix's K
     pn = (1, 2, 3)  # 14 tokens; scales 0-1 = the first 5
     torch.testing.assert_close(vg.stage_weights(pn, 0.0, None, 0), torch.full((14,), 1 / 14))
     for alpha in (0.0, 1.0):
@@ -1109,18 +1103,18 @@ def test_vmr_rollout_shares_prefixes():
 
 def test_nextflow_trains_and_counts_its_budget(tmp_path):
     run = tmp_path / "nf"
-    vg.main(["train", *TINY, "--out", str(run), "--steps", "4", "--method", "nextflow", "--scale-grad-norms",
-             "--reward", "brightness:region=0.25,0.25,0.75,0.75", "--preview-images", "0"])
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "4", "--vmr", "--mask-propagation", "--panw-alpha", "1",
+             "--reward", "brightness:region=0.25,0.25,0.75,0.75"])
     rows = read_metrics(run)
     args = json.loads((run / "args.json").read_text())
     assert args["vmr"] and args["mask_propagation"] and args["panw_alpha"] == 1.0
     assert [r["vmr/stage"] for r in rows] == ["prefix"] * 3 + ["suffix"]
     assert [r["budget/samples"] for r in rows] == [16, 32, 48, 64]  # 2 labels x 4 prefixes x 2 completions
     assert [r["budget/reward_images"] for r in rows] == [16, 32, 48, 64]  # a region needs no saliency pass
-    vg.main(["train", *TINY, "--out", str(tmp_path / "sal"), "--steps", "1", "--mask-propagation", "--preview-images", "0"])
+    vg.main(["train", *TINY, "--out", str(tmp_path / "sal"), "--steps", "1", "--mask-propagation"])
     assert read_metrics(tmp_path / "sal")[0]["budget/reward_images"] == 2 * 8  # saliency rewards each image again
-    assert all(0 < r["mp/kept_fraction"] <= 1 for r in rows) and "scale/grad_norm_s3" in rows[-1]
-    assert rows[0]["scale/grad_norm_s3"] == 0 and rows[-1]["scale/grad_norm_s0"] == 0  # each stage: its own scales
+    assert all(0 < r["mp/kept_fraction"] <= 1 for r in rows)
+    assert rows[0]["scale/kl_s3"] == 0 and rows[-1]["scale/kl_s0"] == 0  # each stage's loss covers its own scales
 
 
 @pytest.mark.slow

@@ -24,6 +24,76 @@ from vargrpo import CheckpointError, TrainArgs, UsageError, arg
 
 
 # ----------------------------------------------------------------------------------------------
+# Model helpers that RL does not need: the official initialisation, encoding images to tokens
+
+
+@torch.no_grad()
+def official_init_(var: vg.VAR, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02) -> vg.VAR:
+    """The official VAR initialisation, in place: truncated normal std sqrt(1/(3C)) for linear,
+    embedding and position weights; head x0.02; adaLN scale/shift x0.5 and gammas x1e-5 (blocks
+    start near identity); attention/FFN output projections / sqrt(2 depth)."""
+    C, depth = var.config.embed_dim, var.config.depth
+    for p in [var.pos_start, var.pos_1LC] + [m.weight for m in var.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]:
+        torch.nn.init.trunc_normal_(p, std=math.sqrt(1 / C / 3))
+    for m in var.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+    var.head.weight.mul_(init_head)
+    var.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+    for block in var.blocks:
+        block.attn.proj.weight.div_(math.sqrt(2 * depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        ada = block.ada_gss[0, 0] if var.config.shared_aln else block.ada_lin[-1].weight.view(6, C, C)
+        ada[2:].mul_(init_adaln)
+        ada[:2].mul_(init_adaln_gamma)
+    return var
+
+
+@torch.no_grad()
+def f_to_idx(quant: vg.VectorQuantizer, f_BChw) -> list:
+    """Quantize a latent (B, Cvae, H, H) into [(B, pn*pn)] per scale: at each scale the nearest
+    codebook vectors of the area-downsampled residual f - f_hat (the official encoder path)."""
+    B, C, H, W = f_BChw.shape
+    E_VC = quant.embedding.weight
+    f_rest, f_hat, out = f_BChw.clone(), torch.zeros_like(f_BChw), []
+    for si, pn in enumerate(quant.patch_nums):
+        z = torch.nn.functional.interpolate(f_rest, size=(pn, pn), mode="area") if si != len(quant.patch_nums) - 1 else f_rest
+        z_NC = z.permute(0, 2, 3, 1).reshape(-1, C)
+        dist_NV = torch.addmm(z_NC.square().sum(dim=1, keepdim=True) + E_VC.square().sum(dim=1), z_NC, E_VC.T, alpha=-2)
+        idx_Bl = dist_NV.argmin(dim=1).view(B, pn * pn)
+        h_BChw = quant.add_scale(torch.zeros_like(f_hat), quant.embed(idx_Bl), si)
+        f_hat, f_rest = f_hat + h_BChw, f_rest - h_BChw
+        out.append(idx_Bl)
+    return out
+
+
+@torch.no_grad()
+def img_to_idx(vae: vg.VQVAE, img_B3HW) -> torch.Tensor:
+    """Images in [-1, 1], (B, 3, 16*pn_K, 16*pn_K) -> tokens (B, L), all scales concatenated."""
+    S = vae.config.image_size
+    if img_B3HW.ndim != 4 or img_B3HW.shape[1:] != (3, S, S):
+        raise ValueError(f"img_to_idx expects images of shape (B, 3, {S}, {S}) in [-1, 1], got {tuple(img_B3HW.shape)}")
+    return torch.cat(f_to_idx(vae.quantize, vae.quant_conv(vae.encoder(img_B3HW))), dim=1)
+
+
+def captioned_grid(images_B3HW, captions, path: Path, ncol: int = 8):
+    """A PNG grid with a caption under each image (nearest-upscaled to >= 128 px)."""
+    from PIL import Image, ImageDraw
+    imgs = (images_B3HW.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    B, H, W = imgs.shape[:3]
+    s = max(1, 128 // W)
+    cw, ch, pad, ncol = W * s, H * s, 14, min(ncol, B)
+    grid = Image.new("RGB", (ncol * cw, ((B + ncol - 1) // ncol) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        x, y = (i % ncol) * cw, (i // ncol) * (ch + pad)
+        grid.paste(Image.fromarray(imgs[i]).resize((cw, ch), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + ch + 1), captions[i], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading a run's checkpoint: RUN (its last.pt), a step_N.pt, or an exported .safetensors
 
 
@@ -147,7 +217,7 @@ def evaluate(e: EvalArgs) -> dict:
             n = len(labels)
             results.append({"model": model_name, "subset": subset, "images": n, "aesthetic": sums["aesthetic"] / n,
                             "clipscore": sums["clipscore"] / n, "resnet50_top5": sums["top5"] / n})
-            vg.save_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid], out / f"eval_{model_name}_{subset}.png")
+            captioned_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid], out / f"eval_{model_name}_{subset}.png")
     table = [f"| model | labels | images | aesthetic score | CLIPScore '{e.prompt}' | ResNet-50 top-5 |", "|---|---|---|---|---|---|"]
     table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | {r['aesthetic']:.3f} | {r['clipscore']:.2f} | "
               f"{100 * r['resnet50_top5']:.1f}% |" for r in results]
@@ -177,8 +247,7 @@ def ablate(args):
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     common = dict(preset=args.preset, reward=args.reward, labels_per_step=4, group_size=8, minibatch=16, lr=1e-3,
-                  beta=0.1, temperature=1.0, preview_images=0, image_every=0, save_every=10**6, scale_grad_norms=True,
-                  overwrite=True)
+                  beta=0.1, temperature=1.0, image_every=0, save_every=10**6, overwrite=True)
     runs = {}
     for name, flags in ABLATION_METHODS.items():
         per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
@@ -199,7 +268,7 @@ def ablate(args):
 def summarise_ablation(runs, seeds, args):
     lines = [f"Reward `{args.reward}`, {args.preset} preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
              "",
-             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | grad-norm share of the finest scale |",
+             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | KL per token at the end |",
              "|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in ABLATION_METHODS:
@@ -210,22 +279,21 @@ def summarise_ablation(runs, seeds, args):
             reward = [r["reward/mean"] for r in rows]
             last = [r for b, r in zip(budget, reward) if b > 0.9 * budget[-1]]
             half = min(range(len(budget)), key=lambda i: abs(budget[i] - 0.5 * budget[-1]))
-            K = sum(1 for k in rows[0] if k.startswith("scale/grad_norm_s"))
-            norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(K)] for r in rows])
             stats.append(dict(start=reward[0], half=reward[half], final=float(np.mean(last)), wall=wall, steps=len(rows),
-                              finest_share=float(np.mean(norms[:, -1] / norms.sum(1)))))
+                              kl=rows[-1]["policy/kl"]))
         agg = {k: (float(np.mean([s[k] for s in stats])), float(np.std([s[k] for s in stats]))) for k in stats[0]}
         summary[name] = {"per_seed": stats, "mean_std": agg}
         f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}" if len(seeds) > 1 else f"{agg[k][0]:.{p}f}"
         gain = [s["final"] - s["start"] for s in stats]
         lines.append(f"| {name} | {stats[0]['steps']} | {f('start')} | {f('half')} | {f('final')} | "
-                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {agg['finest_share'][0]:.2f} |")
-    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds. The grad-norm share is "
-              "||grad of the finest scale's part of the loss|| / sum over scales (first minibatch of each step)."]
+                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {f('kl', 4)} |")
+    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds."]
     return "\n".join(lines) + "\n", summary
 
 
 def plot_ablation(runs, seeds, path: Path, reward: str, patch_nums):
+    """Left: mean reward against the sample budget; right: each scale's KL per token at the end
+    (which scales each method moves away from the pre-trained model)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -238,16 +306,15 @@ def plot_ablation(runs, seeds, path: Path, reward: str, patch_nums):
         ys = np.array([c[1][:len(x)] for c in curves])
         ax.plot(x, ys.mean(0), label=name, color=f"C{i}")
         ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
-        norms = np.array([[r[f"scale/grad_norm_s{k}"] for k in range(K)] for s in seeds for r in runs[name, s]["rows"]])
-        share = (norms / norms.sum(1, keepdims=True)).mean(0)
-        ax2.bar(np.arange(K) + 0.16 * (i - 2), share, width=0.16, label=name, color=f"C{i}")
+        kl = np.array([[runs[name, s]["rows"][-1][f"scale/kl_s{k}"] for k in range(K)] for s in seeds]).mean(0)
+        ax2.bar(np.arange(K) + 0.16 * (i - 2), kl, width=0.16, label=name, color=f"C{i}")
     ax.set_xlabel("samples (sampled, decoded and rewarded images)")
     ax.set_ylabel("mean reward")
     ax.set_title(f"{reward}: mean over seeds, band = min..max", fontsize=9)
     ax.legend(fontsize=8)
     ax2.set_xticks(range(K), [f"scale {k} ({p}x{p})" for k, p in enumerate(patch_nums)])
-    ax2.set_ylabel("share of the gradient norm")
-    ax2.set_title("which scales drive the update (mean over steps)", fontsize=9)
+    ax2.set_ylabel("KL per token to the pre-trained model")
+    ax2.set_title("which scales moved (last step, mean over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -354,7 +421,7 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
         from models import build_vae_var as official_build  # the official repository's package
         o_vae, o_var = official_build(device=device, patch_nums=config.patch_nums, V=config.vocab_size, Cvae=config.z_channels,
                                       ch=config.vae_ch, share_quant_resi=4, num_classes=config.num_classes, depth=config.depth,
-                                      shared_aln=config.shared_aln, attn_l2_norm=config.attn_l2_norm,
+                                      shared_aln=config.shared_aln, attn_l2_norm=True,
                                       flash_if_available=False, fused_if_available=False)
         o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
         o_var.eval()
@@ -401,7 +468,7 @@ def bench_grpo_step(preset: str, labels_per_step: int, device: str) -> dict:
     G = 16 if device.startswith("cuda") else (8 if preset == "tiny" else 2)
     with tempfile.TemporaryDirectory() as tmp:
         a = TrainArgs(preset=preset, random_init=True, out=tmp + "/run", steps=2, labels_per_step=labels_per_step,
-                      group_size=G, minibatch=min(32, labels_per_step * G), preview_images=0, image_every=0, device=device)
+                      group_size=G, minibatch=min(32, labels_per_step * G), image_every=0, device=device)
         vg.train(a)
         m = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     split = " / ".join(f"{k} {100 * m['time/' + k] / m['time/step']:.0f}%" for k in ("sample", "decode", "reward", "update"))
@@ -481,6 +548,55 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# The CPU demo: GRPO on a small model, with before / after pictures, a reward curve and a summary
+
+DEMO_FLAGS = dict(preset="tiny", reward="brightness", out="runs/demo", steps=50, labels_per_step=4, group_size=8,
+                  minibatch=16, lr=1e-3, beta=0.1, temperature=1.0, image_every=10, save_every=25)
+
+
+@torch.no_grad()
+def preview(model: vg.VAR, reward, labels, seed: int, temperature: float, path: Path) -> torch.Tensor:
+    """Samples of fixed labels and seed (so that before.png and after.png compare), captioned with
+    label and reward; returns the rewards."""
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    images = vg.sample(model, labels, temperature=temperature, generator=gen).images.float()
+    r = reward(images)
+    captioned_grid(images, [f"{l} r={v:.2f}" for l, v in zip(labels.tolist(), r.tolist())], path)
+    return r
+
+
+def demo(argv) -> dict:
+    """`bash run.sh demo [train flags]`: trains with DEMO_FLAGS (flags given win), then writes
+    before.png / after.png (the pre-trained and the fine-tuned model on the same labels and seed),
+    reward_curve.png and summary.json into the run folder, and prints the summary."""
+    parser = argparse.ArgumentParser(prog="vargrpo_tools.py demo", add_help=False, argument_default=argparse.SUPPRESS)
+    vg.add_dataclass_args(parser, TrainArgs)
+    given = vars(parser.parse_args(argv))
+    a = TrainArgs(**{**DEMO_FLAGS, **given})
+    t0 = time.perf_counter()
+    vg.train(a, given=set(given) | set(DEMO_FLAGS))
+    seconds = time.perf_counter() - t0
+    run = Path(a.out)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    vae, policy, pretrained = vg.build_models(a, "cpu")
+    vg.load_checked(policy, vg.read_state_dict(run / "checkpoints" / "last.pt"), run)
+    reward = vg.make_reward(a.reward, "cpu", a)
+    labels = torch.arange(16) // 2 % policy.config.num_classes
+    seed = vg.derive_seed(a.seed, 4)
+    before = preview(pretrained, reward, labels, seed, a.temperature, run / "before.png")
+    after = preview(policy, reward, labels, seed, a.temperature, run / "after.png")
+    plot_reward_curve(run)
+    summary = {"reward_first": rows[0]["reward/mean"], "reward_last": float(np.mean([r["reward/mean"] for r in rows[-3:]])),
+               "preview_reward_before": before.mean().item(), "preview_reward_after": after.mean().item(),
+               "kl_last": rows[-1]["policy/kl"], "steps": len(rows), "seconds": seconds}
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[demo] mean reward: first step {summary['reward_first']:.4f} -> last 3 steps {summary['reward_last']:.4f} "
+          f"({summary['reward_last'] - summary['reward_first']:+.4f}) in {seconds:.0f} s; {run}/before.png, after.png, "
+          "reward_curve.png, summary.json")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -505,6 +621,14 @@ def main(argv=None):
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")
+    sub.add_parser("demo", help="the CPU demo: GRPO on a small model, then before/after pictures and summary.json", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        try:
+            return demo(argv[1:])
+        except (UsageError, CheckpointError, vg.RunFailed) as e:
+            print(f"vargrpo_tools: error: {e}", file=sys.stderr)
+            raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)
     args = parser.parse_args(argv)
     try:
         if args.command == "eval":
