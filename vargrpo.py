@@ -7,22 +7,21 @@ Reference implementation of
 on a re-implementation of VAR (Tian et al. 2024) that loads the official checkpoints
 (FoundationVision/VAR: vae_ch160v4096z32.pth, var_d16.pth .. var_d30.pth) with strict key matching.
 
-Launch lines:
+Launch lines (evaluation, the ablation, benchmarks, plots and the digits model: vargrpo_tools.py):
   python vargrpo.py train --preset digits --reward brightness --out runs/b --lr 1e-4   # 1 process, CPU ok
-  torchrun --nproc_per_node=8 vargrpo.py train --preset d16 --reward aesthetic --out runs/aes   # 1 node
-  torchrun --nnodes=2 --node-rank=R --nproc-per-node=8 --rdzv-backend=c10d \\
+  torchrun --nproc-per-node=8 vargrpo.py train --preset d16 --reward aesthetic --out runs/aes   # 1 node
+  torchrun --nnodes=2 --node-rank=R --nproc-per-node=8 --rdzv-backend=c10d \
       --rdzv-endpoint=HOST:29500 vargrpo.py train ...                                  # 2 nodes, R = 0, 1
-Evaluation, the ablation, benchmarks, plots and the digits model live in vargrpo_tools.py.
 
-Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> pre-trained weights ->
-logits processing -> sample -> token_logprobs -> GRPO maths -> VAR-RL maths (PANW, VMR, MP) ->
-distributed helpers -> TrainArgs -> train (one step, numbered 1-6) -> run folder -> CLI.
+Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> pre-trained weights -> logits
+processing -> sample -> token_logprobs -> GRPO maths -> VAR-RL maths (PANW, VMR, MP) -> distributed
+helpers -> TrainArgs -> train (one step, numbered 1-6, and its parts) -> run folder -> CLI.
 
 Choices and deviations from the official VAR code, referenced below as [C1] ...:
- 1. No label dropout and no drop-path: they are pre-training regularisers; RL needs a
-    deterministic teacher-forced pass that equals the sampling distribution.
- 2. One attention path: torch SDPA with the official block-causal mask for teacher forcing,
-    an explicit KV cache for sampling. No flash-attn / xformers / fused kernels.
+ 1. No label dropout and no drop-path: RL needs a deterministic teacher-forced pass that equals
+    the sampling distribution (they are pre-training regularisers).
+ 2. One attention path: torch SDPA with the official block-causal mask for teacher forcing, an
+    explicit KV cache for sampling. No flash-attn / xformers / fused kernels.
  3. With cfg == 0 the sampler runs the conditional batch only (the official code always runs the
     unconditional half too and throws it away).
  4. Temperature (absent from the official sampler) divides the logits after CFG and before top-k /
@@ -33,18 +32,18 @@ Choices and deviations from the official VAR code, referenced below as [C1] ...:
 Choices within the papers (where they are silent):
  7. Group std is the population std (ddof 0) plus eps = 1e-4; a group of equal rewards gets A = 0.
  8. The loss averages each sample's tokens with weights summing to 1 (uniform: the token mean), then
-    the samples; the k3 KL and the ratio use the tempered policy (the one sampled from) for both
-    the policy and the reference.
+    the samples; the KL and the ratio use the tempered policy (the one sampled from), for pi and pi_ref.
  9. Every group of G samples draws from its own generator seeded by (seed, step, group), and every
-    minibatch holds the same samples whatever the number of processes: a run's result does not
-    depend on it (up to float summation order). Labels per step and minibatch sizes are global.
+    minibatch holds the same samples whatever the number of processes: a run does not depend on
+    it (up to float summation order). Labels per step and minibatch sizes are global.
 10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps
-    alternate by the schedule; the KV cache of the prefix is recomputed, not reused (the prefix is
-    ~8% of the tokens). Each stage's loss, its per-token KL included, covers that stage's tokens only.
+    alternate by the schedule; the prefix's KV cache is recomputed (it is ~8% of the tokens). Each
+    stage's loss, its per-token KL included, covers that stage's tokens only.
 11. Mask propagation starts from the reward's region when every term of the reward scores a region,
     else from gradient saliency; a reward with a flat or no gradient keeps every token.
 12. AdamW with the official VAR parameter groups: no weight decay on embeddings, position/level
     embeddings, scale_mul, biases and other 1-D tensors (decay 0.01, torch's default, elsewhere).
+Style: one blank line between definitions, a ruled comment between sections.
 """
 from __future__ import annotations
 
@@ -78,7 +77,6 @@ class VARConfig:
     z_channels: int = 32            # Cvae: codebook vector size
     vae_ch: int = 160               # VQVAE base width (multiples 1,1,2,2,4 -> 16x downsampling)
     num_classes: int = 1000         # class labels; index num_classes is the null (CFG) class
-    shared_aln: bool = False        # one adaLN projection shared by all blocks (official d36)
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
@@ -104,8 +102,6 @@ class VARConfig:
 
 PRESETS = {
     "d16": VARConfig(depth=16), "d20": VARConfig(depth=20), "d24": VARConfig(depth=24), "d30": VARConfig(depth=30),
-    # d36 (512 px) follows the official build arguments; its file layout is not checked by a fixture.
-    "d36": VARConfig(depth=36, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32), shared_aln=True),
     # CPU tests and smoke runs, random weights: 64 px, 30 tokens, 4 scales (the official fixture's shape).
     "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64, num_classes=10),
 }
@@ -349,19 +345,14 @@ class FFN(nn.Module):
 class AdaLNSelfAttn(nn.Module):
     """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1); x += gamma2 * FFN(LN(x)(1 + scale2) + shift2),
     with (gamma1, gamma2, scale1, scale2, shift1, shift2) = Linear(SiLU(class embedding)) (this order)."""
-    def __init__(self, C: int, num_heads: int, shared_aln: bool):
+    def __init__(self, C: int, num_heads: int):
         super().__init__()
-        self.C, self.shared_aln = C, shared_aln
-        self.attn, self.ffn = SelfAttention(C, num_heads), FFN(C, 4 * C)
+        self.C, self.attn, self.ffn = C, SelfAttention(C, num_heads), FFN(C, 4 * C)
         self.ln_wo_grad = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
-        if shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C ** 0.5)
-        else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
     def forward(self, x_BlC, cond_BD, attn_bias=None, kv_cache=None):
-        # with shared_aln, cond_BD is already the shared projection, (B, 1, 6, C)
-        ada_B16C = self.ada_gss + cond_BD if self.shared_aln else self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+        ada_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)  # (B, 1, C) each
         x_BlC = x_BlC + self.attn(self.ln_wo_grad(x_BlC).mul(scale1 + 1).add_(shift1), attn_bias, kv_cache).mul_(gamma1)
         return x_BlC + self.ffn(self.ln_wo_grad(x_BlC).mul(scale2 + 1).add_(shift2)).mul(gamma2)
@@ -376,10 +367,6 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x_BlC, cond_BD):
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
         return self.ln_wo_grad(x_BlC) * (scale + 1) + shift
-
-class SharedAdaLin(nn.Linear):
-    def forward(self, cond_BD):
-        return super().forward(cond_BD).view(-1, 1, 6, self.weight.shape[0] // 6)
 
 class VAR(nn.Module):
     """Next-scale prediction: token r_k (all pn_k^2 tokens of scale k) ~ p(r_k | class, r_<k).
@@ -400,8 +387,7 @@ class VAR(nn.Module):
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, C))
         self.lvl_embed = nn.Embedding(K, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
-        self.blocks = nn.ModuleList([AdaLNSelfAttn(C, config.num_heads, config.shared_aln) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(C, config.num_heads) for _ in range(config.depth)])
         self.register_buffer("lvl_1L", scale_ids(config.patch_nums).view(1, L))
         self.register_buffer("attn_bias_for_masking", block_causal_bias(config.patch_nums).view(1, 1, L, L))
         self.head_nm, self.head = AdaLNBeforeHead(C), nn.Linear(C, config.vocab_size)
@@ -410,11 +396,6 @@ class VAR(nn.Module):
     @property
     def vae(self) -> VQVAE:
         return self._vae[0]
-
-    def cond(self, labels_B):
-        """Class embedding (B, C) and what the blocks' adaLN takes."""
-        cond_BD = self.class_emb(labels_B)
-        return cond_BD, self.shared_ada_lin(cond_BD)
 
     def head_logits(self, x_BlC, cond_BD):
         """fp32 logits (B, l, V) [C5]."""
@@ -425,7 +406,7 @@ class VAR(nn.Module):
         """Teacher forcing, one pass: logits (B, l, V) of the tokens idx_BL (all scales, or the first
         scales only), each predicted from the class and the tokens of coarser scales."""
         B, l = idx_BL.shape
-        cond_BD, ada_cond = self.cond(labels_B)
+        cond_BD = self.class_emb(labels_B)
         x_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         var_input = self.vae.quantize.idx_to_var_input(split_scales(idx_BL, self.config.patch_nums))  # (B, l - first_l, Cvae)
         if var_input is not None:
@@ -434,9 +415,9 @@ class VAR(nn.Module):
         visible_ll = self.attn_bias_for_masking[0, 0, :l, :l] == 0  # block-causal, as a boolean mask
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x_BlC = torch.utils.checkpoint.checkpoint(block, x_BlC, ada_cond, visible_ll, use_reentrant=False)
+                x_BlC = torch.utils.checkpoint.checkpoint(block, x_BlC, cond_BD, visible_ll, use_reentrant=False)
             else:
-                x_BlC = block(x_BlC, ada_cond, visible_ll)
+                x_BlC = block(x_BlC, cond_BD, visible_ll)
         return self.head_logits(x_BlC, cond_BD)
 
 def build_vae_var(config: VARConfig, seed: int = 0) -> tuple[VQVAE, VAR]:
@@ -505,9 +486,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pre-trained weights: --weights-dir, then the cache, then the official repository on the Hugging
-# Face hub. Files (.pth or .safetensors) load with strict key matching into the classes above.
+# Pre-trained weights: --weights-dir, the repository's weights/ folder, the cache, else the official
+# repository on the Hugging Face hub. Files (.pth or .safetensors) load with strict key matching.
 OFFICIAL_REPO, OFFICIAL_ENDPOINT, VAE_FILE = "FoundationVision/var", "https://huggingface.co", "vae_ch160v4096z32.pth"
+OFFICIAL_PRESETS = ("d16", "d20", "d24", "d30")
 
 class CheckpointError(RuntimeError):
     """A weights file that cannot be used; the message ends with what to do (exit code 2)."""
@@ -516,17 +498,18 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 def find_or_download(filename: str, weights_dir=None) -> Path:
-    """`filename` (or the .safetensors of that name) in weights_dir, else in the cache, else downloaded
-    from the official repository into the cache (huggingface_hub: a partial download never sits
-    under the real name). Offline or unreachable: one line naming the file, the URL and the flag."""
+    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file or the
+    cache; else an official file is downloaded into the cache (huggingface_hub: a partial download
+    never sits under the real name). Offline or unreachable: one line naming the file, URL and flag."""
     cache = Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
-    folders = [Path(d) for d in (weights_dir, cache) if d]
+    folders = [Path(d) for d in (weights_dir, Path(__file__).resolve().parent / "weights", cache) if d]
     for path in [f / name for f in folders for name in (filename, Path(filename).stem + ".safetensors")]:
         if path.is_file():
             return path
-    url = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}"
+    url, where = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}", " or ".join(str(f) for f in folders)
     todo = f"download {url} yourself and pass --weights-dir naming its folder (or put it in {cache})"
-    where = " or ".join(str(f) for f in folders)
+    if filename not in [VAE_FILE] + [f"var_{p}.pth" for p in OFFICIAL_PRESETS]:
+        raise CheckpointError(f"{filename} is not in {where}; pass --weights-dir naming the folder that holds it")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
         raise CheckpointError(f"{filename} is not in {where} and offline mode is on; {todo}")
     from huggingface_hub import hf_hub_download
@@ -574,16 +557,15 @@ def load_checked(module: nn.Module, state_dict: dict, path, assign: bool = False
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu") -> tuple[VQVAE, VAR]:
-    """The official VQVAE and VAR-d16 .. d36 ('d16' .. 'd36'), loaded strictly, on `device`."""
-    if preset not in PRESETS or preset == "tiny":
-        raise ValueError(f"no official weights for preset {preset!r}; choose d16, d20, d24, d30 or d36")
-    config = VARConfig.preset(preset)
-    var_path, vae_path = find_or_download(f"var_{preset}.pth", weights_dir), find_or_download(VAE_FILE, weights_dir)
+    """The pre-trained VQVAE and VAR of a preset ('d16' .. 'd30': the official files; 'digits': the
+    CPU demo's, shipped in weights/), loaded strictly, on `device`."""
+    config, vae_file = VARConfig.preset(preset), VAE_FILE if preset in OFFICIAL_PRESETS else f"vae_{preset}.pth"
+    var_path, vae_path = find_or_download(f"var_{preset}.pth", weights_dir), find_or_download(vae_file, weights_dir)
     var_sd, vae_sd = read_state_dict(var_path), read_state_dict(vae_path)
     depth = max((int(k.split(".")[1]) + 1 for k in var_sd if k.startswith("blocks.")), default=0)
     if depth != config.depth:  # the errors a user can cause with a real file, each with what to do
         raise CheckpointError(f"{var_path} holds a depth-{depth} VAR (by its shapes), not depth {config.depth}; "
-                              f"use --preset d{depth} or the var_d{config.depth}.pth file")
+                              f"use the preset it was made for (d{depth} for an official file)")
     if "blocks.0.attn.scale_mul_1H11" not in var_sd:
         raise CheckpointError(f"{var_path} has no blocks.*.attn.scale_mul_1H11: it was saved by an old VAR version "
                               f"(before attn_l2_norm); download the current file from the {OFFICIAL_REPO} repository")
@@ -660,7 +642,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
         raise ValueError(problem)
     guided = cfg != 0  # [C3]: no unconditional half without CFG
     labels_in = torch.cat((labels_B, torch.full_like(labels_B, config.num_classes))) if guided else labels_B
-    cond_BD, ada_cond = model.cond(labels_in)
+    cond_BD = model.class_emb(labels_in)
     lvl_pos_1LC = model.lvl_embed(model.lvl_1L) + model.pos_1LC
     x_BlC = (cond_BD.unsqueeze(1).expand(-1, model.first_l, -1) + model.pos_start.expand(len(labels_in), -1, -1)
              + lvl_pos_1LC[:, :model.first_l])
@@ -670,7 +652,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     logp_BL, nonfinite = torch.empty(B, config.seq_len, device=device), torch.zeros((), dtype=torch.long, device=device)
     for si, (bg, ed) in enumerate(model.begin_ends):
         for block, kv in zip(model.blocks, kv_caches):
-            x_BlC = block(x_BlC, ada_cond, None, kv)
+            x_BlC = block(x_BlC, cond_BD, None, kv)
         logits_BlV = model.head_logits(x_BlC, cond_BD)
         logits_BlV = process_logits(logits_BlV[:B], logits_BlV[B:] if guided else None, cfg_t=cfg * (si / (K - 1)),
                                     temperature=temperature, top_k=top_k, top_p=top_p)
@@ -907,7 +889,7 @@ def arg(default, help, **extra):
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic, clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as 0.5*aesthetic+clip:a painting")
-    preset: str = arg("d16", "model: d16 d20 d24 d30 d36 (official weights, --weights-dir) or tiny (random, CPU tests)")
+    preset: str = arg("d16", "model: d16 d20 d24 d30 (official weights, --weights-dir) or tiny (random, CPU tests)")
     out: str = arg("", "run directory: new, empty, or a run to replace with --overwrite")
     steps: int = arg(1000, "training steps (one step = one rollout batch and its updates)")
     seed: int = arg(0, "seed of every random stream: labels, sampling, minibatch order")
@@ -1030,9 +1012,9 @@ def build_models(a: TrainArgs, device):
 
 def make_optimizer(policy: VAR, a: TrainArgs, device: str):
     """AdamW with the official VAR parameter groups [C12]: no weight decay on the class, position
-    and level embeddings, scale_mul, the d36 adaLN table, biases and 1-D tensors, so that rows that
+    and level embeddings, scale_mul, biases and 1-D tensors, so that rows that
     never get a gradient (the null class; unseen classes with --label-subset half) never change."""
-    no_decay = lambda name, p: p.ndim < 2 or any(k in name for k in ("class_emb", "lvl_embed", "pos_", "scale_mul", "ada_gss"))
+    no_decay = lambda name, p: p.ndim < 2 or any(k in name for k in ("class_emb", "lvl_embed", "pos_", "scale_mul"))
     groups = [dict(params=[p for n, p in policy.named_parameters() if no_decay(n, p) == nd], weight_decay=wd)
               for nd, wd in ((False, a.weight_decay), (True, 0.0))]
     return torch.optim.AdamW(groups, lr=a.lr, fused=True if device.startswith("cuda") else None)
@@ -1316,8 +1298,7 @@ def atomic_write(path: Path, write):
             write(f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if tmp.is_file() or tmp.is_symlink():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise RunFailed(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)}; what was written before "
                         "is intact: fix that (free space, permissions) and continue with --resume") from None
 
@@ -1334,7 +1315,7 @@ def run_state(out: Path) -> str:
 
 class RunFolder:
     def __init__(self, out: Path, d: Dist):
-        self.out, self.d, self.lock_fd, self.tracker, self.bar, self.warned = out, d, None, None, None, False
+        self.out, self.d, self.lock_fd, self.tb, self.warned = out, d, None, None, False
 
     def open(self, a: TrainArgs, given):
         """The run's settings and, when resuming, its checkpoint. Rank 0 applies the folder rules:
@@ -1362,18 +1343,18 @@ class RunFolder:
             need(not (state == "run" and not a.resume and not a.overwrite), f"{out} already holds a run; continue it with "
                  f"--resume {out}, choose another --out, or pass --overwrite to replace it")
             if state == "other":
-                raise UsageError(f"{out} holds files that are not a vargrpo run ({', '.join(sorted(p.name for p in out.iterdir())[:3])}"
-                                 "); choose a new or empty folder")
+                raise UsageError(f"{out} holds files that are not a vargrpo run "
+                                 f"({', '.join(sorted(p.name for p in out.iterdir())[:3])}); choose a new or empty folder")
         if not a.resume:
-            if state == "run":
-                print(f"[vargrpo] --overwrite: removing the previous run's files from {out}", file=sys.stderr)
-                for p in [p for pattern in RUN_FILES for p in out.glob(pattern)]:
-                    p.unlink()
-                for sub in ("checkpoints", "images", "tb"):
-                    if (out / sub).is_dir() and not any((out / sub).iterdir()):
-                        (out / sub).rmdir()
+            for p in [p for pattern in RUN_FILES for p in out.glob(pattern)] if state == "run" else []:
+                p.unlink()  # --overwrite: the previous run's files, and nothing else
+            for sub in ("checkpoints", "images", "tb"):
+                if (out / sub).is_dir() and not any((out / sub).iterdir()):
+                    (out / sub).rmdir()
             atomic_write(out / "args.json", lambda f: f.write(json.dumps(asdict(a), indent=1).encode()))
-        self.tracker = Tracker(a.tracker, out / "tb")
+        if a.tracker == "tensorboard":  # live curves: every metrics.jsonl value and the grids, also in DIR/tb
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tb"))
         return a, ckpt
 
     def lock(self):
@@ -1382,23 +1363,21 @@ class RunFolder:
         import socket
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            self.lock_fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.lock_fd, 300).decode(errors="replace").strip()
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise UsageError(f"{self.out} is in use by another trainer ({holder}); wait for it to end or choose another --out") from None
         except OSError as e:
             raise UsageError(f"cannot write in {self.out}: {e.strerror}; choose a folder you can write to") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UsageError(f"{self.out} is in use by another trainer ({holder}); wait for it to end or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        self.lock_fd = fd
+        os.ftruncate(self.lock_fd, 0)
+        os.write(self.lock_fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}".encode())
 
     def close(self):
-        for closable in (self.bar, self.tracker):
-            if closable is not None:
-                closable.close()
+        if self.tb is not None:
+            self.tb.close()
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the lock
             self.lock_fd = None
@@ -1411,15 +1390,14 @@ class RunFolder:
         try:
             opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{last}: its optimizer state does not fit this model ({first_line(e)}); "
-                                  "it was saved by another vargrpo version or for another model") from None
+            raise CheckpointError(f"{last}: its optimizer state does not fit this model ({first_line(e)})") from None
         for line in path.read_text().splitlines() if self.d.main and path.exists() else []:
             try:
                 keep += [line] if json.loads(line)["step"] < start else []
             except (ValueError, KeyError, TypeError):
                 print(f"[vargrpo] {path}: dropping an unreadable line (a write cut short)", file=sys.stderr)
         if self.d.main:
-            atomic_write(path, lambda f: f.write("".join(l + "\n" for l in keep).encode()))
+            atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
         return start
 
     def score(self, s: Setup, images, a: TrainArgs, step: int):
@@ -1438,16 +1416,14 @@ class RunFolder:
                 break
             except Exception as e:  # a user's reward can fail in any way
                 error = f"{type(e).__name__}: {first_line(e)}"
-                if attempt == 1:
-                    print(f"[vargrpo] the reward raised {error}; retrying once", file=sys.stderr, flush=True)
+                print(f"[vargrpo] the reward raised {error}{'; retrying once' if attempt == 1 else ''}", file=sys.stderr)
         if all_reduce(torch.tensor([float(error is not None)], device=self.d.device), "max").item():
-            path = self.save(s, a, step)
-            raise RunFailed(f"the reward raised twice at step {step} ({error or 'on another process'}); saved {path} "
-                            f"(the {step} steps done); fix the reward and continue with --resume {self.out}")
+            raise RunFailed(f"the reward raised twice at step {step} ({error or 'on another process'}); saved "
+                            f"{self.save(s, a, step)} (the {step} steps done); fix the reward and continue with --resume {self.out}")
         return torch.cat([r.float() for r, _ in out]).to(self.d.device), comps, mask
 
     def log(self, m: dict, step: int, images):
-        """Step 6 (rank 0): a metrics.jsonl line, the tracker, a sample grid every --image-every steps."""
+        """Step 6 (rank 0): a metrics.jsonl line (and TensorBoard), a sample grid every --image-every steps."""
         if not self.d.main:
             return
         try:
@@ -1455,21 +1431,19 @@ class RunFolder:
                 f.write(json.dumps(m) + "\n")
         except OSError as e:
             raise RunFailed(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror}; the checkpoints are intact") from None
-        if m["reward/nonfinite"]:
-            print(f"\n[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient", file=sys.stderr)
+        print(f"[vargrpo] step {step}: reward {m['reward/mean']:.4f}, KL {m['policy/kl']:.4f}, {m['time/step']:.1f} s"
+              + (f"; {m['reward/nonfinite']} non-finite rewards (no gradient for those samples)" if m["reward/nonfinite"] else ""))
         if m["adv/abs_max"] == 0 and not self.warned:
             self.warned = True
-            print(f"\n[vargrpo] step {step}: every group's samples got equal rewards, so every advantage is 0 and only "
+            print(f"[vargrpo] step {step}: every group's samples got equal rewards, so every advantage is 0 and only "
                   "the KL acts; check that the reward can tell samples apart", file=sys.stderr)
+        for k, v in m.items() if self.tb else ():
+            self.tb.add_text(k, v, step) if isinstance(v, str) else self.tb.add_scalar(k, v, step)
         if self.args.image_every and step % self.args.image_every == 0:  # one image of each group first
             pick = torch.arange(len(images)).view(self.args.labels_per_step // self.d.world, -1).T.reshape(-1)[:16]
-            self.tracker.image("samples", save_grid(images[pick], self.out / "images" / f"step_{step:06d}.png"), step)
-        self.tracker.log(m, step)
-        if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.args.steps, initial=step, dynamic_ncols=True, desc="grpo")
-        self.bar.set_postfix(reward=f"{m['reward/mean']:.3f}", kl=f"{m['policy/kl']:.4f}")
-        self.bar.update(1)
+            grid = save_grid(images[pick], self.out / "images" / f"step_{step:06d}.png")
+            if self.tb:
+                self.tb.add_image("samples", grid, step, dataformats="HWC")
 
     def halt_if_nonfinite(self, sampling_nonfinite, stats: UpdateStats, step: int, s: Setup, a: TrainArgs):
         """A diverged policy (a non-finite sampling distribution or gradient, on any process) stops
@@ -1518,30 +1492,6 @@ def save_grid(images_B3HW, path: Path, nrow: int = 8) -> np.ndarray:
     atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
     return pixels
 
-class Tracker:
-    """Live curves: with --tracker tensorboard, every metrics.jsonl value and the sample grids go to
-    DIR/tb too (watch: `tensorboard --logdir runs/`); metrics.jsonl stays the record."""
-    def __init__(self, kind: str, folder: Path):
-        self.writer = None
-        if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tracker tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(folder))
-
-    def log(self, m: dict, step: int):
-        for k, v in m.items() if self.writer else ():
-            self.writer.add_text(k, v, step) if isinstance(v, str) else self.writer.add_scalar(k, v, step)
-
-    def image(self, tag: str, grid_HW3: np.ndarray, step: int):
-        if self.writer:
-            self.writer.add_image(tag, grid_HW3, step, dataformats="HWC")
-
-    def close(self):
-        if self.writer:
-            self.writer.close()
-
 class StopRequest:
     """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
     def __init__(self):
@@ -1574,11 +1524,8 @@ def add_dataclass_args(parser, cls):
     so that the namespace holds only the flags actually given."""
     for f in fields(cls):
         meta = dict(f.metadata)
-        help, flag = f"{meta.pop('help')} (default: {f.default})", "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=help)
-        else:
-            parser.add_argument(flag, type=meta.pop("type", type(f.default)), help=help, **meta)
+        kw = dict(action="store_true") if isinstance(f.default, bool) else dict(type=meta.pop("type", type(f.default)), **meta)
+        parser.add_argument(flag(f.name), help=f"{meta.pop('help')} (default: {f.default})", **kw)
 
 def read_config(path: str) -> dict:
     """--config FILE: a run's args.json (without its resume and overwrite settings); unknown keys are refused."""
@@ -1604,13 +1551,9 @@ def main(argv=None):
     try:
         config = read_config(args.pop("config")) if "config" in args else {}
         return train(TrainArgs(**{**config, **args}), given=set(args))
-    except (UsageError, CheckpointError, RunFailed) as e:
-        print(f"vargrpo: error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, RunFailed) else 2)
-    except Stopped as e:
-        print(f"\n[vargrpo] {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum)
-
+    except (UsageError, CheckpointError, RunFailed, Stopped) as e:
+        print(f"vargrpo: {'stopped' if isinstance(e, Stopped) else 'error'}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum if isinstance(e, Stopped) else 1 if isinstance(e, RunFailed) else 2)
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ def official_init_(var: vg.VAR, init_adaln=0.5, init_adaln_gamma=1e-5, init_head
     for block in var.blocks:
         block.attn.proj.weight.div_(math.sqrt(2 * depth))
         block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-        ada = block.ada_gss[0, 0] if var.config.shared_aln else block.ada_lin[-1].weight.view(6, C, C)
+        ada = block.ada_lin[-1].weight.view(6, C, C)
         ada[2:].mul_(init_adaln)
         ada[:2].mul_(init_adaln_gamma)
     return var
@@ -421,7 +421,7 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
         from models import build_vae_var as official_build  # the official repository's package
         o_vae, o_var = official_build(device=device, patch_nums=config.patch_nums, V=config.vocab_size, Cvae=config.z_channels,
                                       ch=config.vae_ch, share_quant_resi=4, num_classes=config.num_classes, depth=config.depth,
-                                      shared_aln=config.shared_aln, attn_l2_norm=True,
+                                      shared_aln=False, attn_l2_norm=True,
                                       flash_if_available=False, fused_if_available=False)
         o_vae.load_state_dict(vae.state_dict()), o_var.load_state_dict(var.state_dict())
         o_var.eval()
