@@ -34,7 +34,7 @@ launch() {
 cmd=${1:-help}
 shift || true
 case "$cmd" in
-  test)  exec "$PY" -m pytest -q -o "markers=slow: long tests (CI runs them too)" "$@" ;;
+  test)  exec "$PY" -m pytest -q -o "markers=slow: long tests (CI runs them too)" tests "$@" ;;
   demo)  exec "$PY" vargrpo_tools.py demo "$@" ;;
   brightness) launch --preset d16 --reward bright --out runs/brightness --steps 200 "$@" ;;
   dark)       launch --preset d16 --reward dark --out runs/dark --steps 200 "$@" ;;

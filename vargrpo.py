@@ -1431,8 +1431,9 @@ class RunFolder:
                 f.write(json.dumps(m) + "\n")
         except OSError as e:
             raise RunFailed(f"cannot write {self.out / 'metrics.jsonl'}: {e.strerror}; the checkpoints are intact") from None
-        print(f"[vargrpo] step {step}: reward {m['reward/mean']:.4f}, KL {m['policy/kl']:.4f}, {m['time/step']:.1f} s"
-              + (f"; {m['reward/nonfinite']} non-finite rewards (no gradient for those samples)" if m["reward/nonfinite"] else ""))
+        print(f"[vargrpo] step {step}: reward {m['reward/mean']:.4f}, KL {m['policy/kl']:.4f}, {m['time/step']:.1f} s", flush=True)
+        if m["reward/nonfinite"]:
+            print(f"[vargrpo] step {step}: {m['reward/nonfinite']} non-finite rewards; those samples get no gradient", file=sys.stderr)
         if m["adv/abs_max"] == 0 and not self.warned:
             self.warned = True
             print(f"[vargrpo] step {step}: every group's samples got equal rewards, so every advantage is 0 and only "
@@ -1524,8 +1525,9 @@ def add_dataclass_args(parser, cls):
     so that the namespace holds only the flags actually given."""
     for f in fields(cls):
         meta = dict(f.metadata)
+        help = f"{meta.pop('help')} (default: {f.default})"
         kw = dict(action="store_true") if isinstance(f.default, bool) else dict(type=meta.pop("type", type(f.default)), **meta)
-        parser.add_argument(flag(f.name), help=f"{meta.pop('help')} (default: {f.default})", **kw)
+        parser.add_argument(flag(f.name), help=help, **kw)
 
 def read_config(path: str) -> dict:
     """--config FILE: a run's args.json (without its resume and overwrite settings); unknown keys are refused."""

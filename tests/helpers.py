@@ -1,0 +1,68 @@
+"""Shared by the tests: the hypothesis profile, paths to ../shared, small random models, run helpers."""
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip is imported: no ~45 s of hub retries
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, settings, strategies as st
+
+import vargrpo as vg
+
+ROOT = Path(vg.__file__).resolve().parent
+# CI: no shrinking (a failing property test can shrink for minutes and, for big tensors, exhaust memory);
+# HYPOTHESIS_PROFILE=dev shrinks failures to a minimal example.
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SHARED = ROOT.parent / "shared"
+FIXTURE = SHARED / "fixtures" / "official_var_tiny.pt"
+LAYOUTS = SHARED / "fixtures" / "official_var_layouts.json"
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason="../shared/fixtures absent")
+needs_layouts = pytest.mark.skipif(not LAYOUTS.is_file(), reason="../shared/fixtures absent")
+HEAD = SHARED / "weights" / "sac+logos+ava1-l14-linearMSE.pth"
+needs_head = pytest.mark.skipif(not HEAD.is_file(), reason="../shared/weights absent")
+
+
+def randomize_(var: vg.VAR, seed: int, std: float = 0.15):
+    """Overwrite every VAR weight with N(0, std) noise (seeded): the official init starts every
+    block at ~identity (gamma 1e-5), which would make context-dependence tests vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in var.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise + (math.log(4.0) if "scale_mul" in name else 0.0))
+    return var
+
+
+def random_model(patch_nums=(1, 2, 3), depth=1, vocab=32, seed=0, num_classes=5, randomize=True):
+    config = vg.VARConfig(depth=depth, patch_nums=tuple(patch_nums), vocab_size=vocab, z_channels=4,
+                          vae_ch=32, num_classes=num_classes)
+    vae, var = vg.build_vae_var(config, seed=seed)
+    return vae, (randomize_(var, seed) if randomize else var)
+
+
+patch_nums_st = st.lists(st.integers(1, 5), min_size=2, max_size=4, unique=True).map(lambda xs: tuple(sorted(xs)))
+
+
+def labels_for(var, B, seed):
+    return torch.randint(0, var.config.num_classes, (B,), generator=torch.Generator().manual_seed(seed))
+
+
+TINY = ["--preset", "tiny", "--reward", "brightness", "--labels-per-step", "2", "--group-size", "4",
+        "--minibatch", "4", "--lr", "1e-3", "--beta", "0.05", "--temperature", "1.0", "--image-every", "1"]
+
+
+def read_metrics(run):
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def policy_state(run):
+    return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=True)
