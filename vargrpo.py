@@ -52,6 +52,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -1297,10 +1298,11 @@ def atomic_write(path: Path, write):
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as "unexpected pos": ask the disk
         tmp.unlink(missing_ok=True)
-        raise RunFailed(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)}; what was written before "
-                        "is intact: fix that (free space, permissions) and continue with --resume") from None
+        full = shutil.disk_usage(path.parent).free < 1 << 20 if path.parent.is_dir() else False
+        raise RunFailed(f"cannot write {path}: {'No space left on device' if full else getattr(e, 'strerror', None) or first_line(e)}"
+                        "; what was written before is intact: fix that (free space, permissions) and continue with --resume") from None
 
 def run_state(out: Path) -> str:
     """'new' (absent, or empty but for our lock), 'run' (a vargrpo run's folder) or 'other'."""
