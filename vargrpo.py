@@ -48,6 +48,7 @@ Style: one blank line between definitions, a ruled comment between sections.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -977,6 +978,7 @@ def check_train_args(a: TrainArgs, world: int):
          and sum(map(int, a.vmr_schedule.split(":"))) > 0, f"need 0 <= --vmr-m < {K} (0 = auto), --vmr-k >= 2, --vmr-eta > 0 "
          f"and --vmr-schedule P:S (e.g. 3:1); got {a.vmr_m}, {a.vmr_k}, {a.vmr_eta}, {a.vmr_schedule!r}")
     need(0 < a.mp_keep <= 1, f"need 0 < --mp-keep <= 1, got {a.mp_keep}")
+    need(a.tracker == "none" or importlib.util.find_spec("tensorboard"), "--tracker tensorboard: pip install tensorboard")
     need(a.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", a.device), f"--device {a.device!r}: use cpu, cuda or cuda:N")
     need(not (a.device or "").startswith("cuda") or torch.cuda.is_available(), f"--device {a.device}: this machine has no CUDA GPU")
 
