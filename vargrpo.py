@@ -738,7 +738,7 @@ def kl_k3(logp_BL, ref_logp_BL):
     return torch.expm1(d) - d
 
 def kl_exact(logits_BLV, ref_logits_BLV):
-    """Per-token KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v), over the whole vocabulary,
+    """Per-token KL(pi || pi_ref) of [GRPO-VAR eq. 1] exactly: sum_v pi_v (log pi_v - log pi_ref_v) over the vocabulary,
     with its true gradient. Computed as sum_v pi_v k3_v (equal, since sum_v pi_v (pi_ref_v / pi_v - 1)
     = 0): every term is >= 0 in floating point, so it never dips below 0 for nearly equal policies."""
     logp, ref_logp = logits_BLV.log_softmax(-1), ref_logits_BLV.log_softmax(-1)

@@ -1135,3 +1135,48 @@ def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
         vg.policy_update(policy, ref, opt, batch, a, 0, vg.Dist(), contextlib.nullcontext)
         params.append({k: v.clone() for k, v in policy.state_dict().items()})
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the teaching file's shape (issue 8)
+
+
+def test_teaching_file_budget_and_one_way_imports():
+    import ast
+    src = (Path(vg.__file__)).read_text()
+    assert len(src.splitlines()) <= 1400
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(ast.parse(src))
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long
+    rm_src = (Path(vg.__file__).parent / "reward_models.py").read_text()
+    assert "import vargrpo" not in rm_src and "from vargrpo" not in rm_src
+    assert "vargrpo_tools" not in src.replace("vargrpo_tools.py", "").replace("vargrpo_tools.", "")
+
+
+@pytest.mark.parametrize("name", ["group_advantages", "clipped_surrogate", "kl_k3", "kl_exact", "grpo_loss",
+                                  "panw_weights", "middle_value", "propagate_mask"])
+def test_every_rl_function_runs_pasted_alone(name):
+    """Each RL formula, its source pasted into a namespace holding only math, torch and F, gives
+    what the module's function gives."""
+    import inspect
+    namespace = {"math": math, "torch": torch, "F": torch.nn.functional}
+    exec(compile("from __future__ import annotations\n" + inspect.getsource(getattr(vg, name)), name, "exec"), namespace)
+    pasted, g = namespace[name], torch.Generator().manual_seed(0)
+    logp, old, ref = (-torch.rand(3, 14, generator=g) * 3 for _ in range(3))
+    logits, ref_logits = torch.randn(3, 14, 9, generator=g), torch.randn(3, 14, 9, generator=g)
+    calls = {"group_advantages": (torch.randn(3, 5, generator=g),), "clipped_surrogate": (logp, old, torch.randn(3, generator=g)),
+             "kl_k3": (logp, ref), "kl_exact": (logits, ref_logits),
+             "grpo_loss": (logp, ref, torch.rand(3, 14, generator=g), 0.3), "panw_weights": ((1, 2, 3), 1.0),
+             "middle_value": (torch.randn(4, 3, generator=g), 0.5),
+             "propagate_mask": ((torch.rand(2, 3, 3, generator=g) > 0.5).float(), (1, 2, 3))}[name]
+    assert torch.equal(pasted(*calls), getattr(vg, name)(*calls))
+    assert "[GRPO-VAR" in pasted.__doc__ or "[VAR-RL" in pasted.__doc__  # the docstring names the equation
+
+
+def test_a_paper_shaped_step_samples_many_rows_per_call(tmp_path, monkeypatch):
+    """Issue 8: 32 labels x 16 samples (tiny preset, one process): sample() sees >= 128 rows per call."""
+    rows, real = [], vg.sample
+    monkeypatch.setattr(vg, "sample", lambda var, labels, **kw: rows.append(len(labels)) or real(var, labels, **kw))
+    vg.main(["train", "--preset", "tiny", "--reward", "brightness", "--labels-per-step", "32", "--group-size", "16",
+             "--minibatch", "512", "--steps", "1", "--image-every", "0", "--out", str(tmp_path / "run")])
+    assert sum(rows) == 512 and sum(rows) / len(rows) >= 128, rows
