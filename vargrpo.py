@@ -54,6 +54,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -68,8 +69,7 @@ import torch.utils.checkpoint
 
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
+# ---- Config
 @dataclass(frozen=True)
 class VARConfig:
     """Architecture of a VQVAE + VAR pair. Defaults are the official VAR-d16 (256 px)."""
@@ -109,8 +109,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si = scale index.
+# ---- Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si = scale index.
 def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
     """[(begin, end)] of each scale's tokens in the flattened sequence (row-major within a scale)."""
     ends = np.cumsum([pn * pn for pn in patch_nums]).tolist()
@@ -134,8 +133,7 @@ def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
     return [idx_BL[:, b:e] for b, e in scale_begin_ends(patch_nums) if e <= idx_BL.shape[1]]
 
 
-# ----------------------------------------------------------------------------------------------
-# VQVAE: the frozen multi-scale tokenizer. Encoder/decoder are the taming-style CNNs of the
+# ---- VQVAE: the frozen multi-scale tokenizer. Encoder/decoder are the taming-style CNNs of the
 # official code (channel multipliers 1,1,2,2,4; two res-blocks per level; self-attention at the
 # lowest resolution); the quantizer is VAR's multi-scale residual quantizer.
 def group_norm(C: int) -> nn.GroupNorm:
@@ -306,8 +304,7 @@ class VQVAE(nn.Module):
         return self.fhat_to_img(self.quantize.partial_sums(split_scales(idx_BL, self.config.patch_nums))[-1])
 
 
-# ----------------------------------------------------------------------------------------------
-# VAR: a class-conditional transformer over the concatenated scales, with adaptive LayerNorm.
+# ---- VAR: a class-conditional transformer over the concatenated scales, with adaptive LayerNorm.
 class SelfAttention(nn.Module):
     """Multi-head attention with L2-normalised q and k (official attn_l2_norm): q is multiplied by a
     learned per-head exp(min(scale_mul, ln 100)) and the softmax scale is 1. k has no bias."""
@@ -487,8 +484,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pre-trained weights: --weights-dir, the repository's weights/ folder, the cache, else the official
+# ---- Pre-trained weights: --weights-dir, the repository's weights/ folder, the cache, else the official
 # repository on the Hugging Face hub. Files (.pth or .safetensors) load with strict key matching.
 OFFICIAL_REPO, OFFICIAL_ENDPOINT, VAE_FILE = "FoundationVision/var", "https://huggingface.co", "vae_ch160v4096z32.pth"
 OFFICIAL_PRESETS = ("d16", "d20", "d24", "d30")
@@ -580,8 +576,7 @@ def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu") -> tupl
     return vae, var.to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# The distribution sampled from. One function, used by the sampler and by the log-prob
+# ---- The distribution sampled from. One function, used by the sampler and by the log-prob
 # recomputation, so that "old" log-probs recorded at sampling equal teacher-forced ones.
 def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0, temperature=1.0, top_k=0, top_p=0.0):
     """Logits of the distribution VAR samples from (-inf = excluded), in this order:
@@ -612,8 +607,7 @@ def check_sampling_args(temperature, cfg, top_k, top_p):
                          f"got temperature={temperature}, cfg={cfg}, top_k={top_k}, top_p={top_p}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling (KV cache, one scale per step) and teacher-forced log-probs (one pass).
+# ---- Sampling (KV cache, one scale per step) and teacher-forced log-probs (one pass).
 @dataclass
 class Rollout:
     labels: torch.Tensor          # (B,) class labels
@@ -696,8 +690,7 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, 
     return (logp_Bl, logits_BlV) if return_logits else logp_Bl
 
 
-# ----------------------------------------------------------------------------------------------
-# The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one runs when
+# ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one runs when
 # pasted alone into a file that imports math, torch and torch.nn.functional as F.
 # Sign convention: we maximise the objective J; the loss is -J.
 def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -738,12 +731,12 @@ def kl_k3(logp_BL, ref_logp_BL):
     return torch.expm1(d) - d
 
 def kl_exact(logits_BLV, ref_logits_BLV):
-    """Per-token KL(pi || pi_ref) of [GRPO-VAR eq. 1] exactly: sum_v pi_v (log pi_v - log pi_ref_v) over the vocabulary,
-    with its true gradient. Computed as sum_v pi_v k3_v (equal, since sum_v pi_v (pi_ref_v / pi_v - 1)
-    = 0): every term is >= 0 in floating point, so it never dips below 0 for nearly equal policies."""
+    """Per-token KL(pi || pi_ref) of [GRPO-VAR eq. 1] exactly, sum_v pi_v (log pi_v - log pi_ref_v), with
+    its true gradient. Computed as sum over pi's support of pi_v k3_v plus pi_ref's mass off it (equal,
+    as sum_v pi_v (pi_ref_v / pi_v - 1) = 0 there): every term is >= 0, so it never dips below 0."""
     logp, ref_logp = logits_BLV.log_softmax(-1), ref_logits_BLV.log_softmax(-1)
     p, d = logp.exp(), ref_logp - logp
-    return torch.where(p > 0, p * (torch.expm1(d) - d), 0.0).sum(-1)
+    return torch.where(p > 0, p * (torch.expm1(d) - d), ref_logp.exp()).sum(-1)
 
 def entropy(logits_BLV):
     """Per-token entropy of the policy, -sum_v pi_v log pi_v."""
@@ -762,8 +755,7 @@ def grpo_loss(surrogate_BL, kl_BL, token_weights_BL=None, beta=0.2, kl_weights_B
     return -((w * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return
+# ---- Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return
 # (VMR) and mask propagation (MP). Pure functions; the trainer combines them through the loss's
 # token weights (PANW, MP) and the advantages (VMR).
 def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
@@ -840,8 +832,7 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
 
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0
+# ---- Distributed helpers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0
 # of 1 and never touches torch.distributed. A rank that fails ends the run (torchrun stops the rest).
 @dataclass
 class Dist:
@@ -883,8 +874,7 @@ def derive_seed(*keys: int) -> int:
 STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_SUBSET = 1, 2, 3, 5
 
 
-# ----------------------------------------------------------------------------------------------
-# Settings: `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR paper's.
+# ---- Settings: `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR paper's.
 def arg(default, help, **extra):
     return field(default=default, metadata=dict(help=help, **extra))
 
@@ -997,8 +987,7 @@ def resolve_args(a: TrainArgs, given, saved: dict | None) -> TrainArgs:
     return a
 
 
-# ----------------------------------------------------------------------------------------------
-# The trainer [GRPO-VAR 4]: `train` holds the loop, one step numbered 1 sample, 2 reward,
+# ---- The trainer [GRPO-VAR 4]: `train` holds the loop, one step numbered 1 sample, 2 reward,
 # 3 advantages, 4 token weights, 5 clipped update with the per-token KL, 6 log and save.
 def build_models(a: TrainArgs, device):
     """(vae, policy, ref): the frozen tokenizer, the policy to train, the frozen pre-trained VAR."""
@@ -1273,8 +1262,7 @@ def step_metrics(step, rewards, comps, values_Ng, b: UpdateBatch, u: UpdateStats
     return {**m, "vmr/stage": stage} if stage else m
 
 
-# ----------------------------------------------------------------------------------------------
-# The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a second
+# ---- The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a second
 # trainer out; checkpoints are written atomically and resume exactly; Ctrl-C / SIGTERM stop after
 # a save; a reward that raises is retried once; a diverged policy stops the run.
 class RunFailed(RuntimeError):
@@ -1363,8 +1351,7 @@ class RunFolder:
 
     def lock(self):
         """An exclusive flock on DIR/.vargrpo.lock, held until the trainer exits (kill -9 included)."""
-        import fcntl
-        import socket
+        import fcntl  # POSIX
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock_fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -1377,7 +1364,7 @@ class RunFolder:
         except OSError as e:
             raise UsageError(f"cannot write in {self.out}: {e.strerror}; choose a folder you can write to") from None
         os.ftruncate(self.lock_fd, 0)
-        os.write(self.lock_fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}".encode())
+        os.write(self.lock_fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%Y-%m-%d %H:%M')}".encode())
 
     def close(self):
         if self.tb is not None:
@@ -1500,7 +1487,6 @@ def save_grid(images_B3HW, path: Path, nrow: int = 8) -> np.ndarray:
 class StopRequest:
     """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
     def __init__(self):
-        import signal
         self.signum, self.previous = 0, {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -1509,20 +1495,18 @@ class StopRequest:
                 pass
 
     def handle(self, signum, frame):
-        if self.signum and signum == 2:  # a second SIGINT
+        if self.signum and signum == signal.SIGINT:  # a second Ctrl-C
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n[vargrpo] signal {signum}: finishing this step, saving a checkpoint, then exiting "
               "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
     def restore(self):
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation, ablation,
+# ---- Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation, ablation,
 # benchmark, plots and the digits model: `python vargrpo_tools.py --help`.
 def add_dataclass_args(parser, cls):
     """One --flag per dataclass field, its help from the field's metadata. Defaults are suppressed

@@ -323,3 +323,34 @@ def test_trainer_computes_ratios_at_the_sampling_temperature(tmp_path):
     vg.main(["train", *TINY[:-4], "--temperature", "0.7", "--image-every", "0", "--out", str(run), "--steps", "2"])
     assert all(r["policy/ratio_dev_first_minibatch"] < 1e-5 for r in read_metrics(run))
     assert json.loads((run / "args.json").read_text())["temperature"] == 0.7
+
+
+def test_defaults_are_the_papers():
+    """GRPO-VAR section 5: clip 0.2, beta 0.2, lr 1e-4, temperature 0.7, 32 labels x 16 samples, minibatch 32;
+    the pure functions' defaults agree with the trainer's."""
+    a = vg.TrainArgs()
+    assert (a.clip_eps, a.beta, a.lr, a.temperature, a.labels_per_step, a.group_size, a.minibatch) == (0.2, 0.2, 1e-4, 0.7, 32, 16, 32)
+    obj = vg.clipped_surrogate(torch.tensor([[math.log(1.5), math.log(0.5)]]), torch.zeros(1, 2), torch.tensor([1.0]))
+    torch.testing.assert_close(obj, torch.tensor([[1.2, 0.5]]))  # clipped at 1 + 0.2 above, unclipped below for A > 0
+    r = torch.tensor([[0.0, 1.0]])
+    torch.testing.assert_close(vg.group_advantages(r), torch.tensor([[-0.5, 0.5]]) / (0.5 + 1e-4))  # eps 1e-4
+    s, k = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.5]])
+    torch.testing.assert_close(vg.grpo_loss(s, k), -(torch.tensor(1.5) - 0.2 * 0.5))  # beta 0.2, token mean
+
+
+@given(seed=seeds, k=st.integers(1, 8))
+def test_exact_kl_and_entropy_with_excluded_tokens(seed, k):
+    """Top-k leaves tokens of probability 0 (logit -inf) in the policy: they add nothing (not NaN),
+    and the entropy's gradient is the analytic one, -p (log p + H)."""
+    g = gen(seed)
+    logits = vg.process_logits(torch.randn(2, 3, 10, generator=g, dtype=torch.float64) * 2, top_k=k)
+    ref = torch.randn(2, 3, 10, generator=g, dtype=torch.float64)
+    kl = vg.kl_exact(logits, ref)
+    p, logp, ref_logp = logits.softmax(-1), logits.log_softmax(-1), ref.log_softmax(-1)
+    textbook = torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl, textbook)
+    x = torch.randn(2, 3, 10, generator=g, dtype=torch.float64).requires_grad_(True)
+    (grad,) = torch.autograd.grad(vg.entropy(x).sum(), x)
+    p, logp = x.detach().softmax(-1), x.detach().log_softmax(-1)
+    torch.testing.assert_close(grad, -p * (logp + vg.entropy(x.detach())[..., None]))
