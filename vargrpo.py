@@ -807,9 +807,9 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
     The reward's region if it scores one (a box: the pixels it looks at; `reward.region_mask` is
     None unless every term of the reward is a region term [C11]); otherwise gradient saliency
     |d reward / d image| summed over channels, area-pooled to the token grid, keeping the top `keep`
-    fraction of cells (ties kept). An image whose saliency is flat (a reward with no gradient, or
-    a uniform one) keeps every cell: there is nothing to choose by. The mask is where the reward
-    is most sensitive, not a proof that other tokens cannot change it (the decoder mixes areas).
+    fraction of cells, ties kept: a uniform saliency, or a reward with no gradient, keeps every cell
+    (there is nothing to choose by). The mask is where the reward is most sensitive, not a proof
+    that other tokens cannot change it (the decoder mixes areas).
     """
     B, _, H, W = images_B3HW.shape
     region = reward.region_mask(H, W, images_B3HW.device) if hasattr(reward, "region_mask") else None
@@ -824,9 +824,7 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
         return torch.ones(B, pn, pn, device=images_B3HW.device)
     flat = F.interpolate(grad.abs().sum(1, keepdim=True), size=(pn, pn), mode="area")[:, 0].view(B, -1)
     kth = flat.topk(max(1, round(keep * pn * pn)), dim=1).values[:, -1:]
-    mask = (flat >= kth).float()
-    mask[(flat.amax(1) - flat.amin(1)) <= 1e-12 * flat.amax(1).clamp_min(1e-30)] = 1.0
-    return mask.view(B, pn, pn)
+    return (flat >= kth).float().view(B, pn, pn)
 
 
 

@@ -354,3 +354,15 @@ def test_exact_kl_and_entropy_with_excluded_tokens(seed, k):
     (grad,) = torch.autograd.grad(vg.entropy(x).sum(), x)
     p, logp = x.detach().softmax(-1), x.detach().log_softmax(-1)
     torch.testing.assert_close(grad, -p * (logp + vg.entropy(x.detach())[..., None]))
+
+
+def test_saliency_edge_cases():
+    """A reward whose graph does not reach the image keeps every cell; the entropy of a top-k policy
+    counts only its support."""
+    images = torch.rand(2, 3, 64, 64, generator=gen(3))
+    scale = torch.nn.Parameter(torch.ones(()))
+    blind = lambda x: scale.expand(len(x))  # differentiable, but not in the image
+    assert torch.equal(vg.initial_mask(blind, images, 4, 0.25), torch.ones(2, 4, 4))
+    logits = vg.process_logits(torch.randn(3, 10, generator=gen(5)), top_k=4)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(vg.entropy(logits), -(p[p > 0].view(3, 4) * p[p > 0].view(3, 4).log()).sum(-1))
