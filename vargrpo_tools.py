@@ -498,9 +498,52 @@ def bench_reward(name: str, batch: int, device: str) -> dict:
                 peak_mem=peak_memory(device))
 
 
+def saved_bytes(fn, weights) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while fn() runs, the weights left
+    out: the activation memory a training forward holds until its backward (storages counted once)."""
+    seen, own = {}, {w.untyped_storage().data_ptr() for w in weights}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def activation_memory(preset: str, dtype=None) -> dict:
+    """Activation bytes per sample of a teacher-forced log-prob pass (the update's forward), with and
+    without --grad-checkpointing, counted from the graph on the CPU (random weights, B = 1).
+    With checkpointing a block keeps only its input, and its own activations exist again only while
+    the backward pass recomputes it: saved - depth * block + depth * input + block."""
+    config = vg.VARConfig.preset(preset)
+    vae, var = vg.build_vae_var(config)
+    weights, amp = [*var.parameters(), *var.buffers(), *vae.parameters(), *vae.buffers()], torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+    per_sample = {}
+    for B in (1, 2):  # the difference leaves out what a forward holds once (bf16 copies of the weights)
+        labels, idx = torch.zeros(B, dtype=torch.long), torch.zeros(B, config.seq_len, dtype=torch.long)
+        x = torch.zeros(B, config.seq_len, config.embed_dim, requires_grad=True)
+        with amp:
+            per_sample[B] = (saved_bytes(lambda: vg.token_logprobs(var, labels, idx, 0.7), weights),
+                             saved_bytes(lambda: var.blocks[0](x, var.class_emb(labels), var.attn_bias_for_masking[0, 0] == 0), weights))
+    total, block = (per_sample[2][i] - per_sample[1][i] for i in (0, 1))
+    inputs = config.depth * config.seq_len * config.embed_dim * (2 if dtype is not None else 4)
+    return dict(preset=preset, params=sum(p.numel() for p in var.parameters()), plain=total,
+                checkpointed=total - config.depth * block + inputs + block)
+
+
 def bench(args):
     import subprocess
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory:
+        print("| preset | parameters | activations per sample, fp32 | with --grad-checkpointing | bf16 autocast | bf16, checkpointing |")
+        print("|---|---|---|---|---|---|")
+        for preset in args.presets.split(","):
+            f32, b16 = activation_memory(preset), activation_memory(preset, torch.bfloat16)
+            print(f"| {preset} | {f32['params'] / 1e6:.1f} M | {f32['plain'] / 2**30:.2f} GiB | {f32['checkpointed'] / 2**30:.2f} GiB | "
+                  f"{b16['plain'] / 2**30:.2f} GiB | {b16['checkpointed'] / 2**30:.2f} GiB |", flush=True)
+        return
     if args.row:  # child process: one measurement, printed as JSON
         preset, what, batch = args.row.split(":")
         print(json.dumps(bench_row(preset, what, int(batch), device, args.official_var)))
@@ -618,6 +661,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--official-var", default=None, metavar="DIR",
                    help="a checkout of FoundationVision/VAR: also time its sampler on the same weights")
+    p.add_argument("--memory", action="store_true", help="activation memory per sample of each preset (from the graph)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")

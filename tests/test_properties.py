@@ -1,5 +1,6 @@
 """Property-based tests of the RL maths, the sampler, the masks and the run folder's rules, and the
 tests of the defects a review found (each would fail on the code before its fix)."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -370,3 +371,25 @@ def test_saliency_edge_cases():
     logits = vg.process_logits(torch.randn(3, 10, generator=gen(5)), top_k=4)
     p = logits.softmax(-1)
     torch.testing.assert_close(vg.entropy(logits), -(p[p > 0].view(3, 4) * p[p > 0].view(3, 4).log()).sum(-1))
+
+
+@given(seed=seeds, kl=st.sampled_from(["k3", "exact"]), temperature=st.sampled_from([0.7, 1.0]))
+@settings(max_examples=6)
+def test_loss_terms_are_the_papers_pieces(seed, kl, temperature):
+    """Step 5's per-token pieces: log-probs of the tempered policy, the chosen KL to the reference,
+    the clipped objective against the recorded old log-probs."""
+    vae, policy = random_model((1, 2, 3), depth=1, seed=seed)
+    _, ref = random_model((1, 2, 3), depth=1, seed=seed + 1)
+    ref.vae.load_state_dict(vae.state_dict())
+    g = gen(seed)
+    labels, idx = torch.tensor([0, 1, 2]), torch.randint(0, 32, (3, 14), generator=g)
+    old = vg.token_logprobs(policy, labels, idx, temperature).detach() + 0.1 * torch.randn(3, 14, generator=g)
+    b = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.randn(3, generator=g), token_w=torch.ones(3, 14), kl_w=torch.ones(3, 14))
+    a = vg.TrainArgs(kl=kl, temperature=temperature, clip_eps=0.2)
+    t = vg.loss_terms(policy, ref, b, torch.arange(3), a, contextlib.nullcontext)
+    logp, logits = vg.token_logprobs(policy, labels, idx, temperature, return_logits=True)
+    ref_logp, ref_logits = vg.token_logprobs(ref, labels, idx, temperature, return_logits=True)
+    expect = vg.kl_k3(logp, ref_logp) if kl == "k3" else vg.kl_exact(logits, ref_logits)
+    torch.testing.assert_close(t.kl, expect)
+    torch.testing.assert_close(t.surrogate, vg.clipped_surrogate(logp, old, b.adv, 0.2))
+    assert not torch.allclose(vg.kl_k3(logp, ref_logp), vg.kl_exact(logits, ref_logits))  # the choice matters
