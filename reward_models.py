@@ -10,6 +10,8 @@ Components  [GRPO-VAR 5.1-5.3]:
   aesthetic                    LAION improved-aesthetic-predictor v2 on OpenAI CLIP ViT-L/14 embeddings
   clip:PROMPT                  cosine similarity of the CLIP image and prompt embeddings
   brightness:region=x0,y0,x1,y1  mean luma inside a box (fractions of the image), with a region mask
+  digit:bold                   stroke boldness read by the digits judge, a small CNN trained on the rendered
+                               digits (vargrpo_tools.py prepare): a learned, label-independent style reward
 
 Importing this module loads nothing and touches no network; open_clip is imported when a CLIP
 reward is built, after deciding whether the Hugging Face hub may be used.
@@ -264,6 +266,56 @@ class ClipScore(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The digits judge: a small CNN trained on the images vargrpo_tools.render_digits draws (the CPU
+# demo's data). It reads a digit's class (the demo's class-fidelity check) and its stroke boldness
+# (a learned reward that does not fight the label, as "CLIP score to 'a painting'" in GRPO-VAR 5.3).
+
+DIGIT_JUDGE = Path(__file__).resolve().parent / "weights" / "judge_digits.safetensors"
+
+
+class DigitJudge(nn.Module):
+    """Images in [0, 1] -> 10 class logits and the stroke boldness (in units of font size / 24),
+    read at 32 px after per-image standardisation (so background colour does not matter)."""
+    def __init__(self, width: int = 32):
+        super().__init__()
+        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        w = width
+        self.features = nn.Sequential(*block(3, w), *block(w, w), nn.MaxPool2d(2), *block(w, 2 * w), *block(2 * w, 2 * w),
+                                      nn.MaxPool2d(2), *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classes, self.bold = nn.Linear(4 * w, 10), nn.Linear(4 * w, 1)
+        self.register_buffer("boldness_mean", torch.zeros(()))
+        self.register_buffer("boldness_std", torch.ones(()))
+
+    def heads(self, images_B3HW):
+        """(class logits (B, 10), standardised boldness (B,))."""
+        x = F.interpolate(images_B3HW.float(), size=(32, 32), mode="area") if images_B3HW.shape[-1] != 32 else images_B3HW.float()
+        x = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True) + 0.05)
+        h = self.features(x)
+        return self.classes(h), self.bold(h).squeeze(-1)
+
+    def forward(self, images_B3HW):
+        return self.heads(images_B3HW)[1] * self.boldness_std + self.boldness_mean
+
+
+def load_digit_judge(path=None) -> DigitJudge:
+    """The judge's weights (weights/judge_digits.safetensors beside this file, or `path`), strictly."""
+    from safetensors.torch import load_file
+    file = Path(path or DIGIT_JUDGE)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no digits judge there; build it with `python vargrpo_tools.py prepare`")
+    judge = DigitJudge()
+    judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
+    return judge.eval().requires_grad_(False)
+
+
+def _digit(arg, ctx):
+    if arg != "bold":
+        raise ValueError(f"digit:{arg}: the digits judge's reward is digit:bold")
+    local = Path(ctx.get("weights_dir") or "") / DIGIT_JUDGE.name  # --weights-dir first, as for the model
+    return load_digit_judge(local if ctx.get("weights_dir") and local.is_file() else None).to(ctx["device"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and weighted sums
 
 
@@ -338,6 +390,7 @@ REGISTRY = {
     "dark": _brightness("dark"),
     "aesthetic": _aesthetic,
     "clip": _clip,
+    "digit": _digit,
 }
 
 
@@ -400,12 +453,13 @@ def parse_spec(spec: str):
 
 def build_reward(spec: str, device="cpu", differentiable: bool = False, clip_model: str | None = None,
                  clip_pretrained: str | None = AESTHETIC_CLIP[1], clip_weights: str | None = None,
-                 aesthetic_head: str | None = None) -> Reward:
+                 aesthetic_head: str | None = None, weights_dir: str | None = None) -> Reward:
     """One Reward for a spec. CLIP options: clip_model (open_clip name, a JSON config path, or
     'tiny-random'; default ViT-L-14-quickgelu), clip_pretrained (tag, 'none' = random),
-    clip_weights (local checkpoint file), aesthetic_head (local head file)."""
+    clip_weights (local checkpoint file), aesthetic_head (local head file); weights_dir: a folder that
+    may hold judge_digits.safetensors (else weights/ beside this file)."""
     ctx = dict(device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-               clip_weights=clip_weights, aesthetic_head=aesthetic_head)
+               clip_weights=clip_weights, aesthetic_head=aesthetic_head, weights_dir=weights_dir)
     if clip_model == "tiny-random" and clip_pretrained == AESTHETIC_CLIP[1]:
         ctx["clip_pretrained"] = None  # there are no pretrained weights for the tiny config
     terms = []

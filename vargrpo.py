@@ -104,6 +104,8 @@ class VARConfig:
 
 PRESETS = {
     "d16": VARConfig(depth=16), "d20": VARConfig(depth=20), "d24": VARConfig(depth=24), "d30": VARConfig(depth=30),
+    # the CPU demo's model, trained on rendered digits by `vargrpo_tools.py prepare` (weights/): 64 px, 30 tokens
+    "digits": VARConfig(depth=3, patch_nums=(1, 2, 3, 4), vocab_size=512, z_channels=8, vae_ch=32, num_classes=10),
     # CPU tests and smoke runs, random weights: 64 px, 30 tokens, 4 scales (the official fixture's shape).
     "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64, num_classes=10),
 }
@@ -559,7 +561,7 @@ def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu") -> tupl
     CPU demo's, shipped in weights/), loaded strictly, on `device`."""
     config, vae_file = VARConfig.preset(preset), VAE_FILE if preset in OFFICIAL_PRESETS else f"vae_{preset}.pth"
     var_path, vae_path = find_or_download(f"var_{preset}.pth", weights_dir), find_or_download(vae_file, weights_dir)
-    var_sd, vae_sd = read_state_dict(var_path), read_state_dict(vae_path)
+    var_sd, vae_sd = ({k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(p).items()} for p in (var_path, vae_path))
     depth = max((int(k.split(".")[1]) + 1 for k in var_sd if k.startswith("blocks.")), default=0)
     if depth != config.depth:  # the errors a user can cause with a real file, each with what to do
         raise CheckpointError(f"{var_path} holds a depth-{depth} VAR (by its shapes), not depth {config.depth}; "
@@ -1014,7 +1016,7 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
     import reward_models
     try:
         return reward_models.build_reward(spec, device, differentiable, clip_model=a.clip_model, clip_pretrained=a.clip_pretrained,
-                                          clip_weights=a.clip_weights, aesthetic_head=a.aesthetic_head)
+                                          clip_weights=a.clip_weights, aesthetic_head=a.aesthetic_head, weights_dir=a.weights_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"reward {spec!r}: {e}") from None
 

@@ -5,6 +5,8 @@ imports; vargrpo.py never imports this file).
   python vargrpo_tools.py ablate                      the VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three
   python vargrpo_tools.py bench                       speed and memory on this machine
   python vargrpo_tools.py plot runs/demo              reward_curve.png of a run
+  python vargrpo_tools.py prepare                     the digits model (data, tokenizer, judge, VAR) -> weights/
+  python vargrpo_tools.py demo [train flags]          GRPO on the digits model (`bash run.sh demo`)
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import vargrpo as vg
 from vargrpo import CheckpointError, TrainArgs, UsageError, arg
@@ -591,27 +594,309 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The CPU demo: GRPO on a small model, with before / after pictures, a reward curve and a summary
+# The digits model: a class-conditional VAR that has learned something, made on the CPU from images
+# the program renders (digits 0-9 in Pillow's default font), with its tokenizer and a judge (a
+# digit classifier, also a learned reward). `python vargrpo_tools.py prepare` builds it into
+# weights/ (shipped: it takes about an hour on two cores); the trainer loads it as `--preset digits`.
 
-DEMO_FLAGS = dict(preset="tiny", reward="brightness", out="runs/demo", steps=50, labels_per_step=4, group_size=8,
-                  minibatch=16, lr=1e-3, beta=0.1, temperature=1.0, image_every=10, save_every=25)
+
+@dataclass
+class DigitsRecipe:
+    """Every number of the preparation (the defaults are what built the shipped weights)."""
+    seed: int = 1                    # training images; the held-out set uses seed + 998
+    train_images: int = 20000
+    heldout_images: int = 1000
+    tok_steps: int = 4600            # tokenizer: AdamW (0.9, 0.95), batch 16, bf16 autocast
+    tok_batch: int = 16
+    tok_lr: float = 5e-4
+    tok_ae_frac: float = 0.4         # first 40% of the steps: a plain autoencoder (no quantizer)
+    tok_blend_frac: float = 0.05     # then 5% of the steps blending the latent into its quantization
+    tok_beta: float = 0.25           # commitment weight
+    tok_restart_every: int = 25      # codes unused for this many steps restart at a random latent
+    judge_steps: int = 300
+    judge_batch: int = 128
+    judge_lr: float = 3e-3
+    var_steps: int = 6000            # VAR: next-scale cross-entropy, AdamW (0.9, 0.95), batch 64, bf16
+    var_batch: int = 64
+    var_lr: float = 1e-3
+    var_weight_decay: float = 0.05
+    label_dropout: float = 0.1       # to the null class, so that CFG works at inference
 
 
 @torch.no_grad()
-def preview(model: vg.VAR, reward, labels, seed: int, temperature: float, path: Path) -> torch.Tensor:
-    """Samples of fixed labels and seed (so that before.png and after.png compare), captioned with
-    label and reward; returns the rewards."""
-    gen = torch.Generator(device=labels.device).manual_seed(seed)
-    images = vg.sample(model, labels, temperature=temperature, generator=gen).images.float()
+def render_digits(n: int, seed: int, res: int = 64):
+    """n images of the digits 0-9 (class-balanced: label i % 10, shuffled), deterministic from `seed`:
+    Pillow's scalable default font at a random size (0.45-0.8 of the image), stroke width
+    (0.7-2 x size/24: the 'boldness' the judge learns), position and rotation (+-15 deg); half of
+    them dark digits on a light background, half the reverse, each colour slightly tinted. Drawn at
+    2x and box-downsampled. Returns (uint8 (n, 3, res, res), labels (n,), boldness (n,))."""
+    from PIL import Image, ImageDraw, ImageFont
+    rng, R = np.random.default_rng(seed), 2 * res
+    labels = rng.permutation(np.arange(n) % 10)
+    size, bold, angle = rng.uniform(0.45, 0.8, n) * R, rng.uniform(0.7, 2.0, n), rng.uniform(-15, 15, n)
+    light_bg = rng.random(n) < 0.5
+    bg = np.clip(np.where(light_bg, rng.uniform(0.55, 1.0, n), rng.uniform(0.0, 0.45, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
+    fg = np.clip(np.where(light_bg, rng.uniform(0.0, 0.3, n), rng.uniform(0.7, 1.0, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
+    shift = rng.random((n, 2))
+    images, boldness = np.empty((n, 3, res, res), np.uint8), np.empty(n, np.float32)
+    for i in range(n):
+        font, s = ImageFont.load_default(size=int(round(size[i]))), int(round(size[i]))
+        stroke = max(1, int(round(bold[i] * s / 24)))
+        boldness[i] = stroke * 24 / s
+        glyph = Image.new("L", (R, R), 0)
+        draw = ImageDraw.Draw(glyph)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), str(labels[i]), font=font, stroke_width=stroke)
+        draw.text(((R - x1 - x0) / 2, (R - y1 - y0) / 2), str(labels[i]), fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+        glyph = glyph.rotate(angle[i], resample=Image.BICUBIC)
+        bx0, by0, bx1, by1 = glyph.getbbox()
+        margin = R // 32
+        canvas = Image.new("L", (R, R), 0)
+        canvas.paste(glyph, (int(round(margin - bx0 + shift[i, 0] * max(0, R - 2 * margin - (bx1 - bx0)))),
+                             int(round(margin - by0 + shift[i, 1] * max(0, R - 2 * margin - (by1 - by0))))))
+        alpha = np.asarray(canvas.resize((res, res), Image.BOX), np.float32)[None] / 255
+        images[i] = np.round((bg[i][:, None, None] * (1 - alpha) + fg[i][:, None, None] * alpha) * 255)
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(boldness)
+
+
+def to_m11(images_u8):
+    """uint8 images -> float in [-1, 1] (the tokenizer's input range)."""
+    return images_u8.float() / 127.5 - 1
+
+
+def st_quantize(vae: vg.VQVAE, f_BChw, beta: float):
+    """The multi-scale residual quantizer of f_to_idx, differentiable: the same codes are chosen, the
+    quantized latent passes the decoder's gradient straight through to f, and the loss trains the
+    codebook and Phi (f_hat after each scale towards f) and commits f to the codes. Returns
+    (straight-through latent, loss, [(B, pn*pn)] codes per scale)."""
+    quant, (B, C) = vae.quantize, f_BChw.shape[:2]
+    target, f_rest, f_hat, loss, codes = f_BChw.detach(), f_BChw.detach().clone(), torch.zeros_like(f_BChw), 0.0, []
+    E_VC = quant.embedding.weight
+    for si, pn in enumerate(quant.patch_nums):
+        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != len(quant.patch_nums) - 1 else f_rest
+        z_NC = z.permute(0, 2, 3, 1).reshape(-1, C).float()
+        with torch.no_grad():
+            idx_Bl = torch.addmm(z_NC.square().sum(1, keepdim=True) + E_VC.float().square().sum(1), z_NC, E_VC.float().T,
+                                 alpha=-2).argmin(1).view(B, pn * pn)
+        h_BChw = quant.add_scale(torch.zeros_like(f_hat), quant.embed(idx_Bl), si)
+        f_hat, f_rest = f_hat + h_BChw, f_rest - h_BChw.detach()
+        loss = loss + F.mse_loss(f_hat, target) + beta * F.mse_loss(f_hat.detach(), f_BChw)
+        codes.append(idx_Bl)
+    return f_BChw + (f_hat - f_BChw).detach(), loss / len(quant.patch_nums), codes
+
+
+def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100, floor: float = 0.05) -> float:
+    return lr * min(1, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print) -> vg.VQVAE:
+    """The official-architecture VQVAE of `config` trained on the images: L1 + MSE reconstruction,
+    first as a plain autoencoder, then through the quantizer (codebook initialised from encoder
+    outputs, dead codes restarted). Residual branches start at zero and Phi at the identity (the
+    weights keep the official layout; measured: other inits train several times slower)."""
+    steps, g = steps or r.tok_steps, torch.Generator().manual_seed(r.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        vae = vg.VQVAE(config)
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, (vg.ResnetBlock, vg.AttnBlock)):
+                out = m.conv2 if isinstance(m, vg.ResnetBlock) else m.proj_out
+                out.weight.zero_(), out.bias.zero_()
+        for phi in vae.quantize.quant_resi.qresi_ls:
+            phi.weight.zero_(), phi.bias.zero_()
+            phi.weight[:, :, 1, 1] = torch.eye(config.z_channels)
+    opt = torch.optim.AdamW(vae.parameters(), r.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    usage, quantizing, t0 = torch.zeros(config.vocab_size), False, time.perf_counter()
+    from tqdm import tqdm
+    for step in tqdm(range(steps), desc="tokenizer", mininterval=10):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, r.tok_lr)
+        x = to_m11(images_u8[torch.randint(len(images_u8), (r.tok_batch,), generator=g)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = vae.quant_conv(vae.encoder(x)).float()
+            if step >= r.tok_ae_frac * steps and not quantizing:  # the codebook starts as encoder outputs of every scale
+                quantizing = True
+                with torch.no_grad():
+                    f0 = vae.quant_conv(vae.encoder(to_m11(images_u8[:512]))).float()
+                    z = torch.cat([F.interpolate(f0, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, config.z_channels)
+                                   for pn in config.patch_nums])
+                    vae.quantize.embedding.weight.copy_(0.5 * z[torch.randperm(len(z), generator=g)[:config.vocab_size]])
+            vq_loss, latent = torch.zeros(()), f
+            if quantizing:
+                f_st, vq_loss, codes = st_quantize(vae, f, r.tok_beta)
+                blend = min(1.0, (step - r.tok_ae_frac * steps) / max(1, r.tok_blend_frac * steps))
+                latent = f + blend * (f_st - f)
+                usage += torch.bincount(torch.cat(codes, 1).flatten(), minlength=config.vocab_size)
+            y = vae.decoder(vae.post_quant_conv(latent)).float()
+        loss = F.mse_loss(y, x) + F.l1_loss(y, x) + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if quantizing and (step + 1) % r.tok_restart_every == 0:  # unused codes restart at residuals of this batch
+            dead = (usage == 0).nonzero().flatten()
+            with torch.no_grad():
+                rest, candidates = f.detach(), []
+                for si, (pn, idx_Bl) in enumerate(zip(config.patch_nums, codes)):
+                    z = F.interpolate(rest, size=(pn, pn), mode="area") if si != len(codes) - 1 else rest
+                    candidates.append(z.permute(0, 2, 3, 1).reshape(-1, config.z_channels))
+                    rest = rest - vae.quantize.add_scale(torch.zeros_like(rest), vae.quantize.embed(idx_Bl), si)
+                z = torch.cat(candidates)
+                vae.quantize.embedding.weight[dead] = z[torch.randint(len(z), (len(dead),), generator=g)]
+            usage.zero_()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"[prepare] tokenizer step {step}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    return vae.eval().requires_grad_(False)
+
+
+def train_judge(images_u8, labels, boldness, r: DigitsRecipe, steps=None):
+    """The judge (reward_models.DigitJudge): digit class and boldness, trained with a blur on half of
+    its inputs (generated images are softer than rendered ones)."""
+    import reward_models as rm
+    steps, g = steps or r.judge_steps, torch.Generator().manual_seed(r.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        judge = rm.DigitJudge()
+    judge.boldness_mean.fill_(boldness.mean()), judge.boldness_std.fill_(boldness.std())
+    opt = torch.optim.AdamW(judge.parameters(), r.judge_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, r.judge_lr, total_steps=steps, pct_start=0.15)
+    x32 = F.interpolate(images_u8.float() / 255, size=(32, 32), mode="area")
+    kernel = torch.tensor([0.06, 0.24, 0.4, 0.24, 0.06])
+    judge.train()
+    for _ in range(steps):
+        i = torch.randint(len(x32), (r.judge_batch,), generator=g)
+        x, blur = x32[i], torch.rand(r.judge_batch, generator=g) < 0.5
+        soft = F.conv2d(F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3),
+                        kernel.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        logits, bold = judge.heads(torch.where(blur[:, None, None, None], soft, x))
+        loss = F.cross_entropy(logits, labels[i]) + F.mse_loss(bold, (boldness[i] - judge.boldness_mean) / judge.boldness_std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(), sched.step()
+    return judge.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def tokenize(vae: vg.VQVAE, images_u8, batch: int = 200):
+    return torch.cat([img_to_idx(vae, to_m11(images_u8[i:i + batch])) for i in range(0, len(images_u8), batch)])
+
+
+def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print) -> vg.VAR:
+    """Class-conditional pretraining by next-scale cross-entropy on the tokenizer's codes: the same
+    teacher-forced forward the RL uses, with the labels dropped to the null class 10% of the time
+    (pretraining only) so that classifier-free guidance works at inference."""
+    steps, g = steps or r.var_steps, torch.Generator().manual_seed(r.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        var = official_init_(vg.VAR(config, vae))
+    opt = torch.optim.AdamW(var.parameters(), r.var_lr, betas=(0.9, 0.95), weight_decay=r.var_weight_decay)
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    for step in tqdm(range(steps), desc="VAR", mininterval=10):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, r.var_lr)
+        i = torch.randint(len(idx_NL), (r.var_batch,), generator=g)
+        dropped = torch.where(torch.rand(r.var_batch, generator=g) < r.label_dropout, config.num_classes, labels[i])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = var(dropped, idx_NL[i]).float()
+        loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), idx_NL[i].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        opt.step()
+        if step % 1000 == 0 or step == steps - 1:
+            log(f"[prepare] VAR step {step}: cross-entropy {loss.item():.3f} nats/token ({time.perf_counter() - t0:.0f} s)")
+    return var.eval()
+
+
+@torch.no_grad()
+def judge_accuracy(judge, images01, labels, batch: int = 500) -> float:
+    """The share of images the judge reads as their label."""
+    return float(torch.cat([judge.heads(images01[i:i + batch])[0].argmax(1) for i in range(0, len(images01), batch)])
+                 .eq(labels).float().mean())
+
+
+@torch.no_grad()
+def sample_accuracy(var: vg.VAR, judge, n: int, seed: int, batch: int = 100, **sampling) -> float:
+    """The judge's accuracy on n samples of the labels 0-9 in turn (fixed seed)."""
+    labels, gen = torch.arange(n) % var.config.num_classes, torch.Generator().manual_seed(seed)
+    images = torch.cat([vg.sample(var, labels[i:i + batch], generator=gen, **sampling).images for i in range(0, n, batch)])
+    return judge_accuracy(judge, images, labels)
+
+
+DIGITS_FILES = {"vae": "vae_digits.safetensors", "var": "var_digits.safetensors", "judge": "judge_digits.safetensors"}
+
+
+def prepare(out: Path, r: DigitsRecipe, quick: bool = False) -> dict:
+    """Data -> tokenizer -> judge -> VAR, each measured on held-out data; the weights (fp16) go to
+    `out` as the files load_pretrained('digits') and reward_models.load_digit_judge read, with
+    digits.json (the recipe, the measurements, the times). quick: a few steps of each (smoke tests)."""
+    from safetensors.torch import save_file
+    config, t0, times = vg.VARConfig.preset("digits"), time.perf_counter(), {}
+    lap = lambda name: times.update({name: round(time.perf_counter() - t0 - sum(times.values()), 1)})
+    n_train, n_held = (512, 200) if quick else (r.train_images, r.heldout_images)
+    print(f"[prepare] rendering {n_train} + {n_held} images", flush=True)
+    train_u8, train_y, train_bold = render_digits(n_train, r.seed)
+    held_u8, held_y, _ = render_digits(n_held, r.seed + 998)
+    lap("render")
+    vae = train_tokenizer(train_u8, config, r, steps=30 if quick else None)
+    lap("tokenizer")
+    judge = train_judge(train_u8, train_y, train_bold, r, steps=20 if quick else None)
+    lap("judge")
+    idx = tokenize(vae, train_u8)
+    lap("tokenize")
+    var = train_var(vae, idx, train_y, config, r, steps=30 if quick else None)
+    lap("var")
+    held01 = held_u8.float() / 255
+    reconstructions = torch.cat([vae.idx_to_img(tokenize(vae, held_u8[i:i + 200])) for i in range(0, n_held, 200)])
+    results = {"judge_accuracy_heldout": judge_accuracy(judge, held01, held_y),
+               "reconstruction_accuracy": judge_accuracy(judge, reconstructions, held_y),
+               "reconstruction_psnr_db": float((-10 * torch.log10((reconstructions - held01).square().mean((1, 2, 3)))).mean()),
+               "sample_accuracy_t1": sample_accuracy(var, judge, 200 if quick else 1000, seed=7),
+               "sample_accuracy_cfg": sample_accuracy(var, judge, 200 if quick else 1000, seed=7, **DIGITS_CFG)}
+    lap("evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, module in (("vae", vae), ("var", var), ("judge", judge)):
+        save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in module.state_dict().items()}, str(out / DIGITS_FILES[name]))
+        print(f"[prepare] wrote {out / DIGITS_FILES[name]}", flush=True)
+    summary = {"config": asdict(config), "recipe": asdict(r), "quick": quick, "results": results, "seconds": times,
+               "torch_threads": torch.get_num_threads()}
+    (out / "digits.json").write_text(json.dumps(summary, indent=1))
+    print(f"[prepare] wrote {out / 'digits.json'}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
+    return summary
+
+
+# CFG / top-k / top-p for the digits model at inference: the official settings' shape, scaled to its
+# vocabulary (official: cfg 1.5, top-k 900 of 4096, top-p 0.96)
+DIGITS_CFG = dict(cfg=3.0, top_k=128, top_p=0.96)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU demo: GRPO on a small model, with before / after pictures, a reward curve and a summary
+
+DEMO_FLAGS = dict(preset="digits", reward="brightness", out="runs/demo", steps=40, labels_per_step=4, group_size=8,
+                  minibatch=16, lr=1e-4, beta=0.1, temperature=1.0, image_every=10, save_every=20)
+
+
+@torch.no_grad()
+def preview(model: vg.VAR, reward, judge, labels, seed: int, temperature: float, path: Path | None = None) -> dict:
+    """Samples of fixed labels and seed (so that before and after compare): their mean reward and the
+    judge's class accuracy; a captioned grid of the first 16 at `path`."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([vg.sample(model, labels[i:i + 100], temperature=temperature, generator=gen).images.float()
+                        for i in range(0, len(labels), 100)])
     r = reward(images)
-    captioned_grid(images, [f"{l} r={v:.2f}" for l, v in zip(labels.tolist(), r.tolist())], path)
-    return r
+    if path is not None:
+        captioned_grid(images[:16], [f"{l} r={v:.2f}" for l, v in zip(labels[:16].tolist(), r[:16].tolist())], path)
+    return {"reward": r.mean().item(), "class_acc": judge_accuracy(judge, images, labels)}
 
 
 def demo(argv) -> dict:
-    """`bash run.sh demo [train flags]`: trains with DEMO_FLAGS (flags given win), then writes
+    """`bash run.sh demo [train flags]`: GRPO on the digits model with DEMO_FLAGS (flags given win), then
     before.png / after.png (the pre-trained and the fine-tuned model on the same labels and seed),
-    reward_curve.png and summary.json into the run folder, and prints the summary."""
+    reward_curve.png and summary.json in the run folder."""
+    import reward_models
     parser = argparse.ArgumentParser(prog="vargrpo_tools.py demo", add_help=False, argument_default=argparse.SUPPRESS)
     vg.add_dataclass_args(parser, TrainArgs)
     given = vars(parser.parse_args(argv))
@@ -623,18 +908,20 @@ def demo(argv) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     vae, policy, pretrained = vg.build_models(a, "cpu")
     vg.load_checked(policy, vg.read_state_dict(run / "checkpoints" / "last.pt"), run)
-    reward = vg.make_reward(a.reward, "cpu", a)
-    labels = torch.arange(16) // 2 % policy.config.num_classes
-    seed = vg.derive_seed(a.seed, 4)
-    before = preview(pretrained, reward, labels, seed, a.temperature, run / "before.png")
-    after = preview(policy, reward, labels, seed, a.temperature, run / "after.png")
+    local = Path(a.weights_dir or "") / reward_models.DIGIT_JUDGE.name
+    reward, judge = vg.make_reward(a.reward, "cpu", a), reward_models.load_digit_judge(local if a.weights_dir and local.is_file() else None)
+    labels, seed = torch.arange(200) % policy.config.num_classes, vg.derive_seed(a.seed, 4)
+    before = preview(pretrained, reward, judge, labels, seed, a.temperature, run / "before.png")
+    after = preview(policy, reward, judge, labels, seed, a.temperature, run / "after.png")
     plot_reward_curve(run)
     summary = {"reward_first": rows[0]["reward/mean"], "reward_last": float(np.mean([r["reward/mean"] for r in rows[-3:]])),
-               "preview_reward_before": before.mean().item(), "preview_reward_after": after.mean().item(),
-               "kl_last": rows[-1]["policy/kl"], "steps": len(rows), "seconds": seconds}
+               "class_acc_before": before["class_acc"], "class_acc_after": after["class_acc"],
+               "reward_before": before["reward"], "reward_after": after["reward"], "kl_last": rows[-1]["policy/kl"],
+               "steps": len(rows), "seconds": round(seconds, 1)}
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] mean reward: first step {summary['reward_first']:.4f} -> last 3 steps {summary['reward_last']:.4f} "
-          f"({summary['reward_last'] - summary['reward_first']:+.4f}) in {seconds:.0f} s; {run}/before.png, after.png, "
+          f"({summary['reward_last'] - summary['reward_first']:+.4f}); judge's class accuracy {before['class_acc']:.3f} -> "
+          f"{after['class_acc']:.3f} (200 samples, fixed labels and seed); {seconds:.0f} s; {run}/before.png, after.png, "
           "reward_curve.png, summary.json")
     return summary
 
@@ -665,7 +952,10 @@ def main(argv=None):
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")
-    sub.add_parser("demo", help="the CPU demo: GRPO on a small model, then before/after pictures and summary.json", add_help=False)
+    sub.add_parser("demo", help="the CPU demo: GRPO on the digits model, then before/after pictures and summary.json", add_help=False)
+    p = sub.add_parser("prepare", help="build the digits model (data, tokenizer, judge, VAR) into --out")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"), help="folder for the weights and digits.json")
+    p.add_argument("--quick", action="store_true", help="a few steps of each part (smoke tests)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         try:
@@ -683,6 +973,8 @@ def main(argv=None):
             return ablate(args)
         if args.command == "plot":
             return plot_reward_curve(Path(args.run))
+        if args.command == "prepare":
+            return prepare(Path(args.out), DigitsRecipe(), quick=args.quick)
     except (UsageError, CheckpointError, vg.RunFailed, FileNotFoundError) as e:
         print(f"vargrpo_tools: error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)

@@ -301,8 +301,12 @@ def test_zero_advantage_everywhere_warns_once(tmp_path, capsys):
     run = tmp_path / "run"
     vg.main(["train", *TINY, "--reward", "0*brightness", "--out", str(run), "--steps", "3", "--image-every", "0"])
     err = capsys.readouterr().err
-    assert all(r["adv/abs_max"] == 0 for r in read_metrics(run))
+    assert all(r["adv/abs_max"] == 0 and r["adv/zero_std_group_frac"] == 1 for r in read_metrics(run))
     assert err.count("every advantage is 0") == 1, err
+    vg.main(["train", *TINY, "--out", str(tmp_path / "normal"), "--steps", "2", "--image-every", "0"])
+    for r in read_metrics(tmp_path / "normal"):  # distinct rewards: unit-std groups, no flat group
+        assert r["adv/zero_std_group_frac"] == 0 and r["adv/abs_max"] >= r["adv/std"] > 0.9 and abs(r["adv/mean"]) < 1e-6
+        assert r["reward/min"] <= r["reward/mean"] <= r["reward/max"] and r["policy/clip_frac"] <= 1
 
 
 # ---- property: runs, interrupts, resumes and overwrites never lose a saved step
