@@ -604,7 +604,7 @@ def bench(args):
 class DigitsRecipe:
     """Every number of the preparation (the defaults are what built the shipped weights)."""
     seed: int = 1                    # training images; the held-out set uses seed + 998
-    train_images: int = 20000
+    train_images: int = 60000
     heldout_images: int = 1000
     tok_steps: int = 4600            # tokenizer: AdamW (0.9, 0.95), batch 16, bf16 autocast
     tok_batch: int = 16
@@ -626,18 +626,19 @@ class DigitsRecipe:
 @torch.no_grad()
 def render_digits(n: int, seed: int, res: int = 64):
     """n images of the digits 0-9 (class-balanced: label i % 10, shuffled), deterministic from `seed`:
-    Pillow's scalable default font at a random size (0.45-0.8 of the image), stroke width
-    (0.7-2 x size/24: the 'boldness' the judge learns), position and rotation (+-15 deg); half of
+    Pillow's scalable default font at a random size (0.65-0.85 of the image), stroke width
+    (0.7-2 x size/24: the 'boldness' the judge learns), position (the middle 30% of the free range)
+    and rotation (+-15 deg); half of
     them dark digits on a light background, half the reverse, each colour slightly tinted. Drawn at
     2x and box-downsampled. Returns (uint8 (n, 3, res, res), labels (n,), boldness (n,))."""
     from PIL import Image, ImageDraw, ImageFont
     rng, R = np.random.default_rng(seed), 2 * res
     labels = rng.permutation(np.arange(n) % 10)
-    size, bold, angle = rng.uniform(0.45, 0.8, n) * R, rng.uniform(0.7, 2.0, n), rng.uniform(-15, 15, n)
+    size, bold, angle = rng.uniform(0.65, 0.85, n) * R, rng.uniform(0.7, 2.0, n), rng.uniform(-15, 15, n)
     light_bg = rng.random(n) < 0.5
     bg = np.clip(np.where(light_bg, rng.uniform(0.55, 1.0, n), rng.uniform(0.0, 0.45, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
     fg = np.clip(np.where(light_bg, rng.uniform(0.0, 0.3, n), rng.uniform(0.7, 1.0, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
-    shift = rng.random((n, 2))
+    shift = rng.uniform(0.35, 0.65, (n, 2))  # measured: wider layouts halve the samples' class accuracy
     images, boldness = np.empty((n, 3, res, res), np.uint8), np.empty(n, np.float32)
     for i in range(n):
         font, s = ImageFont.load_default(size=int(round(size[i]))), int(round(size[i]))
@@ -777,8 +778,13 @@ def train_judge(images_u8, labels, boldness, r: DigitsRecipe, steps=None):
 
 
 @torch.no_grad()
-def tokenize(vae: vg.VQVAE, images_u8, batch: int = 200):
-    return torch.cat([img_to_idx(vae, to_m11(images_u8[i:i + batch])) for i in range(0, len(images_u8), batch)])
+def tokenize(vae: vg.VQVAE, images_u8, batch: int = 200, bf16: bool = False):
+    """The tokenizer's codes of the images, (N, L). bf16: under bf16 autocast, ~3x faster on this CPU
+    (measured: 88% of the codes equal fp32's, the rest near-ties; used for the VAR's training data only)."""
+    from tqdm import tqdm
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return torch.cat([img_to_idx(vae, to_m11(images_u8[i:i + batch]))
+                          for i in tqdm(range(0, len(images_u8), batch), desc="tokenize", mininterval=10, disable=len(images_u8) <= 1000)])
 
 
 def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print) -> vg.VAR:
@@ -843,7 +849,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False) -> dict:
     lap("tokenizer")
     judge = train_judge(train_u8, train_y, train_bold, r, steps=20 if quick else None)
     lap("judge")
-    idx = tokenize(vae, train_u8)
+    idx = tokenize(vae, train_u8, bf16=True)
     lap("tokenize")
     var = train_var(vae, idx, train_y, config, r, steps=30 if quick else None)
     lap("var")
