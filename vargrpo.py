@@ -13,37 +13,31 @@ Launch lines (evaluation, the ablation, benchmarks, plots and the digits model: 
   torchrun --nnodes=2 --node-rank=R --nproc-per-node=8 --rdzv-backend=c10d \
       --rdzv-endpoint=HOST:29500 vargrpo.py train ...                                  # 2 nodes, R = 0, 1
 
-Read top to bottom: config -> scale bookkeeping -> VQVAE -> VAR -> pre-trained weights -> logits
-processing -> sample -> token_logprobs -> GRPO maths -> VAR-RL maths (PANW, VMR, MP) -> distributed
-helpers -> TrainArgs -> train (one step, numbered 1-6, and its parts) -> run folder -> CLI.
-
 Choices and deviations from the official VAR code, referenced below as [C1] ...:
- 1. No label dropout and no drop-path: RL needs a deterministic teacher-forced pass that equals
-    the sampling distribution (they are pre-training regularisers).
- 2. One attention path: torch SDPA with the official block-causal mask for teacher forcing, an
-    explicit KV cache for sampling. No flash-attn / xformers / fused kernels.
- 3. With cfg == 0 the sampler runs the conditional batch only (the official code always runs the
-    unconditional half too and throws it away).
- 4. Temperature (absent from the official sampler) divides the logits after CFG and before top-k /
-    top-p, so top-p acts on the distribution actually sampled from.
+ 1. No label dropout and no drop-path: RL needs a deterministic teacher-forced pass that equals the sampling
+    distribution (they are pre-training regularisers).
+ 2. One attention path: torch SDPA with the official block-causal mask for teacher forcing, an explicit KV cache
+    for sampling. No flash-attn / xformers / fused kernels.
+ 3. With cfg == 0 the sampler runs the conditional batch only (the official one also runs the unconditional half).
+ 4. Temperature (absent from the official sampler) divides the logits after CFG and before top-k / top-p, so
+    top-p acts on the distribution actually sampled from.
  5. The head (adaLN + linear) always runs in fp32, also under autocast: log-probabilities feed ratios.
- 6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its
-    state_dict and parameters, so the VAR state_dict is exactly the official one.
+ 6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its state_dict and
+    parameters, so the VAR state_dict is exactly the official one.
 Choices within the papers (where they are silent):
  7. Group std is the population std (ddof 0) plus eps = 1e-4; a group of equal rewards gets A = 0.
- 8. The loss averages each sample's tokens with weights summing to 1 (uniform: the token mean), then
-    the samples; the KL and the ratio use the tempered policy (the one sampled from), for pi and pi_ref.
- 9. Every group of G samples draws from its own generator seeded by (seed, step, group), and every
-    minibatch holds the same samples whatever the number of processes: a run does not depend on
-    it (up to float summation order). Labels per step and minibatch sizes are global.
-10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps
-    alternate by the schedule; the prefix's KV cache is recomputed (it is ~8% of the tokens). Each
-    stage's loss, its per-token KL included, covers that stage's tokens only.
-11. Mask propagation starts from the reward's region when every term of the reward scores a region,
-    else from gradient saliency; a reward with a flat or no gradient keeps every token.
-12. AdamW with the official VAR parameter groups: no weight decay on embeddings, position/level
-    embeddings, scale_mul, biases and other 1-D tensors (decay 0.01, torch's default, elsewhere).
-Style: one blank line between definitions, a ruled comment between sections.
+ 8. The loss averages each sample's tokens with weights summing to 1 (uniform: the token mean), then the samples;
+    the KL and the ratio use the tempered policy (the one sampled from), for pi and pi_ref.
+ 9. Every group of G samples draws from its own generator seeded by (seed, step, group), and every minibatch holds
+    the same samples whatever the number of processes: a run does not depend on it (up to float summation
+    order). Labels per step and minibatch sizes are global.
+10. VMR reuses each group sample as the first of its prefix's K completions; prefix and suffix steps alternate by
+    the schedule; the prefix's KV cache is recomputed (~8% of the tokens). Each stage's loss, its per-token KL
+    included, covers that stage's tokens only.
+11. Mask propagation starts from the reward's region when every term of the reward scores a region, else from
+    gradient saliency; a reward with a flat or no gradient keeps every token.
+12. AdamW with the official VAR parameter groups: no weight decay on embeddings, position/level embeddings,
+    scale_mul, biases and other 1-D tensors (decay 0.01, torch's default, elsewhere).
 """
 from __future__ import annotations
 
@@ -56,6 +50,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -67,12 +62,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-
-
 # ---- Config
 @dataclass(frozen=True)
 class VARConfig:
-    """Architecture of a VQVAE + VAR pair. Defaults are the official VAR-d16 (256 px)."""
+    """Next-scale prediction: token r_k (all pn_k^2 tokens of scale k) ~ p(r_k | class, r_<k). The input of scale
+    k > 0 is word_embed(area-downsample of the partial reconstruction from scales < k); scale 0's is the class embedding
+    + pos_start; plus position and scale (level) embeddings. A block-causal mask: each scale sees itself and coarser ones."""
     depth: int = 16                 # transformer blocks; width = 64 * depth, heads = depth (official)
     patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # side of each scale's token grid
     vocab_size: int = 4096          # V: VQVAE codebook size
@@ -85,10 +80,9 @@ class VARConfig:
         pn = self.patch_nums
         if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
             raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
-        if self.depth < 1 or self.vocab_size < 2 or self.z_channels < 1 or self.num_classes < 1:
-            raise ValueError(f"invalid VARConfig {self}: depth, vocab_size, z_channels, num_classes must be positive")
-        if self.vae_ch % 32:
-            raise ValueError(f"vae_ch must be a multiple of 32 (GroupNorm with 32 groups), got {self.vae_ch}")
+        if self.depth < 1 or self.vocab_size < 2 or self.z_channels < 1 or self.num_classes < 1 or self.vae_ch % 32:
+            raise ValueError(f"invalid VARConfig {self}: depth, vocab_size, z_channels, num_classes must be positive "
+                             "and vae_ch a multiple of 32 (GroupNorm with 32 groups)")
 
     embed_dim = property(lambda self: 64 * self.depth)      # C (official: width = 64 * depth)
     num_heads = property(lambda self: self.depth)           # head_dim is always 64
@@ -109,7 +103,6 @@ PRESETS = {
     # CPU tests and smoke runs, random weights: 64 px, 30 tokens, 4 scales (the official fixture's shape).
     "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64, num_classes=10),
 }
-
 
 # ---- Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si = scale index.
 def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
@@ -134,10 +127,8 @@ def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
         raise ValueError(f"token sequence of length {idx_BL.shape[1]} does not end at a scale boundary {ends}")
     return [idx_BL[:, b:e] for b, e in scale_begin_ends(patch_nums) if e <= idx_BL.shape[1]]
 
-
-# ---- VQVAE: the frozen multi-scale tokenizer. Encoder/decoder are the taming-style CNNs of the
-# official code (channel multipliers 1,1,2,2,4; two res-blocks per level; self-attention at the
-# lowest resolution); the quantizer is VAR's multi-scale residual quantizer.
+# ---- VQVAE: the frozen multi-scale tokenizer. Encoder/decoder are the official taming-style CNNs (channel multipliers
+# 1,1,2,2,4; two res-blocks per level; attention at the lowest resolution); the quantizer is VAR's multi-scale one.
 def group_norm(C: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=C, eps=1e-6, affine=True)
 
@@ -250,8 +241,7 @@ class VectorQuantizer(nn.Module):
         self.quant_resi = nn.Module()
         self.quant_resi.qresi_ls = nn.ModuleList([Phi(Cvae) for _ in range(4)])  # official share_quant_resi = 4
         self.phi_idx = [phi_index(si, len(patch_nums)) for si in range(len(patch_nums))]
-        # Pre-training statistics, unused here; kept so official files load with strict=True.
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(patch_nums), vocab_size))
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(patch_nums), vocab_size))  # unused; in official files
 
     def add_scale(self, f_hat_BChw, h_BChw, si: int):
         """f_hat + Phi_si(up(h_si)); up = bicubic to the finest grid (none at the last scale)."""
@@ -304,7 +294,6 @@ class VQVAE(nn.Module):
         if idx_BL.shape[1] != self.config.seq_len:
             raise ValueError(f"idx_to_img expects all {self.config.seq_len} tokens, got {idx_BL.shape[1]}")
         return self.fhat_to_img(self.quantize.partial_sums(split_scales(idx_BL, self.config.patch_nums))[-1])
-
 
 # ---- VAR: a class-conditional transformer over the concatenated scales, with adaptive LayerNorm.
 class SelfAttention(nn.Module):
@@ -394,9 +383,7 @@ class VAR(nn.Module):
         self.head_nm, self.head = AdaLNBeforeHead(C), nn.Linear(C, config.vocab_size)
         self.grad_checkpointing = False  # recompute each block in the backward pass (less activation memory)
 
-    @property
-    def vae(self) -> VQVAE:
-        return self._vae[0]
+    vae = property(lambda self: self._vae[0])
 
     def head_logits(self, x_BlC, cond_BD):
         """fp32 logits (B, l, V) [C5]."""
@@ -429,62 +416,9 @@ def build_vae_var(config: VARConfig, seed: int = 0) -> tuple[VQVAE, VAR]:
         vae = VQVAE(config).eval().requires_grad_(False)
         return vae, VAR(config, vae)
 
-def colour_tokenizer_(vae: VQVAE, seed: int = 0, gain: float = 1.0) -> VQVAE:
-    """Make a random VQVAE of the `tiny` preset a tokenizer whose tokens are colours (CPU demos).
-
-    A random decoder maps every token choice to nearly the same brightness (its GroupNorms remove
-    per-image means), leaving RL no signal (../shared/notes/tiny-demo-feasibility.md). Here, in the
-    official layout and code path:
-      - token v's vector holds an RGB colour in dims 0-2 (each spread evenly over [-1, 1] across the
-        vocabulary, shuffled per dim), the other dims stay random (they only feed the VAR's input);
-      - Phi, quant_conv, post_quant_conv are identities, so f_hat = sum of the upsampled scales;
-      - the decoder's residual branches are zero and its other maps carry 6 channels
-        (R, -R, G, -G, B, -B) unchanged; the last GroupNorm sees each (+c, -c) pair as one group,
-        so it divides c by its root-mean-square over the image without removing its mean, and
-        conv_out recovers c from SiLU(c) - SiLU(-c) = c.
-    Pixel = clamp(gain * c / rms(c)): a mosaic of colours whose brightness the tokens decide.
-    """
-    cfg = vae.config
-    if cfg.vae_ch != 64 or cfg.z_channels < 3:
-        raise ValueError(f"colour_tokenizer_ needs vae_ch=64 and z_channels>=3 (the tiny preset), got {cfg}")
-    g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(-1, 1, cfg.vocab_size)
-    carry = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # source, sign
-
-    def identity_(conv: nn.Conv2d, n: int = 6):
-        nn.init.zeros_(conv.weight), nn.init.zeros_(conv.bias)
-        k = conv.weight.shape[-1] // 2
-        conv.weight[torch.arange(n), torch.arange(n), k, k] = 1.0
-
-    with torch.no_grad():
-        E = vae.quantize.embedding.weight
-        for d in range(3):
-            E[:, d] = ramp[torch.randperm(cfg.vocab_size, generator=g)]
-        for phi in vae.quantize.quant_resi.qresi_ls:
-            identity_(phi, cfg.z_channels)
-        identity_(vae.quant_conv, cfg.z_channels), identity_(vae.post_quant_conv, cfg.z_channels)
-        dec = vae.decoder
-        nn.init.zeros_(dec.conv_in.weight), nn.init.zeros_(dec.conv_in.bias)
-        dec.conv_in.weight[torch.arange(6), carry[0], 1, 1] = carry[1]
-        for m in dec.modules():
-            if isinstance(m, ResnetBlock):
-                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
-                if isinstance(m.nin_shortcut, nn.Conv2d):
-                    identity_(m.nin_shortcut)
-            elif isinstance(m, AttnBlock):
-                nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
-            elif hasattr(m, "upsample"):
-                identity_(m.upsample.conv)
-        nn.init.ones_(dec.norm_out.weight), nn.init.zeros_(dec.norm_out.bias)
-        nn.init.zeros_(dec.conv_out.weight), nn.init.zeros_(dec.conv_out.bias)
-        for rgb in range(3):
-            dec.conv_out.weight[rgb, 2 * rgb, 1, 1], dec.conv_out.weight[rgb, 2 * rgb + 1, 1, 1] = gain, -gain
-    return vae
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The VAR inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
-
 
 # ---- Pre-trained weights: --weights-dir, the repository's weights/ folder, the cache, else the official
 # repository on the Hugging Face hub. Files (.pth or .safetensors) load with strict key matching.
@@ -498,9 +432,8 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 def find_or_download(filename: str, weights_dir=None) -> Path:
-    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file or the
-    cache; else an official file is downloaded into the cache (huggingface_hub: a partial download
-    never sits under the real name). Offline or unreachable: one line naming the file, URL and flag."""
+    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file or the cache; else an
+    official file is downloaded into the cache (huggingface_hub: never a partial file under the real name)."""
     cache = Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
     folders = [Path(d) for d in (weights_dir, Path(__file__).resolve().parent / "weights", cache) if d]
     for path in [f / name for f in folders for name in (filename, Path(filename).stem + ".safetensors")]:
@@ -566,17 +499,13 @@ def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu") -> tupl
     if depth != config.depth:  # the errors a user can cause with a real file, each with what to do
         raise CheckpointError(f"{var_path} holds a depth-{depth} VAR (by its shapes), not depth {config.depth}; "
                               f"use the preset it was made for (d{depth} for an official file)")
-    if "blocks.0.attn.scale_mul_1H11" not in var_sd:
-        raise CheckpointError(f"{var_path} has no blocks.*.attn.scale_mul_1H11: it was saved by an old VAR version "
-                              f"(before attn_l2_norm); download the current file from the {OFFICIAL_REPO} repository")
     with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
         vae = VQVAE(config)
         var = VAR(config, vae)
-    load_checked(vae, vae_sd, vae_path, assign=True)
     load_checked(var, var_sd, var_path, assign=True)
+    load_checked(vae, vae_sd, vae_path, assign=True)
     vae.to(device).eval().requires_grad_(False)
     return vae, var.to(device)
-
 
 # ---- The distribution sampled from. One function, used by the sampler and by the log-prob
 # recomputation, so that "old" log-probs recorded at sampling equal teacher-forced ones.
@@ -585,10 +514,8 @@ def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0, temperature=1.0, t
       1. CFG: l = (1 + t) l_cond - t l_uncond, t = cfg * si / (K - 1) (linear ramp over scales, VAR)
       2. temperature: l / tau                                                         [C4]
       3. top-k: keep l >= the k-th largest logit (ties at the boundary kept)
-      4. top-p: drop the least likely tokens while their total probability is <= 1 - p
-         (so the kept mass is >= p; the most likely token is always kept)
-    cfg_t: float, or a tensor broadcastable to (B, l, 1) holding t per token.
-    """
+      4. top-p: drop the least likely tokens while their total probability is <= 1 - p (the kept mass is >= p)
+    cfg_t: float, or a tensor broadcastable to (B, l, 1) holding t per token."""
     if uncond_BlV is not None:
         logits_BlV = (1 + cfg_t) * logits_BlV - cfg_t * uncond_BlV
     if temperature != 1.0:
@@ -608,7 +535,6 @@ def check_sampling_args(temperature, cfg, top_k, top_p):
         raise ValueError(f"need temperature > 0, cfg >= 0, top_k >= 0 and 0 <= top_p < 1; "
                          f"got temperature={temperature}, cfg={cfg}, top_k={top_k}, top_p={top_p}")
 
-
 # ---- Sampling (KV cache, one scale per step) and teacher-forced log-probs (one pass).
 @dataclass
 class Rollout:
@@ -621,12 +547,10 @@ class Rollout:
 @torch.no_grad()
 def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, generator=None,
            prefix_idx=None, decode=True) -> Rollout:
-    """Draw one image per label, scale by scale: one multinomial per scale over the (B*l, V)
-    probabilities (the official sampler's RNG call order). `generator` may be a list of n
-    generators for n equal groups of consecutive rows: each group then draws from its own, exactly
-    as a call with its rows alone would. With prefix_idx (B, l), the first scales are taken from it
-    (no RNG used) and sampling continues from there. A distribution that is not finite (a diverged
-    policy) is replaced by the uniform one and counted, so that multinomial never fails on it."""
+    """Draw one image per label, scale by scale: one multinomial per scale over the (B*l, V) probabilities (the official
+    sampler's RNG call order). `generator` may be a list of n generators for n equal groups of consecutive rows: each
+    group then draws exactly as a call with its rows alone would. With prefix_idx (B, l), the first scales are taken
+    from it (no RNG used). A non-finite distribution (a diverged policy) is replaced by the uniform one and counted."""
     check_sampling_args(temperature, cfg, top_k, top_p)
     model = unwrap(var)
     config, quant = model.config, model.vae.quantize
@@ -674,10 +598,9 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     return Rollout(labels_B, idx_BL, logp_BL, model.vae.fhat_to_img(f_hat) if decode else None, nonfinite)
 
 def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, top_p=0.0, return_logits=False):
-    """log pi(idx_t | label, coarser scales) for every token, (B, L), under the same distribution
-    `sample` draws from with these settings, in one teacher-forced pass (differentiable). With
-    cfg != 0 the conditional and null-class passes run as one batch. return_logits: also the
-    processed logits (B, L, V), as (logp_BL, logits_BLV) - the trainer's entropy and exact KL."""
+    """log pi(idx_t | label, coarser scales) for every token, (B, L), under the distribution `sample` draws from with
+    these settings, in one teacher-forced pass (differentiable; with CFG, conditional and null class as one batch).
+    return_logits: also the processed logits, as (logp_BL, logits_BLV) (the trainer's entropy and exact KL)."""
     check_sampling_args(temperature, cfg, top_k, top_p)
     config, l = unwrap(var).config, idx_BL.shape[1]
     if cfg == 0:
@@ -691,18 +614,14 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0, top_k=0, 
     logp_Bl = logits_BlV.gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1) - logits_BlV.logsumexp(-1)
     return (logp_Bl, logits_BlV) if return_logits else logp_Bl
 
-
-# ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one runs when
-# pasted alone into a file that imports math, torch and torch.nn.functional as F.
-# Sign convention: we maximise the objective J; the loss is -J.
+# ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one runs pasted alone into a
+# file that imports math, torch and torch.nn.functional as F. Sign convention: we maximise J; the loss is -J.
 def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean(r)) / (std(r) + eps) over the G samples of one group (a row)  [GRPO-VAR eq. 2].
 
-    Population std (ddof 0), in float64. A group whose rewards are all equal carries no signal and
-    gets A = 0 exactly (not rounding noise blown up by the division). Non-finite rewards are left
-    out of their group's statistics and get A = 0. The same A is then used for every token of the
-    sample [GRPO-VAR 4.2]. Returns A (N, G) float32 (a group with no spread is a row of zeros).
-    """
+    Population std (ddof 0), in float64. A group whose rewards are all equal gets A = 0 exactly (not rounding noise
+    blown up by the division); non-finite rewards are left out of their group's statistics and get A = 0. The same A
+    is used for every token of the sample [GRPO-VAR 4.2]. Returns A (N, G) float32."""
     r = rewards_NG.double()
     valid = torch.isfinite(r)
     n = valid.sum(dim=1, keepdim=True).clamp_min(1)
@@ -723,12 +642,9 @@ def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2):
     return torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
 
 def kl_k3(logp_BL, ref_logp_BL):
-    """Per-token KL estimate k3 = pi_ref/pi - log(pi_ref/pi) - 1  [GRPO-VAR eq. 1], written
-    expm1(d) - d with d = ref_logp - logp: >= 0 always and exactly 0 where pi = pi_ref. Its value,
-    averaged over tokens drawn from pi, estimates KL(pi || pi_ref). Its gradient as a loss term is
-    d k3 / d logp = 1 - pi_ref/pi, whose expectation over tokens drawn from pi is
-    -sum_v pi_ref_v grad log pi_v: the gradient of KL(pi_ref || pi), not of KL(pi || pi_ref).
-    kl_exact has the gradient of KL(pi || pi_ref)."""
+    """Per-token KL estimate k3 = pi_ref/pi - log(pi_ref/pi) - 1  [GRPO-VAR eq. 1], as expm1(d) - d, d = ref_logp - logp:
+    >= 0, and exactly 0 where pi = pi_ref; averaged over tokens drawn from pi it estimates KL(pi || pi_ref). As a loss
+    its gradient, 1 - pi_ref/pi per token, is in expectation that of KL(pi_ref || pi), not of KL(pi || pi_ref) (kl_exact's)."""
     d = ref_logp_BL - logp_BL
     return torch.expm1(d) - d
 
@@ -747,19 +663,15 @@ def entropy(logits_BLV):
 
 def grpo_loss(surrogate_BL, kl_BL, token_weights_BL=None, beta=0.2, kl_weights_BL=None):
     """loss = -J,  J = (1/B) sum_b sum_t [ w_bt surrogate_bt - beta u_bt kl_bt ]   [GRPO-VAR eq. 1].
-
-    w: policy-gradient token weights, each sample's summing to 1 (default 1/L: the token mean;
-    PANW and mask propagation change it); a sample with w = 0 gets no policy gradient.
-    u: KL token weights, default w (mask propagation keeps the KL outside its mask).
-    """
+    w: policy-gradient token weights, each sample's summing to 1 (default 1/L: the token mean; PANW and mask
+    propagation change it); a sample with w = 0 gets no policy gradient. u: KL token weights, default w (mask
+    propagation keeps the KL outside its mask)."""
     w = torch.full_like(surrogate_BL, 1.0 / surrogate_BL.shape[1]) if token_weights_BL is None else token_weights_BL
     u = w if kl_weights_BL is None else kl_weights_BL
     return -((w * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)).mean()
 
-
-# ---- Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return
-# (VMR) and mask propagation (MP). Pure functions; the trainer combines them through the loss's
-# token weights (PANW, MP) and the advantages (VMR).
+# ---- Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as middle return (VMR) and mask
+# propagation (MP). Pure functions; the trainer uses them through the token weights (PANW, MP) and advantages (VMR).
 def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
     """PANW token weights (L,)  [VAR-RL, PANW]: a token of scale t (an h_t x w_t grid) weighs
     k_t = (h_t w_t)^(-alpha), normalised so that one sample's L weights sum to 1.
@@ -804,15 +716,11 @@ def stage_weights(patch_nums, alpha: float, stage, split_m: int) -> torch.Tensor
     return panw_weights(patch_nums, alpha) * ((s_L >= first) & (s_L < end)).float()
 
 def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> torch.Tensor:
-    """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from.
-
-    The reward's region if it scores one (a box: the pixels it looks at; `reward.region_mask` is
-    None unless every term of the reward is a region term [C11]); otherwise gradient saliency
-    |d reward / d image| summed over channels, area-pooled to the token grid, keeping the top `keep`
-    fraction of cells, ties kept: a uniform saliency, or a reward with no gradient, keeps every cell
-    (there is nothing to choose by). The mask is where the reward is most sensitive, not a proof
-    that other tokens cannot change it (the decoder mixes areas).
-    """
+    """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from: the reward's region if every
+    term of the reward scores one (`reward.region_mask`) [C11]; else gradient saliency |d reward / d image| summed over
+    channels, area-pooled to the token grid, its top `keep` fraction of cells kept, ties kept (a flat saliency, or no
+    gradient, keeps every cell). It is where the reward is most sensitive, not a proof that other tokens cannot change
+    it (the decoder mixes areas)."""
     B, _, H, W = images_B3HW.shape
     region = reward.region_mask(H, W, images_B3HW.device) if hasattr(reward, "region_mask") else None
     if region is not None:
@@ -827,10 +735,6 @@ def initial_mask(reward, images_B3HW: torch.Tensor, pn: int, keep: float) -> tor
     flat = F.interpolate(grad.abs().sum(1, keepdim=True), size=(pn, pn), mode="area")[:, 0].view(B, -1)
     kth = flat.topk(max(1, round(keep * pn * pn)), dim=1).values[:, -1:]
     return (flat >= kth).float().view(B, pn, pn)
-
-
-
-
 
 # ---- Distributed helpers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0
 # of 1 and never touches torch.distributed. A rank that fails ends the run (torchrun stops the rest).
@@ -873,7 +777,6 @@ def derive_seed(*keys: int) -> int:
 
 STREAM_LABELS, STREAM_SAMPLE, STREAM_ORDER, STREAM_SUBSET = 1, 2, 3, 5
 
-
 # ---- Settings: `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR paper's.
 def arg(default, help, **extra):
     return field(default=default, metadata=dict(help=help, **extra))
@@ -881,7 +784,7 @@ def arg(default, help, **extra):
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic, clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as 0.5*aesthetic+clip:a painting")
-    preset: str = arg("d16", "model: d16 d20 d24 d30 (official weights, --weights-dir) or tiny (random, CPU tests)")
+    preset: str = arg("d16", "model: d16 d20 d24 d30 (official weights, --weights-dir), digits (the CPU demo's, weights/) or tiny (random, tests)")
     out: str = arg("", "run directory: new, empty, or a run to replace with --overwrite")
     steps: int = arg(1000, "training steps (one step = one rollout batch and its updates)")
     seed: int = arg(0, "seed of every random stream: labels, sampling, minibatch order")
@@ -962,19 +865,17 @@ def check_train_args(a: TrainArgs, world: int):
          f"--minibatch {a.minibatch} must divide labels*group = {a.labels_per_step * a.group_size} and be divisible by the {world} processes")
     need(not a.micro_batch or (a.minibatch // world) % a.micro_batch == 0,
          f"--micro-batch {a.micro_batch} must divide the per-process minibatch {a.minibatch // world}")
-    need(0 < a.clip_eps < 1, f"need 0 < --clip-eps < 1, got {a.clip_eps}")
+    need(0 < a.clip_eps < 1 and 0 < a.mp_keep <= 1, f"need 0 < --clip-eps < 1 and 0 < --mp-keep <= 1, got {a.clip_eps}, {a.mp_keep}")
     K = VARConfig.preset(a.preset).num_scales
     need(0 <= a.vmr_m < K and a.vmr_k >= 2 and a.vmr_eta > 0 and re.fullmatch(r"\d+:\d+", a.vmr_schedule)
          and sum(map(int, a.vmr_schedule.split(":"))) > 0, f"need 0 <= --vmr-m < {K} (0 = auto), --vmr-k >= 2, --vmr-eta > 0 "
          f"and --vmr-schedule P:S (e.g. 3:1); got {a.vmr_m}, {a.vmr_k}, {a.vmr_eta}, {a.vmr_schedule!r}")
-    need(0 < a.mp_keep <= 1, f"need 0 < --mp-keep <= 1, got {a.mp_keep}")
     need(a.tracker == "none" or importlib.util.find_spec("tensorboard"), "--tracker tensorboard: pip install tensorboard")
     need(a.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", a.device), f"--device {a.device!r}: use cpu, cuda or cuda:N")
     need(not (a.device or "").startswith("cuda") or torch.cuda.is_available(), f"--device {a.device}: this machine has no CUDA GPU")
 
 def resolve_args(a: TrainArgs, given, saved: dict | None) -> TrainArgs:
-    """The run's settings: a resumed run's saved ones, with only RESUME_OVERRIDABLE flags changed;
-    flags that would do nothing are refused."""
+    """The run's settings: a resumed run's saved ones, with only RESUME_OVERRIDABLE flags changed; idle flags refused."""
     if saved is not None:
         unknown = sorted(set(saved) - {f.name for f in fields(TrainArgs)})
         changed = [k for k in given if k not in RESUME_OVERRIDABLE + ("resume", "out") and getattr(a, k) != saved.get(k)]
@@ -986,26 +887,20 @@ def resolve_args(a: TrainArgs, given, saved: dict | None) -> TrainArgs:
     need(not idle, f"{', '.join(map(flag, idle))} only act with --vmr / --mask-propagation; add the switch or drop the flag")
     return a
 
-
 # ---- The trainer [GRPO-VAR 4]: `train` holds the loop, one step numbered 1 sample, 2 reward,
 # 3 advantages, 4 token weights, 5 clipped update with the per-token KL, 6 log and save.
 def build_models(a: TrainArgs, device):
     """(vae, policy, ref): the frozen tokenizer, the policy to train, the frozen pre-trained VAR."""
-    if a.preset == "tiny" or a.random_init:
-        vae, ref = build_vae_var(VARConfig.preset(a.preset), seed=0)
-        if a.preset == "tiny":
-            colour_tokenizer_(vae, seed=0)
-    else:
-        vae, ref = load_pretrained(a.preset, a.weights_dir)
+    random = a.preset == "tiny" or a.random_init
+    vae, ref = build_vae_var(VARConfig.preset(a.preset), seed=0) if random else load_pretrained(a.preset, a.weights_dir)
     policy = VAR(ref.config, vae)
     policy.load_state_dict(ref.state_dict())
     policy.grad_checkpointing = a.grad_checkpointing
     return vae.to(device), policy.to(device), ref.requires_grad_(False).to(device)
 
 def make_optimizer(policy: VAR, a: TrainArgs, device: str):
-    """AdamW with the official VAR parameter groups [C12]: no weight decay on the class, position
-    and level embeddings, scale_mul, biases and 1-D tensors, so that rows that
-    never get a gradient (the null class; unseen classes with --label-subset half) never change."""
+    """AdamW with the official VAR parameter groups [C12]: no weight decay on embeddings, scale_mul, biases and 1-D
+    tensors, so rows that never get a gradient (the null class; unseen classes with --label-subset half) never change."""
     no_decay = lambda name, p: p.ndim < 2 or any(k in name for k in ("class_emb", "lvl_embed", "pos_", "scale_mul"))
     groups = [dict(params=[p for n, p in policy.named_parameters() if no_decay(n, p) == nd], weight_decay=wd)
               for nd, wd in ((False, a.weight_decay), (True, 0.0))]
@@ -1022,96 +917,75 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
 
 def label_pool(a: TrainArgs, num_classes: int) -> torch.Tensor:
     """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1, 'seen 50% labels']."""
-    if a.label_subset == "all":
-        return torch.arange(num_classes)
-    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(derive_seed(a.seed, STREAM_SUBSET)))[:num_classes // 2].sort().values
-
-@dataclass
-class Setup:
-    """What a run trains with, built once before the first step."""
-    vae: VQVAE
-    policy: VAR                 # pi_theta (saving and sampling use it unwrapped)
-    model: nn.Module            # the same policy, DDP-wrapped when several processes train it
-    ref: VAR                    # pi_ref, the frozen pre-trained model
-    opt: torch.optim.Optimizer
-    reward: nn.Module
-    pool: torch.Tensor          # the classes labels are drawn from
-    split_m: int                # VMR's middle scale (0 without VMR)
-    reward_passes: int          # reward calls per image: 2 when MP's saliency pass rewards it again
-    amp: object                 # a context: bf16 autocast on GPUs (--dtype), else nothing
-    start: int                  # the first step to run
-
-def setup_training(a: TrainArgs, ckpt, run, d: Dist) -> Setup:
-    reward = make_reward(a.reward, d.device, a, differentiable=a.mask_propagation)
-    vae, policy, ref = build_models(a, d.device)
-    opt = make_optimizer(policy, a, d.device)
-    start = run.restore(ckpt, policy, opt) if ckpt else 0
-    model = policy if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None, gradient_as_bucket_view=True)
-    split_m = (a.vmr_m or default_vmr_split(policy.config.patch_nums)) if a.vmr else 0
-    passes = 2 if a.mask_propagation and getattr(reward, "region_mask", lambda *_: None)(8, 8) is None else 1
-    dtype = {"auto": torch.bfloat16 if d.device.startswith("cuda") else None, "bf16": torch.bfloat16, "fp32": None}[a.dtype]
-    amp = (lambda: torch.autocast(d.device.split(":")[0], dtype=dtype)) if dtype else nullcontext
-    return Setup(vae, policy, model, ref, opt, reward, label_pool(a, policy.config.num_classes), split_m, passes, amp, start)
+    g = torch.Generator().manual_seed(derive_seed(a.seed, STREAM_SUBSET))
+    return torch.arange(num_classes) if a.label_subset == "all" else torch.randperm(num_classes, generator=g)[:num_classes // 2].sort().values
 
 def train(args: TrainArgs, given=frozenset()) -> dict:
     """GRPO fine-tuning of a VAR [GRPO-VAR 4], with VMR / PANW / MP [VAR-RL] when switched on.
     `given`: the flags set on the command line. Returns the last step's metrics."""
-    d, stop, s, m = setup_distributed(args.device), StopRequest(), None, {}
+    d, stop, model, m = setup_distributed(args.device), StopRequest(), None, {}
     run = RunFolder(Path(args.resume or args.out), d)
     try:
         args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked while we run
-        s = setup_training(args, ckpt, run, d)
+        reward = make_reward(args.reward, d.device, args, differentiable=args.mask_propagation)
+        vae, policy, ref = build_models(args, d.device)  # the frozen tokenizer, pi_theta, the frozen pi_ref
+        opt, pool = make_optimizer(policy, args, d.device), label_pool(args, policy.config.num_classes)
+        start = run.restore(ckpt, policy, opt) if ckpt else 0
+        model = policy if d.world == 1 else torch.nn.parallel.DistributedDataParallel(  # saving, sampling: `policy`
+            policy, device_ids=[d.local_rank] if d.device.startswith("cuda") else None, gradient_as_bucket_view=True)
+        dtype = {"auto": torch.bfloat16 if d.device.startswith("cuda") else None, "bf16": torch.bfloat16, "fp32": None}[args.dtype]
+        amp = (lambda: torch.autocast(d.device.split(":")[0], dtype=dtype)) if dtype else nullcontext
+        passes = 2 if args.mask_propagation and getattr(reward, "region_mask", lambda *_: None)(8, 8) is None else 1
         n_local = args.labels_per_step // d.world
         groups = list(range(d.rank * n_local, (d.rank + 1) * n_local))  # this rank's global group indices
-        prefix_len = s.policy.begin_ends[s.split_m - 1][1] if args.vmr else None
+        split_m = (args.vmr_m or default_vmr_split(policy.config.patch_nums)) if args.vmr else 0  # VMR's middle scale
+        prefix_len = policy.begin_ends[split_m - 1][1] if args.vmr else None
         p, sfx = map(int, args.vmr_schedule.split(":"))  # VMR: P prefix steps, then S suffix steps, ...
-        for step in range(s.start, args.steps):
+        for step in range(start, args.steps):
             stage, times, t0 = (None if not args.vmr else "prefix" if step % (p + sfx) < p else "suffix"), {}, time.perf_counter()
             lap = lambda name: times.update({name: synced_time(d.device) - t0 - sum(times.values())})
             # 1 sample: G images per label from the current policy (pi_old), their log-probs recorded;
             #   VMR: K - 1 more completions of each sample's first scales (its prefix)
             g = torch.Generator().manual_seed(derive_seed(args.seed, step, STREAM_LABELS))
-            labels = s.pool[torch.randint(len(s.pool), (args.labels_per_step,), generator=g)]  # global, uniform
-            with s.amp():
-                roll = rollout(s.policy, labels[groups].to(d.device), groups, args, step, prefix_len)
+            labels = pool[torch.randint(len(pool), (args.labels_per_step,), generator=g)]  # global, uniform
+            with amp():
+                roll = rollout(policy, labels[groups].to(d.device), groups, args, step, prefix_len)
             lap("sample")
-            images = decode(s.vae, roll.idx, args.reward_batch, d.device)
+            images = decode(vae, roll.idx, args.reward_batch, d.device)
             lap("decode")
             # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            rewards, comps, mp_mask = run.score(s, images, args, step)
+            rewards, comps, mp_mask = run.score(reward, images, policy, opt, args, step)
             lap("reward")
             # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all of its tokens
             values_Ng = advantage_groups(rewards, stage, args, n_local)
             keep = slice(None, None, args.vmr_k) if stage == "prefix" else slice(None)  # prefix: one row per prefix
             adv, valid = group_advantages(values_Ng, args.adv_eps).flatten(), torch.isfinite(values_Ng).flatten()
             # 4 token weights (PANW x stage x MP), each sample's summing to 1 (0: a non-finite reward)
-            w_L = stage_weights(s.policy.config.patch_nums, args.panw_alpha, stage, s.split_m).to(d.device)
+            w_L = stage_weights(policy.config.patch_nums, args.panw_alpha, stage, split_m).to(d.device)
             kl_w = normalise_rows(w_L.expand(len(adv), -1)) * valid[:, None]
             token_w = kl_w if mp_mask is None else normalise_rows(w_L * mp_mask[keep]) * valid[:, None]
             batch = UpdateBatch(labels=roll.labels[keep], idx=roll.idx[keep], old_logp=roll.logprobs[keep],
                                 adv=adv, token_w=token_w, kl_w=kl_w).gathered()
             # 5 clipped update with the per-token KL (eq. 1), one optimizer step per minibatch
-            stats = policy_update(s.model, s.ref, s.opt, batch, args, step, d, s.amp)
+            stats = policy_update(model, ref, opt, batch, args, step, d, amp)
             lap("update")
             # 6 log and save (a diverged policy stops the run; Ctrl-C / SIGTERM stop it after saving)
-            m = step_metrics(step, rewards, comps, values_Ng, batch, stats, times, args, stage, s.reward_passes)
+            m = step_metrics(step, rewards, comps, values_Ng, batch, stats, times, args, stage, passes)
             run.log(m, step, images)
-            run.halt_if_nonfinite(roll.nonfinite, stats, step, s, args)
+            run.halt_if_nonfinite(roll.nonfinite, stats, step, policy, opt, args)
             signum = int(all_reduce(torch.tensor([stop.signum], device=d.device), "max").item())
             if signum or (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                run.save(s, args, step + 1)
+                run.save(policy, opt, args, step + 1)
             if signum and step + 1 < args.steps:
                 raise Stopped(signum, f"stopped after step {step + 1}; continue with --resume {run.out}")
         return m
     finally:
         stop.restore()
         run.close()
-        s = None  # the DDP wrapper holds the process group: drop it first
+        model = None  # the DDP wrapper holds the process group: drop it first
         if torch.distributed.is_initialized():  # ranks leave together: a gloo rank that exits
             torch.distributed.barrier()         # while its peer still talks can abort at exit
             torch.distributed.destroy_process_group()
-
 
 # ---- the parts of a step, in order
 def synced_time(device) -> float:
@@ -1121,11 +995,10 @@ def synced_time(device) -> float:
     return time.perf_counter()
 
 def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int, prefix_len=None) -> Rollout:
-    """Step 1: G samples of each label (one per group, on the policy's device) and their log-probs.
-    Group g (a global index) draws from its own generator seeded by (seed, step, g): its samples do
-    not depend on which process draws them, nor with which others [C9]; up to --sample-batch rows
-    share one sample() call. VMR (prefix_len = the prefix's tokens): K - 1 more completions of each
-    sample's prefix, the sample being the first: G*K rows per label, prefix j's completion k at row j*K + k."""
+    """Step 1: G samples of each label and their log-probs. Group g (a global index) draws from its own generator
+    seeded by (seed, step, g), so its samples do not depend on which process draws them, nor with which others [C9];
+    up to --sample-batch rows share a sample() call. VMR (prefix_len = the prefix's tokens): K - 1 more completions of
+    each sample's prefix, the sample being the first: G*K rows per label, prefix j's completion k at row j*K + k."""
     G, n_comp = a.group_size, (a.vmr_k if prefix_len else 1)
     gens = [torch.Generator(labels_n.device).manual_seed(derive_seed(a.seed, step, STREAM_SAMPLE, g)) for g in group_ids]
     per_call, parts = max(1, a.sample_batch // G) if a.sample_batch else len(group_ids), []
@@ -1146,9 +1019,8 @@ def decode(vae: VQVAE, idx_NL, batch: int, device: str):
         return torch.cat([vae.idx_to_img(idx_NL[i:i + batch]).float() for i in range(0, len(idx_NL), batch)])
 
 def advantage_groups(rewards_N, stage, a: TrainArgs, n_labels: int):
-    """Step 3's groups (rows) for group_advantages [GRPO-VAR eq. 2; VAR-RL VMR]: plain GRPO and VMR
-    suffix steps: R over a label's G (G*K) samples; VMR prefix steps: the middle value V_m of each
-    prefix (from its K completions' rewards) over the label's G prefixes."""
+    """Step 3's groups (rows) for group_advantages [GRPO-VAR eq. 2; VAR-RL VMR]: R over a label's G (VMR suffix: G*K)
+    samples; VMR prefix steps: the middle value V_m of each prefix (from its K completions) over the label's G prefixes."""
     if stage == "prefix":
         return middle_value(rewards_N.view(-1, a.vmr_k), a.vmr_eta).view(n_labels, a.group_size)
     return rewards_N.view(n_labels, -1)
@@ -1204,11 +1076,9 @@ class UpdateStats:
             self.first_dev = torch.maximum(self.first_dev, ((ratio - 1).abs() * on_nL).amax())
 
 def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs, step: int, d: Dist, amp) -> UpdateStats:
-    """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch of
-    --minibatch samples [GRPO-VAR eq. 1]. One seeded global order makes the minibatches the same
-    whatever the number of processes; each process takes its share of each, in micro-batches whose
-    gradients add up, and DDP averages the shares. An optimizer step whose gradient is not finite
-    is not taken, and ends the updates (the run then stops: halt_if_nonfinite)."""
+    """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch [GRPO-VAR eq. 1]. One seeded
+    global order makes the minibatches the same whatever the number of processes; each process takes its share, in
+    micro-batches whose gradients add up, and DDP averages the shares. A non-finite gradient stops the updates, untaken."""
     config, share = unwrap(model).config, a.minibatch // d.world
     micro, sid_L = a.micro_batch or share, scale_ids(config.patch_nums).to(b.idx.device)
     params, stats = [p for p in model.parameters() if p.requires_grad], UpdateStats(config.num_scales, b.idx.device)
@@ -1252,8 +1122,7 @@ def step_metrics(step, rewards, comps, values_Ng, b: UpdateBatch, u: UpdateStats
            **{f"reward/{k}": all_gather_cat(v).nanmean() for k, v in comps.items()},
            **{f"scale/{name}_s{si}": v[si] / tokens[si].clamp_min(1) for si in range(len(kl))
               for name, v in (("kl", kl), ("clip_frac", clipped), ("entropy", ent))}}
-    if a.mask_propagation:
-        dev["mp/kept_fraction"] = b.token_w.gt(0).float().mean()
+    dev.update({"mp/kept_fraction": b.token_w.gt(0).float().mean()} if a.mask_propagation else {})
     m = {"step": step, **dict(zip(dev, torch.stack([v.float() for v in dev.values()]).tolist())), "lr": a.lr}
     samples = (step + 1) * a.labels_per_step * a.group_size * (a.vmr_k if a.vmr else 1)  # sampled, decoded, rewarded
     m.update({"reward/nonfinite": int(m["reward/nonfinite"]), **{f"time/{k}": v for k, v in times.items()},
@@ -1261,10 +1130,8 @@ def step_metrics(step, rewards, comps, values_Ng, b: UpdateBatch, u: UpdateStats
               "budget/samples": samples, "budget/reward_images": samples * reward_passes})
     return {**m, "vmr/stage": stage} if stage else m
 
-
-# ---- The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a second
-# trainer out; checkpoints are written atomically and resume exactly; Ctrl-C / SIGTERM stop after
-# a save; a reward that raises is retried once; a diverged policy stops the run.
+# ---- The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a second trainer out;
+# checkpoints are atomic and resume exactly; Ctrl-C / SIGTERM stop after a save; a failing reward is retried once.
 class RunFailed(RuntimeError):
     """The run cannot go on (a reward that keeps raising, a diverged policy, a disk error); the
     message says what was saved and what to do (exit code 1)."""
@@ -1310,10 +1177,9 @@ class RunFolder:
         self.out, self.d, self.lock_fd, self.tb, self.warned = out, d, None, None, False
 
     def open(self, a: TrainArgs, given):
-        """The run's settings and, when resuming, its checkpoint. Rank 0 applies the folder rules:
-        refuse anything that could lose a file, lock DIR, check again under the lock (a trainer
-        started at the same moment may have claimed it first); --overwrite removes exactly the old
-        run's files; a new run's args.json is written."""
+        """The run's settings and, when resuming, its checkpoint. Rank 0 applies the folder rules: refuse anything
+        that could lose a file, lock DIR, check again under the lock (a trainer started at the same moment may have
+        claimed it first); --overwrite removes exactly the old run's files; a new run's args.json is written."""
         need(not (a.resume and "out" in given and a.out and Path(a.out).resolve() != Path(a.resume).resolve()),
              f"--resume {a.resume} continues in that directory; drop --out {a.out}")
         need(a.resume or a.out, "--out DIR is required (or --resume DIR)")
@@ -1334,9 +1200,8 @@ class RunFolder:
             state = run_state(out)
             need(not (state == "run" and not a.resume and not a.overwrite), f"{out} already holds a run; continue it with "
                  f"--resume {out}, choose another --out, or pass --overwrite to replace it")
-            if state == "other":
-                raise UsageError(f"{out} holds files that are not a vargrpo run "
-                                 f"({', '.join(sorted(p.name for p in out.iterdir())[:3])}); choose a new or empty folder")
+            if state == "other":  # (the names listed only then: out may not exist)
+                raise UsageError(f"{out} holds files that are not a vargrpo run ({', '.join(sorted(p.name for p in out.iterdir())[:3])}); choose a new or empty folder")
         if not a.resume:
             for p in [p for pattern in RUN_FILES for p in out.glob(pattern)] if state == "run" else []:
                 p.unlink()  # --overwrite: the previous run's files, and nothing else
@@ -1356,11 +1221,9 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock_fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.lock_fd, 300).decode(errors="replace").strip()
-            os.close(self.lock_fd)
-            self.lock_fd = None
-            raise UsageError(f"{self.out} is in use by another trainer ({holder}); wait for it to end or choose another --out") from None
+        except BlockingIOError:  # (close() closes the file)
+            raise UsageError(f"{self.out} is in use by another trainer ({os.read(self.lock_fd, 300).decode(errors='replace').strip()}); "
+                             "wait for it to end or choose another --out") from None
         except OSError as e:
             raise UsageError(f"cannot write in {self.out}: {e.strerror}; choose a folder you can write to") from None
         os.ftruncate(self.lock_fd, 0)
@@ -1371,7 +1234,6 @@ class RunFolder:
             self.tb.close()
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the lock
-            self.lock_fd = None
 
     def restore(self, ckpt: dict, policy: VAR, opt) -> int:
         """Policy and optimizer from the checkpoint; the metrics log cut back to the steps it covers
@@ -1391,18 +1253,17 @@ class RunFolder:
             atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
         return start
 
-    def score(self, s: Setup, images, a: TrainArgs, step: int):
-        """Step 2: rewards (N,), their components {name: (N,)}, and MP's token mask (N, L) or None.
-        A reward that raises is retried once; if it raises again (on any process) the run saves a
-        checkpoint of the steps done and stops."""
-        error, chunks, pn = None, range(0, len(images), a.reward_batch), s.policy.config.patch_nums
+    def score(self, reward, images, policy, opt, a: TrainArgs, step: int):
+        """Step 2: rewards (N,), their components {name: (N,)}, and MP's token mask (N, L) or None. A reward that raises
+        is retried once; if it raises again (on any process) the run saves the steps done and stops."""
+        error, chunks, pn = None, range(0, len(images), a.reward_batch), policy.config.patch_nums
         for attempt in (1, 2):
             try:
                 with torch.no_grad():
-                    out = [s.reward(images[i:i + a.reward_batch], return_components=True) for i in chunks]
+                    out = [reward(images[i:i + a.reward_batch], return_components=True) for i in chunks]
                 comps = {k: torch.cat([c[k].float() for _, c in out]) for k in out[0][1]}
                 mask = None if not a.mask_propagation else propagate_mask(  # [VAR-RL MP] fine grid -> every scale
-                    torch.cat([initial_mask(s.reward, images[i:i + a.reward_batch], pn[-1], a.mp_keep) for i in chunks]), pn)
+                    torch.cat([initial_mask(reward, images[i:i + a.reward_batch], pn[-1], a.mp_keep) for i in chunks]), pn)
                 error = None
                 break
             except Exception as e:  # a user's reward can fail in any way
@@ -1410,7 +1271,7 @@ class RunFolder:
                 print(f"[vargrpo] the reward raised {error}{'; retrying once' if attempt == 1 else ''}", file=sys.stderr)
         if all_reduce(torch.tensor([float(error is not None)], device=self.d.device), "max").item():
             raise RunFailed(f"the reward raised twice at step {step} ({error or 'on another process'}); saved "
-                            f"{self.save(s, a, step)} (the {step} steps done); fix the reward and continue with --resume {self.out}")
+                            f"{self.save(policy, opt, a, step)} (the {step} steps done); fix the reward and continue with --resume {self.out}")
         return torch.cat([r.float() for r, _ in out]).to(self.d.device), comps, mask
 
     def log(self, m: dict, step: int, images):
@@ -1434,32 +1295,30 @@ class RunFolder:
         if self.args.image_every and step % self.args.image_every == 0:  # one image of each group first
             pick = torch.arange(len(images)).view(self.args.labels_per_step // self.d.world, -1).T.reshape(-1)[:16]
             grid = save_grid(images[pick], self.out / "images" / f"step_{step:06d}.png")
-            if self.tb:
-                self.tb.add_image("samples", grid, step, dataformats="HWC")
+            self.tb.add_image("samples", grid, step) if self.tb else None
 
-    def halt_if_nonfinite(self, sampling_nonfinite, stats: UpdateStats, step: int, s: Setup, a: TrainArgs):
-        """A diverged policy (a non-finite sampling distribution or gradient, on any process) stops
-        the run. No update was taken with a non-finite gradient, so the weights are saved."""
+    def halt_if_nonfinite(self, sampling_nonfinite, stats: UpdateStats, step: int, policy, opt, a: TrainArgs):
+        """A diverged policy (a non-finite sampling distribution or gradient, on any process) stops the run, saving the
+        weights (no update was taken with a non-finite gradient)."""
         bad = all_reduce(torch.tensor([float(sampling_nonfinite > 0), float(stats.nonfinite is not None)],
                                       device=self.d.device), "max").tolist()
         if any(bad):
             what = " and ".join(w for w, b in zip(("the sampling distribution", stats.nonfinite or "the loss gradient"), bad) if b)
-            finite = all(bool(torch.isfinite(p).all()) for p in s.policy.parameters())
-            saved = f"saved {self.save(s, a, step)} (the weights after the last finite update)" if finite else "saved nothing"
+            finite = all(bool(torch.isfinite(p).all()) for p in policy.parameters())
+            saved = f"saved {self.save(policy, opt, a, step)} (the weights after the last finite update)" if finite else "saved nothing"
             raise RunFailed(f"step {step}: {what} went non-finite (the policy diverged); {saved}; start again with a "
                             f"lower --lr (now {a.lr:g}) or a --max-grad-norm")
 
-    def save(self, s: Setup, a: TrainArgs, step: int):
-        """A checkpoint after `step` completed steps (rank 0; returns its path): checkpoints/step_N.pt
-        (policy, optimizer, step, settings: an exact resume) and step_N.safetensors (the policy alone,
-        official key layout, settings in its metadata), each written atomically; last.pt and
-        last.safetensors are hard links to the newest; --keep-last of each are kept."""
+    def save(self, policy: VAR, opt, a: TrainArgs, step: int):
+        """A checkpoint after `step` completed steps (rank 0; returns its path): checkpoints/step_N.pt (policy, optimizer,
+        step, settings: an exact resume) and step_N.safetensors (the policy alone, official key layout, settings in its
+        metadata), each atomic; last.pt and last.safetensors are hard links to the newest; --keep-last of each kept."""
         if not self.d.main:
             return None
         from safetensors.torch import save as safetensors_bytes
         folder, meta = self.out / "checkpoints", {"vargrpo_args": json.dumps(asdict(a)), "vargrpo_step": str(step)}
-        state = {"model": s.policy.state_dict(), "optimizer": s.opt.state_dict(), "step": step, "args": asdict(a)}
-        weights = {k: v.detach().cpu().contiguous() for k, v in s.policy.state_dict().items()}
+        state = {"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "args": asdict(a)}
+        weights = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
         for suffix, write in ((".pt", lambda f: torch.save(state, f)),
                               (".safetensors", lambda f: f.write(safetensors_bytes(weights, metadata=meta)))):
             path, link = folder / f"step_{step:06d}{suffix}", folder / f"last{suffix}.tmp"
@@ -1474,25 +1333,18 @@ class RunFolder:
                 old.unlink()
         return folder / "last.pt"
 
-def save_grid(images_B3HW, path: Path, nrow: int = 8) -> np.ndarray:
-    """A PNG grid of images in [0, 1] (upscaled to >= 128 px each); returns its pixels (H, W, 3)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-    s = max(1, 128 // images_B3HW.shape[-1])
-    grid = make_grid(F.interpolate(images_B3HW.float().cpu(), scale_factor=s), nrow=nrow, padding=2, pad_value=1)
-    pixels = grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
-    return pixels
+def save_grid(images_B3HW, path: Path, nrow: int = 8) -> torch.Tensor:
+    """A PNG grid of images in [0, 1] (upscaled to >= 128 px each); returns it, (3, H, W)."""
+    from torchvision.utils import make_grid, save_image
+    grid = make_grid(F.interpolate(images_B3HW.float().cpu(), scale_factor=max(1, 128 // images_B3HW.shape[-1])), nrow, 2, pad_value=1)
+    atomic_write(path, lambda f: save_image(grid, f, format="PNG"))
+    return grid
 
 class StopRequest:
     """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
-    def __init__(self):
-        self.signum, self.previous = 0, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self.handle)
-            except ValueError:  # not the main thread
-                pass
+    def __init__(self):  # (handlers can only be set from the main thread)
+        on_main = threading.current_thread() is threading.main_thread()
+        self.signum, self.previous = 0, {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM) if on_main}
 
     def handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:  # a second Ctrl-C
@@ -1504,7 +1356,6 @@ class StopRequest:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
 
 # ---- Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation, ablation,
 # benchmark, plots and the digits model: `python vargrpo_tools.py --help`.
@@ -1531,9 +1382,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="vargrpo.py", description="GRPO fine-tuning of VAR image models")
     p = parser.add_subparsers(dest="command", required=True).add_parser(
         "train", argument_default=argparse.SUPPRESS, help="GRPO fine-tuning (also under torchrun --nproc-per-node=N)",
-        description="GRPO fine-tuning of a VAR model. Labels per step and minibatch sizes are global: torchrun splits "
-                    "them across processes. Exit codes: 0 done, 1 the run failed (what was saved is printed), 2 a bad "
-                    "flag, file or folder (nothing changed), 130 / 143 stopped by Ctrl-C / SIGTERM after saving.")
+        description="GRPO fine-tuning of a VAR model (labels per step and minibatch sizes are global). Exit codes: 0 done, "
+                    "1 the run failed (what was saved is printed), 2 a bad flag, file or folder (nothing changed), 130 / 143 "
+                    "stopped by Ctrl-C / SIGTERM after saving.")
     p.add_argument("--config", metavar="FILE", help="start from a run's args.json; flags given here win")
     add_dataclass_args(p, TrainArgs)
     args = vars(parser.parse_args(argv))
