@@ -11,6 +11,7 @@ imports; vargrpo.py never imports this file).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -836,22 +837,22 @@ DIGITS_FILES = {"vae": "vae_digits.safetensors", "var": "var_digits.safetensors"
 def prepare(out: Path, r: DigitsRecipe, quick: bool = False) -> dict:
     """Data -> tokenizer -> judge -> VAR, each measured on held-out data; the weights (fp16) go to
     `out` as the files load_pretrained('digits') and reward_models.load_digit_judge read, with
-    digits.json (the recipe, the measurements, the times). quick: a few steps of each (smoke tests)."""
+    digits.json (the recipe, the measurements, the times). quick: a few hundred steps of each (smoke tests: ~2 minutes)."""
     from safetensors.torch import save_file
     config, t0, times = vg.VARConfig.preset("digits"), time.perf_counter(), {}
     lap = lambda name: times.update({name: round(time.perf_counter() - t0 - sum(times.values()), 1)})
-    n_train, n_held = (512, 200) if quick else (r.train_images, r.heldout_images)
+    n_train, n_held = (1024, 200) if quick else (r.train_images, r.heldout_images)
     print(f"[prepare] rendering {n_train} + {n_held} images", flush=True)
     train_u8, train_y, train_bold = render_digits(n_train, r.seed)
     held_u8, held_y, _ = render_digits(n_held, r.seed + 998)
     lap("render")
-    vae = train_tokenizer(train_u8, config, r, steps=30 if quick else None)
+    vae = train_tokenizer(train_u8, config, r, steps=200 if quick else None)
     lap("tokenizer")
-    judge = train_judge(train_u8, train_y, train_bold, r, steps=20 if quick else None)
+    judge = train_judge(train_u8, train_y, train_bold, r, steps=100 if quick else None)
     lap("judge")
     idx = tokenize(vae, train_u8, bf16=True)
     lap("tokenize")
-    var = train_var(vae, idx, train_y, config, r, steps=30 if quick else None)
+    var = train_var(vae, idx, train_y, config, r, steps=300 if quick else None)
     lap("var")
     held01 = held_u8.float() / 255
     reconstructions = torch.cat([vae.idx_to_img(tokenize(vae, held_u8[i:i + 200])) for i in range(0, n_held, 200)])
@@ -867,7 +868,8 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False) -> dict:
                    for k, v in module.state_dict().items()}, str(out / DIGITS_FILES[name]))
         print(f"[prepare] wrote {out / DIGITS_FILES[name]}", flush=True)
     summary = {"config": asdict(config), "recipe": asdict(r), "quick": quick, "results": results, "seconds": times,
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(),
+               "sha256": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in DIGITS_FILES.values()}}
     (out / "digits.json").write_text(json.dumps(summary, indent=1))
     print(f"[prepare] wrote {out / 'digits.json'}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
     return summary

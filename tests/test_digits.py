@@ -1,0 +1,129 @@
+"""The digits model (issue 10): the rendered data, the training steps of the tokenizer, the judge and
+the VAR, the shipped weights, and the demo on them."""
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reward_models as rm
+import vargrpo as vg
+import vargrpo_tools as vt
+
+ROOT = Path(vg.__file__).resolve().parent
+WEIGHTS = ROOT / "weights"
+SMALL = replace(vt.DigitsRecipe(), tok_batch=8, judge_batch=64, var_batch=16)
+CONFIG = vg.VARConfig.preset("digits")
+
+
+def test_dataset_is_deterministic_balanced_and_varied():
+    a_u8, a_y, a_bold = vt.render_digits(60, seed=5)
+    b_u8, b_y, b_bold = vt.render_digits(60, seed=5)
+    assert torch.equal(a_u8, b_u8) and torch.equal(a_y, b_y) and torch.equal(a_bold, b_bold)
+    assert a_u8.shape == (60, 3, 64, 64) and a_u8.dtype == torch.uint8
+    assert torch.bincount(a_y, minlength=10).tolist() == [6] * 10  # class-balanced
+    c_u8, c_y, _ = vt.render_digits(60, seed=6)  # another seed: other images (the held-out split is seed + 998)
+    assert not torch.equal(a_u8, c_u8) and not torch.equal(a_y, c_y)
+    lum = a_u8.float().mean((1, 2, 3))
+    assert lum.min() < 100 and lum.max() > 150  # light and dark backgrounds both occur
+    assert (a_u8.float().std((2, 3)).mean(1) > 20).all()  # every image draws something (contrast)
+    assert a_bold.min() >= 0.5 and a_bold.max() <= 2.2 and a_bold.std() > 0.2
+
+
+def test_tokenizer_training_reduces_reconstruction_error():
+    images, _, _ = vt.render_digits(128, seed=2)
+    held, _, _ = vt.render_digits(32, seed=3)
+    x = vt.to_m11(held)
+
+    def error(vae):
+        with torch.no_grad():
+            return F.mse_loss(vae.idx_to_img(vt.tokenize(vae, held)) * 2 - 1, x).item()
+    start = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
+    trained = vt.train_tokenizer(images, CONFIG, SMALL, steps=60, log=lambda s: None)
+    assert error(trained) < 0.6 * error(start), (error(start), error(trained))
+    assert not any(p.requires_grad for p in trained.parameters())
+
+
+def test_var_training_reduces_cross_entropy():
+    images, labels, _ = vt.render_digits(200, seed=2)
+    vae = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
+    idx_NL = vt.tokenize(vae, images)
+    assert idx_NL.shape == (200, CONFIG.seq_len) and idx_NL.max() < CONFIG.vocab_size
+
+    def ce(var):
+        with torch.no_grad():
+            return F.cross_entropy(var(labels[:64], idx_NL[:64]).flatten(0, 1), idx_NL[:64].flatten()).item()
+    start = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=1, log=lambda s: None)
+    trained = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=40, log=lambda s: None)
+    assert ce(trained) < ce(start) - 0.5, (ce(start), ce(trained))
+
+
+def test_judge_beats_chance_on_held_out_digits():
+    images, labels, boldness = vt.render_digits(2000, seed=2)
+    held, held_y, held_bold = vt.render_digits(300, seed=2 + 998)
+    judge = vt.train_judge(images, labels, boldness, SMALL, steps=150)
+    acc = vt.judge_accuracy(judge, held.float() / 255, held_y)
+    assert acc > 0.5, acc  # chance: 0.1
+    bold = judge(held.float() / 255)  # the reward: boldness in the training set's units
+    assert torch.corrcoef(torch.stack([bold, held_bold]))[0, 1] > 0.5
+
+
+# The files `vargrpo_tools.py prepare` wrote and the repository ships (weights/): their hashes, so that
+# a changed file is noticed; keys and shapes are checked by loading them strictly.
+SHIPPED_SHA256 = json.loads((WEIGHTS / "digits.json").read_text())["sha256"] if (WEIGHTS / "digits.json").is_file() else {}
+
+
+def test_shipped_digits_weights_are_what_the_code_expects():
+    assert set(SHIPPED_SHA256) == set(vt.DIGITS_FILES.values()), "weights/digits.json lists the shipped files"
+    for name, digest in SHIPPED_SHA256.items():
+        assert hashlib.sha256((WEIGHTS / name).read_bytes()).hexdigest() == digest, name
+    assert sum((WEIGHTS / name).stat().st_size for name in SHIPPED_SHA256) < 20e6
+    vae, var = vg.load_pretrained("digits")  # strict: every key, every shape
+    judge = rm.load_digit_judge()
+    assert var.config == CONFIG and sum(p.numel() for p in var.parameters()) > 1e6
+    record = json.loads((WEIGHTS / "digits.json").read_text())
+    assert record["config"] == json.loads(json.dumps(asdict(CONFIG))) and not record["quick"]
+    res = record["results"]  # the issue's quality bar, as measured by prepare on held-out data
+    assert res["reconstruction_accuracy"] >= 0.9 and res["sample_accuracy_t1"] >= 0.8 and res["sample_accuracy_cfg"] >= 0.9
+    held, held_y, _ = vt.render_digits(200, seed=vt.DigitsRecipe().seed + 998)  # and they still measure so here
+    assert vt.judge_accuracy(judge, held.float() / 255, held_y) >= 0.95
+    assert vt.judge_accuracy(judge, vae.idx_to_img(vt.tokenize(vae, held)), held_y) >= 0.85
+
+
+def test_prepare_quick_then_demo_smoke(tmp_path):
+    """A reduced preparation (a few steps of each part) into a folder, then the demo on it through
+    --weights-dir: the files load strictly, the run finishes, and summary.json has its fields."""
+    out = tmp_path / "weights"
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "prepare", "--quick", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "digits.json").read_text())
+    assert record["quick"] and set(record["sha256"]) == set(vt.DIGITS_FILES.values())
+    for name in vt.DIGITS_FILES.values():
+        assert f"wrote {out / name}" in res.stdout
+    run = tmp_path / "demo"
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", "--weights-dir", str(out), "--out", str(run),
+                          "--steps", "8", "--lr", "1e-3", "--save-every", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["reward_last"] > summary["reward_first"], summary
+    assert summary["class_acc_after"] >= summary["class_acc_before"] - 0.1, summary
+    assert all((run / f).is_file() for f in ("before.png", "after.png", "reward_curve.png"))
+
+
+@pytest.mark.slow
+def test_demo_on_the_shipped_digits_model(tmp_path):
+    """Acceptance of `bash run.sh demo` on a seed the README does not report: the mean reward of the
+    last 3 steps is >= 0.15 above the first step's, and the judge still reads >= 80% of the digits."""
+    run = tmp_path / "demo"
+    res = subprocess.run(["bash", "run.sh", "demo", "--seed", "3", "--out", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == vt.DEMO_FLAGS["steps"] and "mean reward: first step" in res.stdout
+    assert summary["reward_last"] - summary["reward_first"] >= 0.15, summary
+    assert summary["class_acc_after"] >= 0.8, summary
