@@ -2,12 +2,14 @@
 # vargrpo entry point. Creates .venv from requirements.txt on first use (and again whenever
 # requirements.txt changes), then runs one subcommand (extra arguments are passed on):
 #   bash run.sh test [pytest args]   the test suite (what CI runs)
-#   bash run.sh demo [train flags]   CPU demo: a tiny VAR learns brightness in ~2 minutes -> runs/demo
+#   bash run.sh demo [train flags]   CPU demo: GRPO makes the pre-trained digits VAR draw brighter images -> runs/demo
+#   bash run.sh prepare [--out DIR]  rebuild the digits model the demo uses (weights/; about an hour on 2 cores)
 #   bash run.sh brightness | dark    the GRPO-VAR paper's toy experiment, VAR-d16, one process per GPU
 #   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
 #   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)
 #   bash run.sh aesthetic+painting   both rewards summed, VAR-d30, 10k steps (paper 5.3)
-#   bash run.sh ablate [args]        VAR-RL ablation on the CPU tiny preset, 3 seeds (~30 min) -> runs/ablate
+#   bash run.sh ablate [args]        VAR-RL ablation on the digits model, 2 rewards x 5 methods x 3 seeds -> runs/ablate
+#   bash run.sh eval --ckpt RUN      Table 1 of a run: its reward and class fidelity, pre-trained vs fine-tuned
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +38,8 @@ shift || true
 case "$cmd" in
   test)  exec "$PY" -m pytest -q -o "markers=slow: long tests (CI runs them too)" tests "$@" ;;
   demo)  exec "$PY" vargrpo_tools.py demo "$@" ;;
+  prepare) exec "$PY" vargrpo_tools.py prepare "$@" ;;
+  eval) exec "$PY" vargrpo_tools.py eval "$@" ;;
   brightness) launch --preset d16 --reward bright --out runs/brightness --steps 200 "$@" ;;
   dark)       launch --preset d16 --reward dark --out runs/dark --steps 200 "$@" ;;
   aesthetic)  launch --preset d16 --reward aesthetic --out runs/aesthetic --steps 40000 "$@" ;;

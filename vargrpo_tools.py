@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -147,9 +148,9 @@ class EvalArgs:
     ckpt: str = arg("", "a run directory, a vargrpo checkpoint (.pt) or its .safetensors export")
     samples_per_class: int = arg(10, "images per class [paper: 10 for each of the 1000 classes]")
     max_classes: int = arg(0, "evaluate only the first N classes of each subset (0 = all)")
-    cfg: float = arg(1.5, "classifier-free guidance [official VAR inference: 1.5]")
-    top_k: int = arg(900, "top-k [official: 900]")
-    top_p: float = arg(0.96, "top-p [official: 0.96]")
+    cfg: float = arg(None, "classifier-free guidance (default: the preset's: official VAR 1.5, digits 3)", type=float)
+    top_k: int = arg(None, "top-k (default: official 900, digits 128)", type=int)
+    top_p: float = arg(None, "top-p (default: 0.96)", type=float)
     temperature: float = arg(1.0, "sampling temperature")
     prompt: str = arg("a painting", "prompt of the CLIP score")
     batch: int = arg(50, "images per sampling call")
@@ -184,15 +185,34 @@ def load_resnet50(weights, device):
     return model.eval().requires_grad_(False).to(device), spec.transforms()
 
 
+def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
+    """{key: (column title, fn(images, labels) -> one score per image)}: the paper's aesthetic score, CLIP score and
+    ResNet-50 top-5 for the official models; the run's own reward and the digits judge's class
+    accuracy (the ResNet-50 top-5's stand-in) for the digits model."""
+    if a.preset == "digits":
+        import reward_models
+        reward, local = vg.make_reward(a.reward, device, a), Path(a.weights_dir or "") / reward_models.DIGIT_JUDGE.name
+        judge = reward_models.load_digit_judge(local if a.weights_dir and local.is_file() else None).to(device)
+        return {"reward": (f"reward `{a.reward}`", lambda images, labels: reward(images)),
+                "judge_accuracy": ("judge class accuracy", lambda images, labels: judge.heads(images)[0].argmax(1).eq(labels).float())}
+    reward = vg.make_reward(f"aesthetic+clip:{e.prompt}", device, e)
+    classifier, preprocess = load_resnet50(e.resnet_weights, device)
+    return {"aesthetic": ("aesthetic score", lambda images, labels: reward(images, return_components=True)[1]["aesthetic"]),
+            "clipscore": (f"CLIPScore '{e.prompt}'", lambda images, labels: reward(images, return_components=True)[1][f"clip:{e.prompt}/clipscore"]),
+            "resnet50_top5": ("ResNet-50 top-5", lambda images, labels: (classifier(preprocess(images)).topk(5, dim=-1).indices
+                                                                         == labels[:, None]).any(-1).float())}
+
+
 def evaluate(e: EvalArgs) -> dict:
-    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0 or e.cfg < 0 \
-            or e.top_k < 0 or not 0 <= e.top_p < 1:
-        raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0, --temperature > 0, "
-                         "--cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
+    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0:
+        raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0 and --temperature > 0")
     device = e.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, device, e.weights_dir)
-    reward = vg.make_reward(f"aesthetic+clip:{e.prompt}", device, e)
-    classifier, classifier_preprocess = load_resnet50(e.resnet_weights, device)
+    preset_kw = DIGITS_CFG if a.preset == "digits" else OFFICIAL_SAMPLING  # each setting not given: the preset's
+    sampling = {k: preset_kw[k] if getattr(e, k) is None else getattr(e, k) for k in ("cfg", "top_k", "top_p")}
+    if sampling["cfg"] < 0 or sampling["top_k"] < 0 or not 0 <= sampling["top_p"] < 1:
+        raise UsageError("need --cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
+    scorers = eval_scorers(e, a, device)
     ncls = finetuned.config.num_classes
     seen = vg.label_pool(a, ncls)
     subsets = {"all": seen} if a.label_subset == "all" else \
@@ -205,27 +225,23 @@ def evaluate(e: EvalArgs) -> dict:
         for subset, classes in subsets.items():
             classes = classes[:e.max_classes] if e.max_classes else classes
             labels = classes.repeat_interleave(e.samples_per_class).to(device)
-            sums, grid = {"aesthetic": 0.0, "clipscore": 0.0, "top5": 0.0}, []
+            sums, grid = dict.fromkeys(scorers, 0.0), []
             for i in range(0, len(labels), e.batch):
                 gen = torch.Generator(device=device).manual_seed(vg.derive_seed(e.seed, 6, i))
                 with torch.no_grad():
-                    images = vg.sample(model, labels[i:i + e.batch], temperature=e.temperature, cfg=e.cfg, top_k=e.top_k,
-                                       top_p=e.top_p, generator=gen).images.float()
-                    _, parts = reward(images, return_components=True)
-                    top5 = classifier(classifier_preprocess(images)).topk(5, dim=-1).indices
-                sums["aesthetic"] += parts["aesthetic"].sum().item()
-                sums["clipscore"] += parts[f"clip:{e.prompt}/clipscore"].sum().item()
-                sums["top5"] += (top5 == labels[i:i + e.batch, None]).any(-1).float().sum().item()
+                    images = vg.sample(model, labels[i:i + e.batch], temperature=e.temperature, generator=gen, **sampling).images.float()
+                    for name, (_, score) in scorers.items():
+                        sums[name] += score(images, labels[i:i + e.batch]).sum().item()
                 grid += [(img, lab) for img, lab in zip(images, labels[i:i + e.batch].tolist())
                          if lab in classes[:8].tolist() and sum(1 for _, l in grid if l == lab) < 4]
-            n = len(labels)
-            results.append({"model": model_name, "subset": subset, "images": n, "aesthetic": sums["aesthetic"] / n,
-                            "clipscore": sums["clipscore"] / n, "resnet50_top5": sums["top5"] / n})
+            results.append({"model": model_name, "subset": subset, "images": len(labels),
+                            **{name: total / len(labels) for name, total in sums.items()}})
             captioned_grid(torch.stack([g[0] for g in grid]), [str(g[1]) for g in grid], out / f"eval_{model_name}_{subset}.png")
-    table = [f"| model | labels | images | aesthetic score | CLIPScore '{e.prompt}' | ResNet-50 top-5 |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | {r['aesthetic']:.3f} | {r['clipscore']:.2f} | "
-              f"{100 * r['resnet50_top5']:.1f}% |" for r in results]
-    settings = {k: getattr(e, k) for k in ("samples_per_class", "cfg", "top_k", "top_p", "temperature", "prompt", "seed")}
+    fmt = lambda name, v: f"{100 * v:.1f}%" if "top5" in name or "accuracy" in name else f"{v:.3f}"
+    table = ["| model | labels | images | " + " | ".join(title for title, _ in scorers.values()) + " |", "|---|---|---|" + "---|" * len(scorers)]
+    table += [f"| {r['model']} ({a.preset}) | {r['subset']} | {r['images']} | " + " | ".join(fmt(n, r[n]) for n in scorers) + " |"
+              for r in results]
+    settings = {k: getattr(e, k) for k in ("samples_per_class", "temperature", "prompt", "seed")} | sampling
     (out / "eval.json").write_text(json.dumps({"checkpoint": str(e.ckpt), "step": step, "settings": settings,
                                                "results": results}, indent=1))
     (out / "eval.md").write_text("\n".join(table) + "\n")
@@ -244,33 +260,38 @@ ABLATION_METHODS = {
     "+mp": {"mask_propagation": True},
     "nextflow (all three)": {"vmr": True, "mask_propagation": True, "panw_alpha": 1.0},
 }
+# a region reward (mask propagation's mask is its box) and a learned one (the digits judge's boldness)
+ABLATION_REWARDS = ["brightness:region=0.25,0.25,0.75,0.75", "digit:bold"]
 
 
 def ablate(args):
-    """Runs every method for every seed to the same sample budget; writes ablation.md / .json / .png."""
-    out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    common = dict(preset=args.preset, reward=args.reward, labels_per_step=4, group_size=8, minibatch=16, lr=1e-3,
-                  beta=0.1, temperature=1.0, image_every=0, save_every=10**6, overwrite=True)
-    runs = {}
-    for name, flags in ABLATION_METHODS.items():
-        per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
-        steps = max(1, args.budget // per_step)
-        for seed in seeds:
-            run = out / f"{name.split()[0].lstrip('+')}_s{seed}"
-            t0 = time.perf_counter()
-            vg.train(TrainArgs(**common, **flags, out=str(run), steps=steps, seed=seed))
-            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-            runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
-    table, summary = summarise_ablation(runs, seeds, args)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=1))
-    plot_ablation(runs, seeds, out / "ablation.png", args.reward, vg.VARConfig.preset(args.preset).patch_nums)
-    print(table)
+    """Runs every method for every seed to the same sample budget, for each reward; writes
+    ablation.md / .json / .png per reward (in a subfolder named after it) and ablation.md of all."""
+    out, seeds, tables = Path(args.out), [int(s) for s in args.seeds.split(",")], []
+    common = dict(preset=args.preset, labels_per_step=4, group_size=8, minibatch=16, lr=args.lr, beta=args.beta,
+                  temperature=1.0, image_every=0, save_every=10**6, overwrite=True, weights_dir=args.weights_dir)
+    for reward in args.reward or ABLATION_REWARDS:
+        folder, runs = out / re.sub(r"[^A-Za-z0-9.]+", "_", reward).strip("_"), {}
+        for name, flags in ABLATION_METHODS.items():
+            per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
+            steps = max(1, args.budget // per_step)
+            for seed in seeds:
+                run = folder / f"{name.split()[0].lstrip('+')}_s{seed}"
+                t0 = time.perf_counter()
+                vg.train(TrainArgs(**common, **flags, reward=reward, out=str(run), steps=steps, seed=seed))
+                rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+                runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
+        table, summary = summarise_ablation(runs, seeds, args, reward)
+        (folder / "ablation.md").write_text(table)
+        (folder / "ablation.json").write_text(json.dumps(summary, indent=1))
+        plot_ablation(runs, seeds, folder / "ablation.png", reward, vg.VARConfig.preset(args.preset).patch_nums)
+        tables.append(table)
+        print(table, flush=True)
+    (out / "ablation.md").write_text("\n".join(tables))
 
 
-def summarise_ablation(runs, seeds, args):
-    lines = [f"Reward `{args.reward}`, {args.preset} preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
+def summarise_ablation(runs, seeds, args, reward):
+    lines = [f"Reward `{reward}`, {args.preset} preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
              "",
              "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | KL per token at the end |",
              "|---|---|---|---|---|---|---|---|"]
@@ -878,6 +899,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False) -> dict:
 # CFG / top-k / top-p for the digits model at inference: the official settings' shape, scaled to its
 # vocabulary (official: cfg 1.5, top-k 900 of 4096, top-p 0.96)
 DIGITS_CFG = dict(cfg=3.0, top_k=128, top_p=0.96)
+OFFICIAL_SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,11 +968,14 @@ def main(argv=None):
     vg.add_dataclass_args(p, EvalArgs)
     p = sub.add_parser("ablate", help="VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three")
     p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
-    p.add_argument("--preset", default="tiny", help="model of every run")
+    p.add_argument("--preset", default="digits", help="model of every run")
+    p.add_argument("--weights-dir", default=None, help="folder holding the preset's weights (default: weights/)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--budget", type=int, default=2560, help="samples per run (VMR's extra completions count)")
-    p.add_argument("--reward", default="brightness:region=0.25,0.25,0.75,0.75",
-                   help="reward of every run (a region reward gives mask propagation its mask)")
+    p.add_argument("--lr", type=float, default=DEMO_FLAGS["lr"], help="learning rate of every run (the demo's)")
+    p.add_argument("--beta", type=float, default=DEMO_FLAGS["beta"], help="KL weight of every run (the demo's)")
+    p.add_argument("--reward", action="append", default=None,
+                   help=f"reward of every run; repeat for several (default: {' and '.join(ABLATION_REWARDS)})")
     p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
     p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

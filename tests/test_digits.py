@@ -114,6 +114,12 @@ def test_prepare_quick_then_demo_smoke(tmp_path):
     assert summary["steps"] == 8 and summary["reward_last"] > summary["reward_first"], summary
     assert summary["class_acc_after"] >= summary["class_acc_before"] - 0.1, summary
     assert all((run / f).is_file() for f in ("before.png", "after.png", "reward_curve.png"))
+    vt.main(["eval", "--ckpt", str(run), "--weights-dir", str(out), "--samples-per-class", "3", "--batch", "15"])
+    res = json.loads((run / "eval.json").read_text())  # Table 1 columns of the digits model, at its inference settings
+    assert {k: res["settings"][k] for k in vt.DIGITS_CFG} == vt.DIGITS_CFG
+    assert [(r["model"], r["images"]) for r in res["results"]] == [("pre-trained", 30), ("fine-tuned", 30)]
+    assert all(0 <= r["judge_accuracy"] <= 1 and 0 <= r["reward"] <= 1 for r in res["results"])
+    assert "| model | labels | images | reward `brightness` | judge class accuracy |" in (run / "eval.md").read_text()
 
 
 @pytest.mark.slow

@@ -998,11 +998,15 @@ def test_nextflow_trains_and_counts_its_budget(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_smoke(tmp_path):
-    tools.main(["ablate", "--seeds", "0", "--budget", "64", "--out", str(tmp_path)])
-    table = (tmp_path / "ablation.md").read_text()
-    for name in tools.ABLATION_METHODS:
-        assert f"| {name} |" in table
-    assert (tmp_path / "ablation.png").is_file() and json.loads((tmp_path / "ablation.json").read_text()).keys() == tools.ABLATION_METHODS.keys()
+    tools.main(["ablate", "--preset", "tiny", "--seeds", "0", "--budget", "64", "--out", str(tmp_path),
+                "--reward", "brightness:region=0.25,0.25,0.75,0.75", "--reward", "dark"])
+    for folder in ("brightness_region_0.25_0.25_0.75_0.75", "dark"):
+        table = (tmp_path / folder / "ablation.md").read_text()
+        assert table in (tmp_path / "ablation.md").read_text()
+        for name in tools.ABLATION_METHODS:
+            assert f"| {name} |" in table
+        summary = json.loads((tmp_path / folder / "ablation.json").read_text())
+        assert (tmp_path / folder / "ablation.png").is_file() and summary.keys() == tools.ABLATION_METHODS.keys()
 
 
 # ----------------------------------------------------------------------------------------------
