@@ -94,7 +94,14 @@ def assert_same_run(one, other):
     a, b = policy_state(one), policy_state(other)
     init = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")[2].state_dict()
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)  # the steps did change the weights
-    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in init) <= 1e-5
+    # Equal up to float summation order. Not elementwise: Adam's first steps move a weight by about lr
+    # whatever its gradient's size, so a gradient that is ~0 moves by summation-order noise (measured:
+    # elementwise up to 0.07 lr). Over all weights: 2.2e-4 of the distance moved; with every rank taking
+    # the first share of each minibatch (a bug) 0.86.
+    ks = [k for k in init if init[k].is_floating_point() and torch.isfinite(init[k]).all()]
+    moved = sum((a["model"][k] - init[k]).double().square().sum() for k in ks).sqrt()
+    apart = sum((a["model"][k] - b["model"][k]).double().square().sum() for k in ks).sqrt()
+    assert apart <= 2e-3 * moved, (apart / moved).item()
     for key in ("reward/mean", "adv/std", "policy/kl", "policy/entropy", "loss/loss", "loss/grad_norm"):  # the logs agree too
         assert [r[key] for r in read_metrics(one)] == pytest.approx([r[key] for r in read_metrics(other)], rel=1e-4, abs=1e-6), key
 
