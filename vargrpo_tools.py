@@ -384,18 +384,18 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
 # Benchmark: `python vargrpo_tools.py bench`. Every row runs in a fresh process so that its peak
 # memory is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
 
-BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
+BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "digits": dict(cfg=3.0, top_k=128, top_p=0.96), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
 
 
 def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
     """Median seconds per call after one warm-up call."""
     fn()
-    vg.sync(device)
+    vg.synced_time(device)
     times = []
     while len(times) < min_calls or sum(times) < min_seconds:
         t0 = time.perf_counter()
         fn()
-        vg.sync(device)
+        vg.synced_time(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -414,10 +414,10 @@ def matmul_peak_flops(device) -> float:
     a @ b
     best = math.inf
     for _ in range(10):
-        vg.sync(device)
+        vg.synced_time(device)
         t0 = time.perf_counter()
         a @ b
-        vg.sync(device)
+        vg.synced_time(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -459,7 +459,7 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
             for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
                 t0 = time.perf_counter()
                 f()
-                vg.sync(device)
+                vg.synced_time(device)
                 t[f].append(time.perf_counter() - t0)
         ratio = np.median(np.array(t[ours]) / np.array(t[fn]))  # pairs ran back to back
         what = (f"official sample cfg+top-k/p, interleaved with ours ({np.median(t[ours]):.3f} s/call; "
@@ -583,12 +583,12 @@ def bench(args):
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for preset in args.presets.split(","):
-        sample_batch = (32 if on_gpu else 16) if preset == "tiny" else (32 if on_gpu else 2)
-        tf_batch = (32 if on_gpu else 16) if preset == "tiny" else (16 if on_gpu else 2)
+        sample_batch = (32 if on_gpu else 16) if preset in ("tiny", "digits") else (32 if on_gpu else 2)
+        tf_batch = (32 if on_gpu else 16) if preset in ("tiny", "digits") else (16 if on_gpu else 2)
         for what in whats:
             batch = tf_batch if what.startswith("teacher") else sample_batch
             if what == "GRPO step":  # labels per step
-                batch = (32 if on_gpu else 4) if preset == "tiny" else (32 if on_gpu else 1)
+                batch = (32 if on_gpu else 4) if preset in ("tiny", "digits") else (32 if on_gpu else 1)
             cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
             if args.official_var:
                 cmd += ["--official-var", args.official_var]

@@ -133,3 +133,17 @@ def test_two_nodes_equal_one_process(one_process, tmp_path):
             n.kill()
     assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in results]
     assert_same_run(one_process, out)
+
+
+# ---- the benchmark's rows run (a failing row prints "failed" in the table instead of stopping it)
+
+def test_bench_rows_and_memory_table(capsys):
+    whats = ["sample cfg=0", "sample cfg+top-k/p", "teacher-forced fwd", "teacher-forced fwd+bwd",
+             "teacher-forced fwd+bwd, grad checkpointing", "GRPO step"]
+    for what in whats:
+        r = tools.bench_row("tiny", what, 2, "cpu")
+        assert r["seconds"] > 0 and r["throughput"] > 0 and r["peak_mem"] > 0, (what, r)
+    assert tools.bench_row("-", "reward brightness", 4, "cpu")["throughput"] > 0
+    tools.main(["bench", "--memory", "--presets", "tiny"])
+    out = capsys.readouterr().out
+    assert "| tiny | 0.6 M |" in out and out.count("GiB") == 4

@@ -4,8 +4,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
