@@ -3,7 +3,7 @@
 # requirements.txt changes), then runs one subcommand (extra arguments are passed on):
 #   bash run.sh test [pytest args]   the test suite (what CI runs)
 #   bash run.sh demo [train flags]   CPU demo: GRPO makes the pre-trained digits VAR draw brighter images -> runs/demo
-#   bash run.sh prepare [--out DIR]  rebuild the digits model the demo uses (weights/; about an hour on 2 cores)
+#   bash run.sh prepare [--out DIR]  rebuild the digits model the demo uses (weights/; 53 min on one CPU thread)
 #   bash run.sh brightness | dark    the GRPO-VAR paper's toy experiment, VAR-d16, one process per GPU
 #   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
 #   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)

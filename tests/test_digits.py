@@ -106,6 +106,11 @@ def test_prepare_quick_then_demo_smoke(tmp_path):
     assert record["quick"] and set(record["sha256"]) == set(vt.DIGITS_FILES.values())
     for name in vt.DIGITS_FILES.values():
         assert f"wrote {out / name}" in res.stdout
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "prepare", "--quick", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 2 and "already holds" in res.stderr and "--overwrite" in res.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
     run = tmp_path / "demo"
     res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", "--weights-dir", str(out), "--out", str(run),
                           "--steps", "8", "--lr", "1e-3", "--save-every", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
