@@ -297,10 +297,12 @@ class DigitJudge(nn.Module):
         return self.heads(images_B3HW)[1] * self.boldness_std + self.boldness_mean
 
 
-def load_digit_judge(path=None) -> DigitJudge:
-    """The judge's weights (weights/judge_digits.safetensors beside this file, or `path`), strictly."""
+def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
+    """The judge's weights, strictly: `path`, else judge_digits.safetensors in `weights_dir` if it is
+    there (as for the model: --weights-dir first), else weights/ beside this file."""
     from safetensors.torch import load_file
-    file = Path(path or DIGIT_JUDGE)
+    local = Path(weights_dir or "") / DIGIT_JUDGE.name
+    file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE))
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no digits judge there; build it with `python vargrpo_tools.py prepare`")
     judge = DigitJudge()
@@ -311,8 +313,7 @@ def load_digit_judge(path=None) -> DigitJudge:
 def _digit(arg, ctx):
     if arg != "bold":
         raise ValueError(f"digit:{arg}: the digits judge's reward is digit:bold")
-    local = Path(ctx.get("weights_dir") or "") / DIGIT_JUDGE.name  # --weights-dir first, as for the model
-    return load_digit_judge(local if ctx.get("weights_dir") and local.is_file() else None).to(ctx["device"])
+    return load_digit_judge(weights_dir=ctx.get("weights_dir")).to(ctx["device"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,22 +54,27 @@ def official_init_(var: vg.VAR, init_adaln=0.5, init_adaln_gamma=1e-5, init_head
     return var
 
 
-@torch.no_grad()
-def f_to_idx(quant: vg.VectorQuantizer, f_BChw) -> list:
-    """Quantize a latent (B, Cvae, H, H) into [(B, pn*pn)] per scale: at each scale the nearest
-    codebook vectors of the area-downsampled residual f - f_hat (the official encoder path)."""
-    B, C, H, W = f_BChw.shape
-    E_VC = quant.embedding.weight
-    f_rest, f_hat, out = f_BChw.clone(), torch.zeros_like(f_BChw), []
+def residual_scales(quant: vg.VectorQuantizer, f_BChw):
+    """The official encoder path, one scale at a time: at scale si the nearest codebook vectors of the
+    area-downsampled residual f - f_hat. Yields (codes (B, pn*pn), their contribution h (B, C, H, W)),
+    h differentiable in the codebook and Phi; the residual itself carries no gradient."""
+    B, C = f_BChw.shape[:2]
+    E_VC, f_rest = quant.embedding.weight, f_BChw.detach().clone()
     for si, pn in enumerate(quant.patch_nums):
         z = torch.nn.functional.interpolate(f_rest, size=(pn, pn), mode="area") if si != len(quant.patch_nums) - 1 else f_rest
         z_NC = z.permute(0, 2, 3, 1).reshape(-1, C)
-        dist_NV = torch.addmm(z_NC.square().sum(dim=1, keepdim=True) + E_VC.square().sum(dim=1), z_NC, E_VC.T, alpha=-2)
-        idx_Bl = dist_NV.argmin(dim=1).view(B, pn * pn)
-        h_BChw = quant.add_scale(torch.zeros_like(f_hat), quant.embed(idx_Bl), si)
-        f_hat, f_rest = f_hat + h_BChw, f_rest - h_BChw
-        out.append(idx_Bl)
-    return out
+        with torch.no_grad():
+            dist_NV = torch.addmm(z_NC.square().sum(dim=1, keepdim=True) + E_VC.square().sum(dim=1), z_NC, E_VC.T, alpha=-2)
+            idx_Bl = dist_NV.argmin(dim=1).view(B, pn * pn)
+        h_BChw = quant.add_scale(torch.zeros_like(f_rest), quant.embed(idx_Bl), si)
+        f_rest = f_rest - h_BChw.detach()
+        yield idx_Bl, h_BChw
+
+
+@torch.no_grad()
+def f_to_idx(quant: vg.VectorQuantizer, f_BChw) -> list:
+    """Quantize a latent (B, Cvae, H, H) into [(B, pn*pn)] per scale (residual_scales' codes)."""
+    return [idx_Bl for idx_Bl, _ in residual_scales(quant, f_BChw)]
 
 
 @torch.no_grad()
@@ -143,6 +148,11 @@ def load_finetuned(ckpt: str, device, weights_dir=None):
 # images sampled with the official inference settings, for the pre-trained and fine-tuned models.
 
 
+# Inference settings: the official VAR's, and the digits model's (the same shape, scaled to its vocabulary of 512)
+OFFICIAL_SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)
+DIGITS_CFG = dict(cfg=3.0, top_k=128, top_p=0.96)
+
+
 @dataclass
 class EvalArgs:
     ckpt: str = arg("", "a run directory, a vargrpo checkpoint (.pt) or its .safetensors export")
@@ -191,8 +201,7 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
     accuracy (the ResNet-50 top-5's stand-in) for the digits model."""
     if a.preset == "digits":
         import reward_models
-        reward, local = vg.make_reward(a.reward, device, a), Path(a.weights_dir or "") / reward_models.DIGIT_JUDGE.name
-        judge = reward_models.load_digit_judge(local if a.weights_dir and local.is_file() else None).to(device)
+        reward, judge = vg.make_reward(a.reward, device, a), reward_models.load_digit_judge(weights_dir=a.weights_dir).to(device)
         return {"reward": (f"reward `{a.reward}`", lambda images, labels: reward(images)),
                 "judge_accuracy": ("judge class accuracy", lambda images, labels: judge.heads(images)[0].argmax(1).eq(labels).float())}
     reward = vg.make_reward(f"aesthetic+clip:{e.prompt}", device, e)
@@ -384,7 +393,7 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
 # Benchmark: `python vargrpo_tools.py bench`. Every row runs in a fresh process so that its peak
 # memory is its own; FLOPs are counted by torch's FlopCounterMode on one call of the timed function.
 
-BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "digits": dict(cfg=3.0, top_k=128, top_p=0.96), "default": dict(cfg=1.5, top_k=900, top_p=0.96)}
+BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "digits": DIGITS_CFG, "default": OFFICIAL_SAMPLING}
 
 
 def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
@@ -583,12 +592,13 @@ def bench(args):
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for preset in args.presets.split(","):
-        sample_batch = (32 if on_gpu else 16) if preset in ("tiny", "digits") else (32 if on_gpu else 2)
-        tf_batch = (32 if on_gpu else 16) if preset in ("tiny", "digits") else (16 if on_gpu else 2)
+        small = preset in ("tiny", "digits")
+        sample_batch = (32 if on_gpu else 16) if small else (32 if on_gpu else 2)
+        tf_batch = (32 if on_gpu else 16) if small else (16 if on_gpu else 2)
         for what in whats:
             batch = tf_batch if what.startswith("teacher") else sample_batch
             if what == "GRPO step":  # labels per step
-                batch = (32 if on_gpu else 4) if preset in ("tiny", "digits") else (32 if on_gpu else 1)
+                batch = (32 if on_gpu else 4) if small else (32 if on_gpu else 1)
             cmd = [sys.executable, __file__, "bench", "--row", f"{preset}:{what}:{batch}", "--device", device]
             if args.official_var:
                 cmd += ["--official-var", args.official_var]
@@ -660,7 +670,7 @@ def render_digits(n: int, seed: int, res: int = 64):
     light_bg = rng.random(n) < 0.5
     bg = np.clip(np.where(light_bg, rng.uniform(0.55, 1.0, n), rng.uniform(0.0, 0.45, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
     fg = np.clip(np.where(light_bg, rng.uniform(0.0, 0.3, n), rng.uniform(0.7, 1.0, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
-    shift = rng.uniform(0.35, 0.65, (n, 2))  # measured: wider layouts halve the samples' class accuracy
+    shift = rng.uniform(0.35, 0.65, (n, 2))  # measured: a wider layout cost about 40% of the samples' class accuracy
     images, boldness = np.empty((n, 3, res, res), np.uint8), np.empty(n, np.float32)
     for i in range(n):
         font, s = ImageFont.load_default(size=int(round(size[i]))), int(round(size[i]))
@@ -691,20 +701,12 @@ def st_quantize(vae: vg.VQVAE, f_BChw, beta: float):
     quantized latent passes the decoder's gradient straight through to f, and the loss trains the
     codebook and Phi (f_hat after each scale towards f) and commits f to the codes. Returns
     (straight-through latent, loss, [(B, pn*pn)] codes per scale)."""
-    quant, (B, C) = vae.quantize, f_BChw.shape[:2]
-    target, f_rest, f_hat, loss, codes = f_BChw.detach(), f_BChw.detach().clone(), torch.zeros_like(f_BChw), 0.0, []
-    E_VC = quant.embedding.weight
-    for si, pn in enumerate(quant.patch_nums):
-        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != len(quant.patch_nums) - 1 else f_rest
-        z_NC = z.permute(0, 2, 3, 1).reshape(-1, C).float()
-        with torch.no_grad():
-            idx_Bl = torch.addmm(z_NC.square().sum(1, keepdim=True) + E_VC.float().square().sum(1), z_NC, E_VC.float().T,
-                                 alpha=-2).argmin(1).view(B, pn * pn)
-        h_BChw = quant.add_scale(torch.zeros_like(f_hat), quant.embed(idx_Bl), si)
-        f_hat, f_rest = f_hat + h_BChw, f_rest - h_BChw.detach()
+    target, f_hat, loss, codes = f_BChw.detach(), torch.zeros_like(f_BChw), 0.0, []
+    for idx_Bl, h_BChw in residual_scales(vae.quantize, f_BChw):
+        f_hat = f_hat + h_BChw
         loss = loss + F.mse_loss(f_hat, target) + beta * F.mse_loss(f_hat.detach(), f_BChw)
         codes.append(idx_Bl)
-    return f_BChw + (f_hat - f_BChw).detach(), loss / len(quant.patch_nums), codes
+    return f_BChw + (f_hat - f_BChw).detach(), loss / len(codes), codes
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100, floor: float = 0.05) -> float:
@@ -845,11 +847,16 @@ def judge_accuracy(judge, images01, labels, batch: int = 500) -> float:
 
 
 @torch.no_grad()
-def sample_accuracy(var: vg.VAR, judge, n: int, seed: int, batch: int = 100, **sampling) -> float:
+def sample_images(var: vg.VAR, labels, seed: int, batch: int = 100, **sampling):
+    """Images of `labels` in calls of `batch` rows, drawn from one generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([vg.sample(var, labels[i:i + batch], generator=gen, **sampling).images.float() for i in range(0, len(labels), batch)])
+
+
+def sample_accuracy(var: vg.VAR, judge, n: int, seed: int, **sampling) -> float:
     """The judge's accuracy on n samples of the labels 0-9 in turn (fixed seed)."""
-    labels, gen = torch.arange(n) % var.config.num_classes, torch.Generator().manual_seed(seed)
-    images = torch.cat([vg.sample(var, labels[i:i + batch], generator=gen, **sampling).images for i in range(0, n, batch)])
-    return judge_accuracy(judge, images, labels)
+    labels = torch.arange(n) % var.config.num_classes
+    return judge_accuracy(judge, sample_images(var, labels, seed, **sampling), labels)
 
 
 DIGITS_FILES = {"vae": "vae_digits.safetensors", "var": "var_digits.safetensors", "judge": "judge_digits.safetensors"}
@@ -899,11 +906,6 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     return summary
 
 
-# CFG / top-k / top-p for the digits model at inference: the official settings' shape, scaled to its
-# vocabulary (official: cfg 1.5, top-k 900 of 4096, top-p 0.96)
-DIGITS_CFG = dict(cfg=3.0, top_k=128, top_p=0.96)
-OFFICIAL_SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)
-
 
 # ----------------------------------------------------------------------------------------------
 # The CPU demo: GRPO on a small model, with before / after pictures, a reward curve and a summary
@@ -916,9 +918,7 @@ DEMO_FLAGS = dict(preset="digits", reward="brightness", out="runs/demo", steps=4
 def preview(model: vg.VAR, reward, judge, labels, seed: int, temperature: float, path: Path | None = None) -> dict:
     """Samples of fixed labels and seed (so that before and after compare): their mean reward and the
     judge's class accuracy; a captioned grid of the first 16 at `path`."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.cat([vg.sample(model, labels[i:i + 100], temperature=temperature, generator=gen).images.float()
-                        for i in range(0, len(labels), 100)])
+    images = sample_images(model, labels, seed, temperature=temperature)
     r = reward(images)
     if path is not None:
         captioned_grid(images[:16], [f"{l} r={v:.2f}" for l, v in zip(labels[:16].tolist(), r[:16].tolist())], path)
@@ -941,8 +941,7 @@ def demo(argv) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     vae, policy, pretrained = vg.build_models(a, "cpu")
     vg.load_checked(policy, vg.read_state_dict(run / "checkpoints" / "last.pt"), run)
-    local = Path(a.weights_dir or "") / reward_models.DIGIT_JUDGE.name
-    reward, judge = vg.make_reward(a.reward, "cpu", a), reward_models.load_digit_judge(local if a.weights_dir and local.is_file() else None)
+    reward, judge = vg.make_reward(a.reward, "cpu", a), reward_models.load_digit_judge(weights_dir=a.weights_dir)
     labels, seed = torch.arange(200) % policy.config.num_classes, vg.derive_seed(a.seed, 4)
     before = preview(pretrained, reward, judge, labels, seed, a.temperature, run / "before.png")
     after = preview(policy, reward, judge, labels, seed, a.temperature, run / "after.png")
