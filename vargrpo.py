@@ -74,9 +74,11 @@ class VARConfig:
     z_channels: int = 32            # Cvae: codebook vector size
     vae_ch: int = 160               # VQVAE base width (multiples 1,1,2,2,4 -> 16x downsampling)
     num_classes: int = 1000         # class labels; index num_classes is the null (CFG) class
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # VQVAE channel multiple per level; 2^(levels-1) downsampling (official: 16x)
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         pn = self.patch_nums
         if len(pn) < 2 or any(b <= a for a, b in zip(pn, pn[1:])) or pn[0] < 1:
             raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
@@ -88,7 +90,7 @@ class VARConfig:
     num_heads = property(lambda self: self.depth)           # head_dim is always 64
     num_scales = property(lambda self: len(self.patch_nums))  # K
     seq_len = property(lambda self: sum(p * p for p in self.patch_nums))  # L
-    image_size = property(lambda self: 16 * self.patch_nums[-1])
+    image_size = property(lambda self: 2 ** (len(self.ch_mult) - 1) * self.patch_nums[-1])
 
     @staticmethod
     def preset(name: str) -> "VARConfig":
@@ -157,8 +159,6 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)                                        # (B, hw, C)
         return x_BChw + self.proj_out(out.transpose(1, 2).reshape(B, C, h, w))
 
-CH_MULT = (1, 1, 2, 2, 4)  # official VQVAE: 5 levels, 16x downsampling
-
 def cnn_level(c_in: int, c_out: int, n_blocks: int, attn: bool, resample: str | None) -> nn.Module:
     """One resolution level: n res-blocks (each followed by attention at the lowest level), then a
     2x 'downsample' (strided conv) or 'upsample' (nearest, conv), named as in the official files."""
@@ -183,12 +183,12 @@ def cnn_mid(C: int) -> nn.Module:
     return mid
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, z_channels: int):
+    def __init__(self, ch: int, z_channels: int, ch_mult=(1, 1, 2, 2, 4)):
         super().__init__()
-        chs, last = [ch] + [ch * m for m in CH_MULT], len(CH_MULT) - 1
+        chs, last = [ch] + [ch * m for m in ch_mult], len(ch_mult) - 1
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
         self.down = nn.ModuleList([cnn_level(chs[i], chs[i + 1], 2, i == last, "downsample" if i != last else None)
-                                   for i in range(len(CH_MULT))])
+                                   for i in range(len(ch_mult))])
         self.mid, self.norm_out, self.conv_out = cnn_mid(chs[-1]), group_norm(chs[-1]), nn.Conv2d(chs[-1], z_channels, 3, 1, 1)
 
     def forward(self, x):
@@ -199,13 +199,13 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, z_channels: int):
+    def __init__(self, ch: int, z_channels: int, ch_mult=(1, 1, 2, 2, 4)):
         super().__init__()
-        chs, last = [ch * m for m in CH_MULT], len(CH_MULT) - 1
+        chs, last = [ch * m for m in ch_mult], len(ch_mult) - 1
         self.conv_in, self.mid = nn.Conv2d(z_channels, chs[-1], 3, 1, 1), cnn_mid(chs[-1])
         # self.up[i] runs from the coarsest level (i = 4) down to 0; each takes the channels of the level above
         self.up = nn.ModuleList([cnn_level(chs[min(i + 1, last)], chs[i], 3, i == last, "upsample" if i != 0 else None)
-                                 for i in range(len(CH_MULT))])
+                                 for i in range(len(ch_mult))])
         self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, 3, 3, 1, 1)
 
     def forward(self, z):
@@ -281,7 +281,8 @@ class VQVAE(nn.Module):
     def __init__(self, config: VARConfig):
         super().__init__()
         self.config, Cvae = config, config.z_channels
-        self.encoder, self.decoder = Encoder(config.vae_ch, Cvae), Decoder(config.vae_ch, Cvae)
+        self.encoder = Encoder(config.vae_ch, Cvae, config.ch_mult)
+        self.decoder = Decoder(config.vae_ch, Cvae, config.ch_mult)
         self.quantize = VectorQuantizer(config.vocab_size, Cvae, config.patch_nums)
         self.quant_conv, self.post_quant_conv = nn.Conv2d(Cvae, Cvae, 3, 1, 1), nn.Conv2d(Cvae, Cvae, 3, 1, 1)
 
