@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import vargrpo as vg
+import vargrpo_run as vr
 from vargrpo import CheckpointError, TrainArgs, UsageError, arg
 
 
@@ -120,12 +121,12 @@ def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({vg.first_line(e)})") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file ({vr.first_line(e)})") from None
         if "vargrpo_args" not in meta:
             raise CheckpointError(f"{path} has no vargrpo settings in its metadata; pass a run's export "
                                   "(RUN/checkpoints/last.safetensors) or its .pt checkpoint")
         return json.loads(meta["vargrpo_args"]), vg.read_state_dict(path), int(meta["vargrpo_step"])
-    obj = vg.load_pth(path, "pass another vargrpo checkpoint")
+    obj = vr.load_pth(path, "pass another vargrpo checkpoint")
     if not (isinstance(obj, dict) and {"model", "args", "step"} <= obj.keys()):
         raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks model/args/step); pass RUN/checkpoints/last.pt")
     return obj["args"], obj["model"], int(obj["step"])
@@ -183,7 +184,7 @@ def load_resnet50(weights, device):
     if weights:
         if not Path(weights).is_file():
             raise UsageError(f"--resnet-weights {weights}: no such file")
-        state = vg.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
+        state = vr.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
         import reward_models
@@ -399,12 +400,12 @@ BENCH_SAMPLER_KW = {"tiny": dict(cfg=1.5, top_k=10, top_p=0.9), "digits": DIGITS
 def time_call(fn, device, min_calls=3, min_seconds=2.0) -> float:
     """Median seconds per call after one warm-up call."""
     fn()
-    vg.synced_time(device)
+    vr.synced_time(device)
     times = []
     while len(times) < min_calls or sum(times) < min_seconds:
         t0 = time.perf_counter()
         fn()
-        vg.synced_time(device)
+        vr.synced_time(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -423,10 +424,10 @@ def matmul_peak_flops(device) -> float:
     a @ b
     best = math.inf
     for _ in range(10):
-        vg.synced_time(device)
+        vr.synced_time(device)
         t0 = time.perf_counter()
         a @ b
-        vg.synced_time(device)
+        vr.synced_time(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -468,7 +469,7 @@ def bench_row(preset: str, what: str, batch: int, device: str, official_dir=None
             for f in ((fn, ours) if rep % 2 == 0 else (ours, fn)):
                 t0 = time.perf_counter()
                 f()
-                vg.synced_time(device)
+                vr.synced_time(device)
                 t[f].append(time.perf_counter() - t0)
         ratio = np.median(np.array(t[ours]) / np.array(t[fn]))  # pairs ran back to back
         what = (f"official sample cfg+top-k/p, interleaved with ours ({np.median(t[ours]):.3f} s/call; "
@@ -931,7 +932,7 @@ def demo(argv) -> dict:
     reward_curve.png and summary.json in the run folder."""
     import reward_models
     parser = argparse.ArgumentParser(prog="vargrpo_tools.py demo", add_help=False, argument_default=argparse.SUPPRESS)
-    vg.add_dataclass_args(parser, TrainArgs)
+    vr.add_dataclass_args(parser, TrainArgs)
     given = vars(parser.parse_args(argv))
     a = TrainArgs(**{**DEMO_FLAGS, **given})
     t0 = time.perf_counter()
@@ -967,7 +968,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("eval", argument_default=argparse.SUPPRESS,
                        help="aesthetic / CLIP score / ResNet-50 top-5 of a checkpoint and its pre-trained model (Table 1)")
-    vg.add_dataclass_args(p, EvalArgs)
+    vr.add_dataclass_args(p, EvalArgs)
     p = sub.add_parser("ablate", help="VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three")
     p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
     p.add_argument("--preset", default="digits", help="model of every run")

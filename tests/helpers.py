@@ -66,3 +66,9 @@ def read_metrics(run):
 
 def policy_state(run):
     return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=True)
+
+
+def normalise_rows(w_NL):
+    """Each row divided by its sum (an all-zero row stays 0), through vg.token_weights."""
+    N, L = w_NL.shape
+    return vg.token_weights(torch.ones(L), torch.ones(L), w_NL, torch.ones(N))

@@ -10,7 +10,8 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import vargrpo as vg
-from helpers import TINY, labels_for, patch_nums_st, policy_state, random_model, read_metrics
+import vargrpo_run as vr
+from helpers import TINY, labels_for, normalise_rows, patch_nums_st, policy_state, random_model, read_metrics
 
 seeds = st.integers(0, 2**16)
 
@@ -96,7 +97,7 @@ def test_loss_gradient_is_the_weighted_advantage_at_ratio_one(seed, beta):
     g = gen(seed)
     logp = (-torch.rand(3, 6, generator=g) * 3).requires_grad_(True)
     adv = torch.randn(3, generator=g)
-    w = vg.normalise_rows(torch.rand(3, 6, generator=g))
+    w = normalise_rows(torch.rand(3, 6, generator=g))
     loss = vg.grpo_loss(vg.clipped_surrogate(logp, logp.detach(), adv), vg.kl_k3(logp, logp.detach()), w, beta)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, -w * adv[:, None] / 3)
@@ -105,9 +106,9 @@ def test_loss_gradient_is_the_weighted_advantage_at_ratio_one(seed, beta):
 @given(seed=seeds)
 def test_normalise_rows(seed):
     w = torch.rand(4, 7, generator=gen(seed)) * (torch.rand(4, 1, generator=gen(seed + 1)) > 0.3)
-    n = vg.normalise_rows(w)
+    n = normalise_rows(w)
     assert (n >= 0).all() and torch.allclose(n.sum(1), (w.sum(1) > 0).float())
-    torch.testing.assert_close(vg.normalise_rows(3.5 * w), n)
+    torch.testing.assert_close(normalise_rows(3.5 * w), n)
 
 
 # ---- VAR-RL: PANW, VMR, MP
@@ -116,7 +117,7 @@ def test_normalise_rows(seed):
 @given(patch_nums=patch_nums_st, alpha=st.floats(0.0, 2.0), data=st.data())
 def test_stage_weights_split_panw(patch_nums, alpha, data):
     m = data.draw(st.integers(1, len(patch_nums) - 1))
-    pre, suf = vg.stage_weights(patch_nums, alpha, "prefix", m), vg.stage_weights(patch_nums, alpha, "suffix", m)
+    pre, suf = (vg.panw_weights(patch_nums, alpha) * vg.stage_mask(patch_nums, "prefix", m)), (vg.panw_weights(patch_nums, alpha) * vg.stage_mask(patch_nums, "suffix", m))
     torch.testing.assert_close(pre + suf, vg.panw_weights(patch_nums, alpha))
     end = vg.scale_begin_ends(patch_nums)[m - 1][1]
     assert (pre[end:] == 0).all() and (suf[:end] == 0).all() and (pre[:end] > 0).all()
@@ -246,7 +247,7 @@ def test_run_state_classifies_folders(tmp_path_factory, files, args_is_a_run):
         (d / f).write_text(json.dumps({"reward": "x", "preset": "tiny", "steps": 1}) if f == "args.json" and args_is_a_run else "x")
     real = [f for f in files if f != ".vargrpo.lock"]
     expect = "new" if not real else "run" if (("args.json" in files and args_is_a_run) or "checkpoints/last.pt" in files) else "other"
-    assert vg.run_state(d) == expect
+    assert vr.run_state(d) == expect
 
 
 @given(name=st.sampled_from(["lr", "beta", "adv_eps", "max_grad_norm", "temperature", "weight_decay", "panw_alpha",
@@ -254,7 +255,7 @@ def test_run_state_classifies_folders(tmp_path_factory, files, args_is_a_run):
        value=st.sampled_from([math.nan, math.inf, -math.inf]))
 def test_every_non_finite_float_setting_is_refused(name, value):
     with pytest.raises(vg.UsageError, match=f"--{name.replace('_', '-')}: not a finite number"):
-        vg.check_train_args(vg.TrainArgs(**{name: value}), 1)
+        vr.check_train_args(vg.TrainArgs(**{name: value}), 1, vg.PRESETS)
 
 
 @given(key=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
@@ -263,7 +264,7 @@ def test_config_files_with_unknown_keys_are_refused(tmp_path_factory, key):
     path = tmp_path_factory.mktemp("c") / "args.json"
     path.write_text(json.dumps({"lr": 1e-4, key: 1}))
     with pytest.raises(vg.UsageError, match=f"unknown settings {key}"):
-        vg.read_config(str(path))
+        vr.read_config(str(path), vg.TrainArgs)
 
 
 @given(content=st.binary(max_size=64), fail=st.booleans())
@@ -277,9 +278,9 @@ def test_atomic_write_is_all_or_nothing(tmp_path_factory, content, fail):
             raise OSError(28, "No space left on device")
     if fail:
         with pytest.raises(vg.RunFailed, match="No space left on device"):
-            vg.atomic_write(path, write)
+            vr.atomic_write(path, write)
     else:
-        vg.atomic_write(path, write)
+        vr.atomic_write(path, write)
     assert path.read_bytes() == (b"old" if fail else content) and not list(path.parent.glob("*.tmp"))
 
 
@@ -291,8 +292,8 @@ def test_derived_seeds_differ_for_different_streams(keys):
 def test_run_files_cover_everything_a_run_writes(tmp_path):
     run = tmp_path / "run"
     vg.main(["train", *TINY, "--out", str(run), "--steps", "2", "--save-every", "1", "--tracker", "tensorboard"])
-    written = {p for p in run.rglob("*") if p.is_file() and p.name != vg.LOCK_NAME}
-    covered = {p for pattern in vg.RUN_FILES for p in run.glob(pattern)}
+    written = {p for p in run.rglob("*") if p.is_file() and p.name != vr.LOCK_NAME}
+    covered = {p for pattern in vr.RUN_FILES for p in run.glob(pattern)}
     assert written and written <= covered, written - covered
 
 
@@ -382,7 +383,7 @@ def test_loss_terms_are_the_papers_pieces(seed, kl, temperature):
     g = gen(seed)
     labels, idx = torch.tensor([0, 1, 2]), torch.randint(0, 32, (3, 14), generator=g)
     old = vg.token_logprobs(policy, labels, idx, temperature).detach() + 0.1 * torch.randn(3, 14, generator=g)
-    b = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.randn(3, generator=g), token_w=torch.ones(3, 14), kl_w=torch.ones(3, 14))
+    b = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.randn(3, generator=g), pg_w=torch.ones(3, 14), kl_w=torch.ones(3, 14))
     a = vg.TrainArgs(kl=kl, temperature=temperature, clip_eps=0.2)
     t = vg.loss_terms(policy, ref, b, torch.arange(3), a, contextlib.nullcontext)
     logp, logits = vg.token_logprobs(policy, labels, idx, temperature, return_logits=True)

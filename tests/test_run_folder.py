@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import vargrpo as vg
+import vargrpo_run as vr
 from helpers import ROOT, TINY, policy_state, read_metrics
 
 
@@ -259,8 +260,8 @@ def test_update_with_a_nonfinite_gradient_is_not_taken():
     old[1, 3] = -torch.inf
     w = torch.full((4, 30), 1 / 30)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    batch = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.tensor([1.0, -1.0, 0.5, -0.5]), token_w=w, kl_w=w)
-    stats = vg.policy_update(policy, ref, opt, batch, a, 0, vg.Dist(), contextlib.nullcontext)
+    batch = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.tensor([1.0, -1.0, 0.5, -0.5]), pg_w=w, kl_w=w)
+    stats = vg.policy_update(policy, ref, opt, batch, a, 0, vr.Dist(), contextlib.nullcontext)
     assert stats.nonfinite == "the loss gradient (update 1 of epoch 1)" and not stats.grad_norms
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 

@@ -15,8 +15,9 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import vargrpo as vg
+import vargrpo_run as vr
 import vargrpo_tools as tools
-from helpers import (FIXTURE, HEAD, LAYOUTS, TINY, labels_for, needs_fixture, needs_head, needs_layouts, patch_nums_st,
+from helpers import (FIXTURE, HEAD, LAYOUTS, TINY, labels_for, needs_fixture, needs_head, needs_layouts, normalise_rows, patch_nums_st,
                      policy_state, random_model, read_metrics)
 
 
@@ -302,7 +303,7 @@ def isolated_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants  # it reads HF_HUB_OFFLINE once, at import, which another test may have done
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("VARGRPO_OFFLINE", raising=False)
-    monkeypatch.setattr(vg, "OFFICIAL_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setattr(vr, "OFFICIAL_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
     return tmp_path
 
 
@@ -387,7 +388,7 @@ def test_load_pretrained_d16_end_to_end_with_download(isolated_cache, monkeypatc
             pass
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(vg, "OFFICIAL_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(vr, "OFFICIAL_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
         vae2, var2 = vg.load_pretrained("d16")
     finally:
@@ -576,8 +577,14 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(tmp_path):
     vg.train(vg.TrainArgs(**common, out=str(tmp_path / "micro"), micro_batch=2))
     whole, micro = policy_state(tmp_path / "whole")["model"], policy_state(tmp_path / "micro")["model"]
     # AdamW's first step moves a weight by ~lr whatever its gradient's size; where a gradient is near
-    # Adam's eps, float summation order shows: the two updates agree to 1% of a step
-    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 1e-2 * common["lr"]
+    # Adam's eps, float summation order shows: the two updates agree to a few % of a step (measured
+    # 1.2% on a CPU whose kernels change with the batch size), and to 0.2% of the distance moved
+    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 3e-2 * common["lr"]
+    start = dict(vg.build_models(vg.TrainArgs(**common, out="unused"), "cpu")[2].named_parameters())
+    moved = sum((whole[k] - start[k]).square().sum() for k in start).sqrt()
+    gap = sum((whole[k] - micro[k]).square().sum() for k in start).sqrt()
+    print(f"micro vs whole: {gap / moved:.2e} of the distance moved")
+    assert gap <= 2e-3 * moved
     # Adam hides a gradient's scale; the logged gradient norm does not
     assert read_metrics(tmp_path / "micro")[0]["loss/grad_norm"] == pytest.approx(read_metrics(tmp_path / "whole")[0]["loss/grad_norm"], rel=1e-5)
     m = vg.train(vg.TrainArgs(**{**common, "steps": 2}, out=str(tmp_path / "opts"), kl="exact", ppo_epochs=2, micro_batch=4))
@@ -921,7 +928,7 @@ def test_masked_tokens_get_no_policy_gradient(seed, beta):
     mask[0] = 0  # an all-masked sample
     mask[1, -1] = 1  # and one that surely keeps a token
     base = vg.panw_weights(pn, 0.5).expand(4, -1)
-    w, u = vg.normalise_rows(base * mask), vg.normalise_rows(base)
+    w, u = normalise_rows(base * mask), normalise_rows(base)
     assert torch.equal(w[0], torch.zeros(14)) and torch.allclose(w.sum(1), (mask.sum(1) > 0).float())
     old = -torch.rand(4, 14, generator=g) * 3
     logp = (old + 0.3 * torch.randn(4, 14, generator=g)).requires_grad_(True)
@@ -933,7 +940,7 @@ def test_masked_tokens_get_no_policy_gradient(seed, beta):
     off = mask == 0
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad[off], kl_grad[off])  # outside the mask only the KL acts
-    ones = vg.normalise_rows(base * torch.ones_like(mask))
+    ones = normalise_rows(base * torch.ones_like(mask))
     assert torch.equal(ones, u)  # an all-ones mask is a no-op
 
 
@@ -946,9 +953,9 @@ def test_advantage_groups_and_stage_weights():
     torch.testing.assert_close(vg.advantage_groups(r12, "prefix", vmr, 2), vg.middle_value(r12.view(6, 2), 1.0).view(2, 3))
     assert torch.equal(vg.advantage_groups(r12, "suffix", vmr, 2), r12.view(2, 6))  # a label's G*K completions
     pn = (1, 2, 3)  # 14 tokens; scales 0-1 = the first 5
-    torch.testing.assert_close(vg.stage_weights(pn, 0.0, None, 0), torch.full((14,), 1 / 14))
+    torch.testing.assert_close((vg.panw_weights(pn, 0.0) * vg.stage_mask(pn, None, 0)), torch.full((14,), 1 / 14))
     for alpha in (0.0, 1.0):
-        pre, suf = vg.stage_weights(pn, alpha, "prefix", 2), vg.stage_weights(pn, alpha, "suffix", 2)
+        pre, suf = (vg.panw_weights(pn, alpha) * vg.stage_mask(pn, "prefix", 2)), (vg.panw_weights(pn, alpha) * vg.stage_mask(pn, "suffix", 2))
         assert (pre[5:] == 0).all() and (pre[:5] > 0).all() and (suf[:5] == 0).all() and (suf[5:] > 0).all()
         torch.testing.assert_close(pre + suf, vg.panw_weights(pn, alpha))
 
@@ -1071,7 +1078,9 @@ def test_group_samples_depend_on_global_group_index_only():
     labels_all = torch.tensor([3, 1, 4, 1])
     every = vg.rollout(policy, labels_all, [0, 1, 2, 3], a, 5)
     high = vg.rollout(policy, labels_all[2:], [2, 3], a, 5)
-    assert torch.equal(high.idx, every.idx[4:]) and torch.equal(high.logprobs, every.logprobs[4:])
+    assert torch.equal(high.idx, every.idx[4:])
+    # the log-probs to float error: a CPU's matmul kernels may differ with the batch's size
+    torch.testing.assert_close(high.logprobs, every.logprobs[4:], rtol=0, atol=1e-5)
 
 
 @given(seed=st.integers(0, 2**16))
@@ -1100,10 +1109,10 @@ def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
         old = vg.token_logprobs(policy, labels, tokens).detach()
         values = vg.advantage_groups(rewards, None, a, 2)  # steps 3 and 4 of the trainer
         adv, valid = vg.group_advantages(values).flatten(), torch.isfinite(values).flatten()
-        w = vg.normalise_rows(vg.stage_weights(ref.config.patch_nums, 0.0, None, 0).expand(4, -1)) * valid[:, None]
+        w = normalise_rows((vg.panw_weights(ref.config.patch_nums, 0.0) * vg.stage_mask(ref.config.patch_nums, None, 0)).expand(4, -1)) * valid[:, None]
         assert w[3].sum() == 0 and torch.allclose(w[:3].sum(1), torch.ones(3))
-        batch = vg.UpdateBatch(labels=labels, idx=tokens, old_logp=old, adv=adv, token_w=w, kl_w=w)
-        vg.policy_update(policy, ref, opt, batch, a, 0, vg.Dist(), contextlib.nullcontext)
+        batch = vg.UpdateBatch(labels=labels, idx=tokens, old_logp=old, adv=adv, pg_w=w, kl_w=w)
+        vg.policy_update(policy, ref, opt, batch, a, 0, vr.Dist(), contextlib.nullcontext)
         params.append({k: v.clone() for k, v in policy.state_dict().items()})
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])
 
@@ -1112,16 +1121,71 @@ def test_nonfinite_reward_samples_do_not_affect_the_update(seed):
 # the teaching file's shape (issue 8)
 
 
-def test_teaching_file_budget_and_one_way_imports():
+def reading_pace(path) -> dict:
+    """The figures of issue 14's reading pace for one source file."""
     import ast
-    src = (Path(vg.__file__)).read_text()
-    assert len(src.splitlines()) <= 1400
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1})" for n in ast.walk(ast.parse(src))
-            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
-    assert not long, long
-    rm_src = (Path(vg.__file__).parent / "reward_models.py").read_text()
+    src = Path(path).read_text()
+    lines = src.splitlines()
+    tree = ast.parse(src)
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    longest_block, unbroken = 0, []
+    for fn in functions:
+        if fn.end_lineno - fn.lineno + 1 <= 15:
+            continue
+        first = fn.body[0]
+        is_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+        body = lines[(first.end_lineno if is_doc else fn.lineno):fn.end_lineno]
+        if all(line.strip() for line in body):
+            unbroken.append(fn.name)
+        run = 0
+        for line in body:
+            run = run + 1 if line.strip() else 0
+            longest_block = max(longest_block, run)
+    shared = [n for n in ast.walk(tree) if isinstance(n, (ast.If, ast.For, ast.While, ast.With))
+              and n.body and n.body[0].lineno == n.lineno]  # `if x: y`
+    bodies = [n.body for n in ast.walk(tree) if isinstance(getattr(n, "body", None), list)]
+    shared += [b for body in bodies for a, b in zip(body, body[1:]) if a.end_lineno == b.lineno]  # `a; b`
+    return {
+        "lines": len(lines),
+        "chars_per_line": round(len(src) / len(lines), 1),
+        "conditional_expressions_per_100_lines":
+            round(100 * sum(isinstance(n, ast.IfExp) for n in ast.walk(tree)) / len(lines), 2),
+        "longest_line": max(len(line) for line in lines),
+        "longest_function": max(fn.end_lineno - fn.lineno + 1 for fn in functions),
+        "longest_block_in_functions_over_15_lines": longest_block,
+        "functions_over_15_lines_without_a_blank_line": unbroken,
+        "statements_sharing_a_line": len(shared),
+        "tuple_to_tuple_assignments": sum(isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Tuple)
+                                          and isinstance(n.value, ast.Tuple) for n in ast.walk(tree)),
+        "lambdas_kept_in_variables": sum(isinstance(n, (ast.Assign, ast.AnnAssign))
+                                         and isinstance(n.value, ast.Lambda) for n in ast.walk(tree)),
+    }
+
+
+def test_teaching_file_budget_and_one_way_imports():
+    """Issue 14: vargrpo.py and vargrpo_run.py at a reading pace (the anchors: 41-54 characters per
+    line, 0.6-2.1 conditional expressions per 100 lines), vargrpo.py within 1,500 lines, and the
+    imports one way. Prints the figures (pytest -s shows them)."""
+    root = Path(vg.__file__).resolve().parent
+    for name in ("vargrpo.py", "vargrpo_run.py"):
+        pace = reading_pace(root / name)
+        print(name, pace)
+        assert pace["chars_per_line"] <= 55, pace
+        assert pace["conditional_expressions_per_100_lines"] <= 2.5, pace
+        assert pace["longest_line"] <= 120, pace
+        assert pace["longest_function"] <= 80, pace
+        assert pace["longest_block_in_functions_over_15_lines"] <= 20, pace
+        assert not pace["functions_over_15_lines_without_a_blank_line"], pace
+        assert pace["statements_sharing_a_line"] == 0, pace
+        assert pace["tuple_to_tuple_assignments"] <= 7, pace
+        assert pace["lambdas_kept_in_variables"] == 0, pace
+    assert reading_pace(root / "vargrpo.py")["lines"] <= 1500
+    src = (root / "vargrpo.py").read_text()
+    run_src = (root / "vargrpo_run.py").read_text()
+    rm_src = (root / "reward_models.py").read_text()
     assert "import vargrpo" not in rm_src and "from vargrpo" not in rm_src
     assert "vargrpo_tools" not in src.replace("vargrpo_tools.py", "").replace("vargrpo_tools.", "")
+    assert not __import__("re").search(r"^\s*(import vargrpo\b|from vargrpo import)", run_src, __import__("re").M)
 
 
 @pytest.mark.parametrize("name", ["group_advantages", "clipped_surrogate", "kl_k3", "kl_exact", "grpo_loss",

@@ -1,0 +1,1153 @@
+"""vargrpo_run: the run machinery behind vargrpo.py's trainer.
+
+What a trainer needs and a reader of the method does not: errors and
+their exit codes, the distributed helpers, settings from the command
+line and --config, argument checks, the run folder (lock, atomic
+checkpoints, exact resume, --overwrite rules), the metrics log and its
+TensorBoard mirror, and Ctrl-C / SIGTERM handling.
+
+vargrpo.py imports this module; this module never imports vargrpo.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+# ---- Errors. Each message ends with what to do; the exit code says which kind: 2 a user's
+# mistake, 1 a failed run, 128 + signal.
+class UsageError(ValueError):
+    """A bad flag, file or folder (exit code 2)."""
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be used (exit code 2)."""
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (a reward that keeps raising, a diverged policy, a disk error); the
+    message says what was saved (exit 1)."""
+
+
+class Stopped(RuntimeError):
+    """Ctrl-C / SIGTERM: the run saved a checkpoint and stopped (exit code 128 + signal, as
+    shells report it)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code of one of the errors above."""
+    if isinstance(e, Stopped):
+        return 128 + e.signum
+    if isinstance(e, RunFailed):
+        return 1
+    return 2
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (200 characters)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return lines[0][:200]
+
+
+def need(ok, message: str):
+    if not ok:
+        raise UsageError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---- Distributed helpers. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python`
+# run is rank 0 of 1 and never touches torch.distributed.
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device=None) -> Dist:
+    if device is None:
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+
+    if not torch.distributed.is_initialized():
+        backend = "gloo"
+        if device.startswith("cuda"):
+            backend = "nccl"
+        torch.distributed.init_process_group(backend)
+
+    return Dist(rank, world, local, device)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        reduce_op = getattr(torch.distributed.ReduceOp, op.upper())
+        torch.distributed.all_reduce(t, reduce_op)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Equal-shaped tensors of all ranks, concatenated along dim 0 (rank order)."""
+    if not torch.distributed.is_initialized():
+        return t
+    world = torch.distributed.get_world_size()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def synced_time(device) -> float:
+    """time.perf_counter() once the device has done its queued work (GPU work is asynchronous)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ---- Settings: one --flag per dataclass field, --config, checks.
+def arg(default, help, **extra):
+    """A settings field: its default and its --help line."""
+    return field(default=default, metadata=dict(help=help, **extra))
+
+
+def add_dataclass_args(parser, cls):
+    """One --flag per dataclass field, its help from the field's metadata. Defaults are
+    suppressed so that the namespace holds only the flags actually given."""
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        help = f"{meta.pop('help')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            kw = dict(action="store_true")
+        else:
+            kind = meta.pop("type", type(f.default))
+            kw = dict(type=kind, **meta)
+        parser.add_argument(flag(f.name), help=help, **kw)
+
+
+def read_config(path: str, cls) -> dict:
+    """--config FILE: a run's args.json (without its resume and
+    overwrite settings); unknown keys are refused."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"--config {path}: cannot read it as JSON ({first_line(e)});"
+            " pass a run's args.json"
+        ) from None
+
+    if isinstance(saved, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - known)
+    else:
+        unknown = ["(not a JSON object)"]
+
+    need(
+        not unknown,
+        f"--config {path}: unknown settings {', '.join(unknown)}; it must"
+        " hold train flags, as a run's args.json does",
+    )
+    left_out = ("resume", "overwrite")
+    return {k: v for k, v in saved.items() if k not in left_out}
+
+
+def parse_train_args(argv, cls):
+    """`vargrpo.py train` flags (and --config FILE) -> (settings, the names of the flags
+    given); argparse's own errors exit with code 2."""
+    parser = argparse.ArgumentParser(prog="vargrpo.py",
+                                     description="GRPO fine-tuning of VAR image models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "train", argument_default=argparse.SUPPRESS,
+        help="GRPO fine-tuning (also under torchrun --nproc-per-node=N)",
+        description="GRPO fine-tuning of a VAR model (labels per step and minibatch sizes"
+        " are global). Exit codes: 0 done, 1 the run failed (what was saved is printed),"
+        " 2 a bad flag, file or folder (nothing changed), 130 / 143 stopped by Ctrl-C /"
+        " SIGTERM after saving.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="start from a run's args.json; flags given here win")
+    add_dataclass_args(p, cls)
+    given = vars(parser.parse_args(argv))
+    given.pop("command")
+    config = {}
+
+    if "config" in given:
+        config = read_config(given.pop("config"), cls)
+
+    return cls(**{**config, **given}), set(given)
+
+
+def exit_with(e: BaseException, prog: str):
+    """One line on stderr for one of the errors above, then its exit code."""
+    kind = "stopped" if isinstance(e, Stopped) else "error"
+    print(f"{prog}: {kind}: {e}", file=sys.stderr)
+    raise SystemExit(exit_code(e))
+
+
+# What a resumed run may change: neither the samples nor the updates depend on it.
+RESUME_OVERRIDABLE = (
+    "steps", "save_every", "keep_last", "image_every", "tracker",
+    "device", "micro_batch", "sample_batch", "reward_batch",
+    "grad_checkpointing", "weights_dir",
+)
+
+
+def check_train_args(a, world: int, presets: dict):
+    """Every setting a user can get wrong: one UsageError naming it and what to do.
+    `presets`: name -> VARConfig."""
+    import reward_models
+
+    for f in fields(a):  # NaN / inf would silently turn checks off
+        value = getattr(a, f.name)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        need(finite, f"{flag(f.name)}: not a finite number")
+
+    try:
+        reward_models.parse_spec(a.reward)
+    except ValueError as e:
+        raise UsageError(f"--reward: {e}") from None
+    need(a.preset in presets, f"--preset {a.preset!r}: choose one of {', '.join(presets)}")
+
+    positive = ("steps", "labels_per_step", "minibatch", "ppo_epochs", "lr", "temperature",
+                "save_every", "keep_last", "reward_batch", "adv_eps")
+    for name in positive:
+        value = getattr(a, name)
+        need(value > 0, f"{flag(name)} must be > 0, got {value}")
+    not_negative = ("sample_batch", "micro_batch", "beta", "max_grad_norm", "weight_decay",
+                    "image_every", "panw_alpha")
+    for name in not_negative:
+        value = getattr(a, name)
+        need(value >= 0, f"{flag(name)} must be >= 0, got {value}")
+
+    check_batch_sizes(a, world)
+    need(0 < a.clip_eps < 1 and 0 < a.mp_keep <= 1,
+         f"need 0 < --clip-eps < 1 and 0 < --mp-keep <= 1, got {a.clip_eps}, {a.mp_keep}")
+    K = presets[a.preset].num_scales
+    schedule = re.fullmatch(r"\d+:\d+", a.vmr_schedule)
+    if schedule:
+        schedule = sum(map(int, a.vmr_schedule.split(":"))) > 0
+    need(0 <= a.vmr_m < K and a.vmr_k >= 2 and a.vmr_eta > 0 and schedule,
+         f"need 0 <= --vmr-m < {K} (0 = auto), --vmr-k >= 2, --vmr-eta > 0 and"
+         f" --vmr-schedule P:S (e.g. 3:1); got {a.vmr_m}, {a.vmr_k}, {a.vmr_eta},"
+         f" {a.vmr_schedule!r}")
+
+    need(a.tracker == "none" or importlib.util.find_spec("tensorboard"),
+         "--tracker tensorboard: pip install tensorboard")
+    need(a.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", a.device),
+         f"--device {a.device!r}: use cpu, cuda or cuda:N")
+    cuda = (a.device or "").startswith("cuda")
+    need(not cuda or torch.cuda.is_available(),
+         f"--device {a.device}: this machine has no CUDA GPU")
+
+
+def check_batch_sizes(a, world: int):
+    """Labels, samples, minibatches and micro-batches that divide as they must."""
+    need(a.lr < 1, f"--lr {a.lr:g}: AdamW at a learning rate >= 1 diverges at once; the paper"
+         " uses 1e-4")
+    need(a.group_size >= 2, "--group-size must be >= 2 (advantages compare samples of one"
+         f" label), got {a.group_size}")
+    need(a.labels_per_step % world == 0,
+         f"--labels-per-step {a.labels_per_step} must be divisible by the {world} processes")
+    samples = a.labels_per_step * a.group_size
+    need(samples % a.minibatch == 0 and a.minibatch % world == 0,
+         f"--minibatch {a.minibatch} must divide labels*group = {samples} and be divisible"
+         f" by the {world} processes")
+    share = a.minibatch // world
+    need(not a.micro_batch or share % a.micro_batch == 0,
+         f"--micro-batch {a.micro_batch} must divide the per-process minibatch {share}")
+
+
+def resolve_args(a, given, saved: dict | None):
+    """The run's settings: a resumed run's saved ones, with only RESUME_OVERRIDABLE flags
+    changed; flags that would do nothing are refused."""
+    cls = type(a)
+
+    if saved is None:
+        idle = []
+        for k in sorted(given):
+            if k.startswith("vmr_") and not a.vmr:
+                idle.append(k)
+            if k == "mp_keep" and not a.mask_propagation:
+                idle.append(k)
+        need(
+            not idle,
+            f"{', '.join(map(flag, idle))} only act with --vmr /"
+            " --mask-propagation; add the switch or drop the flag",
+        )
+        return a
+
+    unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+    need(
+        not unknown,
+        f"the checkpoint's settings hold {', '.join(unknown)}, unknown"
+        " to this vargrpo version",
+    )
+    fixed = RESUME_OVERRIDABLE + ("resume", "out")
+    changed = []
+
+    for k in given:
+        if k not in fixed and getattr(a, k) != saved.get(k):
+            changed.append(k)
+
+    need(
+        not changed,
+        "--resume keeps the run's settings;"
+        f" {', '.join(map(flag, changed))} cannot change (only"
+        f" {', '.join(map(flag, RESUME_OVERRIDABLE))} can)",
+    )
+    settings = dict(saved)
+
+    for k in RESUME_OVERRIDABLE:
+        if k in given:
+            settings[k] = getattr(a, k)
+
+    settings["resume"] = a.resume
+    settings["out"] = a.resume
+    return cls(**settings)
+
+
+# ---- The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a
+# second trainer out; checkpoints are atomic and resume exactly.
+LOCK_NAME = ".vargrpo.lock"
+RUN_FILES = (  # what runs write
+    "args.json", "metrics.jsonl", "reward_curve.png", "summary.json",
+    "before.png", "after.png", "checkpoints/step_*",
+    "checkpoints/last.*", "checkpoints/*.tmp", "images/step_*.png",
+    "tb/events.out.tfevents.*",
+)
+
+
+def atomic_write(path: Path, write):
+    """write(file) into path.tmp, then rename it to path: a crash never leaves a torn file
+    under the real name. An I/O error (disk full, read-only, ...) is one RunFailed naming
+    the path and the cause."""
+    tmp = path.with_name(path.name + ".tmp")
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        # torch.save reports a short write as "unexpected pos": ask the disk
+        cause = getattr(e, "strerror", None) or first_line(e)
+        if path.parent.is_dir():
+            if shutil.disk_usage(path.parent).free < 1 << 20:
+                cause = "No space left on device"
+        raise RunFailed(
+            f"cannot write {path}: {cause}; what was written before is"
+            " intact: fix that (free space, permissions) and continue"
+            " with --resume"
+        ) from None
+
+
+def run_state(out: Path) -> str:
+    """'new' (absent, or empty but for our lock), 'run' (a vargrpo run's folder) or 'other'."""
+    if not out.exists():
+        return "new"
+    if not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return "new"
+    try:
+        saved = json.loads((out / "args.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    settings = {"reward", "preset", "steps"}
+    is_args = isinstance(saved, dict) and settings <= saved.keys()
+    if is_args or (out / "checkpoints" / "last.pt").is_file():
+        return "run"
+    return "other"
+
+
+def load_pth(path, hint: str):
+    """torch.load(path, weights_only=True) onto the CPU; a file it cannot read is one
+    CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint"
+            f" ({first_line(e)}); {hint}"
+        ) from None
+
+
+# ---- Pre-trained weights: where the files come from and what they hold.
+# vargrpo.load_pretrained loads them strictly.
+OFFICIAL_REPO = "FoundationVision/var"
+OFFICIAL_ENDPOINT = "https://huggingface.co"
+VAE_FILE = "vae_ch160v4096z32.pth"
+OFFICIAL_PRESETS = ("d16", "d20", "d24", "d30")
+OFFICIAL_FILES = [VAE_FILE] + [f"var_{p}.pth" for p in OFFICIAL_PRESETS]
+
+
+def find_or_download(filename: str, weights_dir=None) -> Path:
+    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file
+    or the cache; else an official file is downloaded into the cache (huggingface_hub: never
+    a partial file under the real name)."""
+    cache = os.environ.get("VARGRPO_CACHE")
+    cache = Path(cache or Path.home() / ".cache" / "vargrpo")
+    here = Path(__file__).resolve().parent / "weights"
+    folders = [Path(f) for f in (weights_dir, here, cache) if f]
+    names = (filename, Path(filename).stem + ".safetensors")
+
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+
+    url = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}"
+    where = " or ".join(str(f) for f in folders)
+    todo = (
+        f"download {url} yourself and pass --weights-dir naming its"
+        f" folder (or put it in {cache})"
+    )
+
+    if filename not in OFFICIAL_FILES:
+        raise CheckpointError(
+            f"{filename} is not in {where}; pass --weights-dir naming"
+            " the folder that holds it"
+        )
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+
+    if offline or os.environ.get("VARGRPO_OFFLINE") == "1":
+        raise CheckpointError(
+            f"{filename} is not in {where} and offline mode is on; {todo}"
+        )
+
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(OFFICIAL_REPO, filename,
+                                    local_dir=cache,
+                                    endpoint=OFFICIAL_ENDPOINT))
+    except Exception as e:  # huggingface_hub raises many types
+        raise CheckpointError(
+            f"{filename} is not in {where} and downloading {url} failed"
+            f" ({first_line(e)}); {todo}"
+        ) from None
+
+
+def read_state_dict(path) -> dict:
+    """The state_dict in a .safetensors or .pth file: a plain state_dict, the official training
+    script's wrapper (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint
+    (ckpt['model'])."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file"
+                f" ({first_line(e)}); export it again"
+            ) from None
+
+    hint = "if it is a partial download, delete it and fetch it again"
+    obj = load_pth(path, hint)
+
+    if isinstance(obj, dict):
+        trainer = obj.get("trainer")
+        if isinstance(trainer, dict) and "var_wo_ddp" in trainer:
+            obj = trainer["var_wo_ddp"]
+        elif isinstance(obj.get("model"), dict):
+            obj = obj["model"]
+
+    tensors = isinstance(obj, dict) and obj
+
+    if not tensors or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} holds no model state_dict; pass an official"
+            " VAR/VQVAE .pth file"
+        )
+
+    return obj
+
+
+def check_var_config(c):
+    """A VARConfig's sizes: one ValueError naming what is wrong."""
+    pn = c.patch_nums
+    rising = all(b > a for a, b in zip(pn, pn[1:]))
+    if len(pn) < 2 or not rising or pn[0] < 1:
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
+    sizes = (c.depth, c.z_channels, c.num_classes)
+    if min(sizes) < 1 or c.vocab_size < 2 or c.vae_ch % 32:
+        raise ValueError(
+            f"invalid VARConfig {c}: depth, vocab_size, z_channels, num_classes must be"
+            " positive and vae_ch a multiple of 32 (GroupNorm with 32 groups)"
+        )
+
+
+def check_depth(var_sd: dict, depth: int, path):
+    """A VAR state_dict of another depth than the preset's: one CheckpointError."""
+    depths = [int(k.split(".")[1]) + 1 for k in var_sd if k.startswith("blocks.")]
+    found = max(depths, default=0)
+    if found != depth:
+        raise CheckpointError(
+            f"{path} holds a depth-{found} VAR (by its shapes), not depth {depth}; use the"
+            f" preset it was made for (d{found} for an official file)"
+        )
+
+
+def load_checked(module, state_dict: dict, path,
+                 assign: bool = False):
+    """load_state_dict(strict=True), with a one-line error naming what differs."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = []
+
+    for k in own:
+        if k in state_dict and state_dict[k].shape != own[k].shape:
+            shapes = f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+            wrong.append(f"{k} {shapes}")
+
+    problems = []
+
+    for name, keys in (("missing", missing), ("unexpected", unexpected),
+                       ("wrong shape", wrong)):
+        if keys:
+            more = ", ..." if len(keys) > 3 else ""
+            shown = ", ".join(keys[:3])
+            problems.append(f"{name} ({len(keys)}): {shown}{more}")
+
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match {type(module).__name__}:"
+            f" {'; '.join(problems)}; check that the file and the"
+            " preset/config belong together"
+        )
+
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def to_float32(state_dict: dict) -> dict:
+    """Floating-point tensors in float32 (files may hold fp16)."""
+    out = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point():
+            v = v.float()
+        out[k] = v
+    return out
+
+
+# ---- Checks of a sampling call: one ValueError saying what to change.
+def check_sampling_args(temperature, cfg, top_k, top_p):
+    ok = 0 < temperature < math.inf and 0 <= cfg < math.inf
+    if not (ok and top_k >= 0 and 0 <= top_p < 1):
+        raise ValueError(
+            "need temperature > 0, cfg >= 0, top_k >= 0 and"
+            f" 0 <= top_p < 1; got temperature={temperature},"
+            f" cfg={cfg}, top_k={top_k}, top_p={top_p}"
+        )
+
+
+def check_sample_call(model, B: int, n_gens: int, prefix_idx):
+    """One ValueError for a call `sample` cannot serve."""
+    device = model.pos_1LC.device
+    vae_device = model.vae.quantize.embedding.weight.device
+
+    if vae_device != device:
+        raise ValueError(
+            f"the VAR is on {device}, its VQVAE on {vae_device}: move"
+            " both (vae.to(device))"
+        )
+
+    if B % n_gens:
+        raise ValueError(f"{B} rows cannot be split among {n_gens} generators")
+
+    if prefix_idx is None:
+        return
+
+    ends = [e for _, e in model.begin_ends]
+
+    if prefix_idx.shape[1] not in ends:
+        raise ValueError(
+            f"token sequence of length {prefix_idx.shape[1]} does not end"
+            f" at a scale boundary {ends}"
+        )
+
+    if len(prefix_idx) != B:
+        raise ValueError(
+            f"prefix_idx has {len(prefix_idx)} rows for {B} labels"
+        )
+
+
+# ---- Setting up a run: the reward, DDP, autocast, step timing.
+def make_reward(spec: str, device, a, differentiable: bool = False):
+    """reward_models.build_reward with the CLIP / aesthetic options of `a`; its errors become
+    one line."""
+    import reward_models
+
+    try:
+        return reward_models.build_reward(
+            spec, device, differentiable, clip_model=a.clip_model,
+            clip_pretrained=a.clip_pretrained,
+            clip_weights=a.clip_weights,
+            aesthetic_head=a.aesthetic_head, weights_dir=a.weights_dir,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"reward {spec!r}: {e}") from None
+
+
+
+def wrap_ddp(policy, d):
+    """The policy in a DistributedDataParallel wrapper under torchrun (the policy itself in one
+    process)."""
+    if d.world == 1:
+        return policy
+    device_ids = None
+    if d.device.startswith("cuda"):
+        device_ids = [d.local_rank]
+    return torch.nn.parallel.DistributedDataParallel(
+        policy, device_ids=device_ids, gradient_as_bucket_view=True
+    )
+
+
+
+def autocast(dtype: str, device: str):
+    """A factory of the model's autocast context: bf16 on GPUs and fp32 on the CPU by default."""
+    chosen = {"bf16": torch.bfloat16, "fp32": None}
+    chosen["auto"] = None
+    if device.startswith("cuda"):
+        chosen["auto"] = torch.bfloat16
+    if chosen[dtype] is None:
+        return nullcontext
+    device_type = device.split(":")[0]
+    return functools.partial(torch.autocast, device_type,
+                             dtype=chosen[dtype])
+
+
+
+def reward_passes(reward, a) -> int:
+    """Reward evaluations per image: 2 when MP takes its mask from gradient saliency (a reward
+    without a region), else 1."""
+    if not a.mask_propagation:
+        return 1
+    if hasattr(reward, "region_mask"):
+        if reward.region_mask(8, 8) is not None:
+            return 1
+    return 2
+
+
+def run_metrics(step: int, times: dict, n_samples: int, a, reward_passes: int) -> dict:
+    """The metrics of the run itself: the time of each part of the step, samples per second,
+    and what the run has used so far (samples sampled, decoded and rewarded; reward images)."""
+    out = {}
+    for name, seconds in times.items():
+        out[f"time/{name}"] = seconds
+    out["time/step"] = sum(times.values())
+    out["perf/samples_per_s"] = n_samples / sum(times.values())
+    samples = (step + 1) * a.labels_per_step * a.group_size
+    if a.vmr:
+        samples *= a.vmr_k
+    out["budget/samples"] = samples
+    out["budget/reward_images"] = samples * reward_passes
+    return out
+
+
+class Laps:
+    """The wall time of each part of a step (queued GPU work included)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.times = {}
+
+    def __call__(self, name: str):
+        spent = sum(self.times.values())
+        now = synced_time(self.device)
+        self.times[name] = now - self.start - spent
+
+
+class RunFolder:
+    """DIR of one run: its settings, checkpoints, metrics and images."""
+
+    def __init__(self, out: Path, d: Dist, presets: dict):
+        self.out = out
+        self.d = d
+        self.presets = presets
+        self.lock_fd = None
+        self.tb = None
+        self.warned = False
+        self.last = out / "checkpoints" / "last.pt"
+
+    def open(self, a, given):
+        """The run's settings and, when resuming, its checkpoint.
+
+        Rank 0 applies the folder rules: refuse anything that could
+        lose a file, lock DIR, check again under the lock (a trainer
+        started at the same moment may have claimed it first);
+        --overwrite removes exactly the old run's files; a new run's
+        args.json is written."""
+        other_out = "out" in given and a.out
+
+        if a.resume and other_out:
+            same = Path(a.out).resolve() == Path(a.resume).resolve()
+            need(
+                same,
+                f"--resume {a.resume} continues in that directory;"
+                f" drop --out {a.out}",
+            )
+
+        need(a.resume or a.out, "--out DIR is required (or --resume DIR)")
+        ckpt = None
+
+        if a.resume:
+            ckpt = self.read_checkpoint(a)
+
+        saved = None
+
+        if ckpt:
+            saved = ckpt["args"]
+
+        a = resolve_args(a, given, saved)
+        self.args = a
+        check_train_args(a, self.d.world, self.presets)
+
+        if not self.d.main:
+            return a, ckpt
+
+        self.claim(a)
+
+        if not a.resume:
+            self.start_new(a)
+
+        if a.tracker == "tensorboard":  # the curves, also in DIR/tb
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+
+        return a, ckpt
+
+    def read_checkpoint(self, a) -> dict:
+        need(
+            self.last.is_file(),
+            f"--resume {a.resume}: no checkpoints/last.pt there; start a"
+            " new run with --out instead",
+        )
+        hint = (
+            "resume from another step: copy one of"
+            f" {self.last.parent}/step_*.pt to last.pt"
+        )
+        ckpt = load_pth(self.last, hint)
+        keys = {"model", "optimizer", "step", "args"}
+
+        if not (isinstance(ckpt, dict) and keys <= ckpt.keys()):
+            raise CheckpointError(
+                f"{self.last} is not a vargrpo run checkpoint (it lacks"
+                " model/optimizer/step/args)"
+            )
+
+        return ckpt
+
+    def claim(self, a):
+        """Refuse a folder that holds something else; lock it."""
+        out = self.out
+        need(
+            not out.exists() or out.is_dir(),
+            f"{out} is a file, not a folder; choose a folder for the run",
+        )
+
+        for locked in (False, True):
+            if locked:
+                self.lock()
+            self.state = run_state(out)
+            taken = self.state == "run" and not a.resume
+            need(
+                not (taken and not a.overwrite),
+                f"{out} already holds a run; continue it with --resume"
+                f" {out}, choose another --out, or pass --overwrite to"
+                " replace it",
+            )
+            if self.state == "other":
+                names = sorted(p.name for p in out.iterdir())[:3]
+                raise UsageError(
+                    f"{out} holds files that are not a vargrpo run"
+                    f" ({', '.join(names)}); choose a new or empty folder"
+                )
+
+    def start_new(self, a):
+        """--overwrite: remove the previous run's files (and nothing
+        else); write args.json."""
+        out = self.out
+        if self.state == "run":
+            for pattern in RUN_FILES:
+                for p in out.glob(pattern):
+                    p.unlink()
+        for sub in ("checkpoints", "images", "tb"):
+            if (out / sub).is_dir() and not any((out / sub).iterdir()):
+                (out / sub).rmdir()
+        text = json.dumps(asdict(a), indent=1).encode()
+        atomic_write(out / "args.json", lambda f: f.write(text))
+
+    def lock(self):
+        """An exclusive flock on DIR/.vargrpo.lock, held until the trainer exits (kill -9
+        included)."""
+        import fcntl  # POSIX
+
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT
+            self.lock_fd = os.open(self.out / LOCK_NAME, flags, 0o644)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # (close() closes the file)
+            owner = os.read(self.lock_fd, 300)
+            owner = owner.decode(errors="replace").strip()
+            raise UsageError(
+                f"{self.out} is in use by another trainer ({owner});"
+                " wait for it to end or choose another --out"
+            ) from None
+        except OSError as e:
+            raise UsageError(
+                f"cannot write in {self.out}: {e.strerror}; choose a"
+                " folder you can write to"
+            ) from None
+
+        os.ftruncate(self.lock_fd, 0)
+        since = time.strftime("%Y-%m-%d %H:%M")
+        host = os.uname().nodename
+        note = f"pid {os.getpid()} on {host} since {since}"
+        os.write(self.lock_fd, note.encode())
+
+    def close(self):
+        """Close the TensorBoard file and the lock; under torchrun, leave the process group
+        together (a gloo rank that exits while its peer still talks can abort at exit)."""
+        if self.tb is not None:
+            self.tb.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the lock
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    def restore(self, ckpt: dict, opt) -> int:
+        """The optimizer from the checkpoint (the caller loads the policy); the metrics log cut
+        back to the steps it covers (a later line is redone now; a torn last line, from a
+        crash mid-write, is dropped). Returns the step to continue from."""
+        start = int(ckpt["step"])
+
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{self.last}: its optimizer state does not fit this"
+                f" model ({first_line(e)})"
+            ) from None
+
+        path = self.out / "metrics.jsonl"
+
+        if not self.d.main or not path.exists():
+            return start
+
+        kept = []
+
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                print(
+                    f"[vargrpo] {path}: dropping an unreadable line (a"
+                    " write cut short)",
+                    file=sys.stderr,
+                )
+
+        text = "".join(line + "\n" for line in kept).encode()
+        atomic_write(path, lambda f: f.write(text))
+        return start
+
+    def log(self, metrics: dict, step: int, images):
+        """Step 6 (rank 0): a metrics.jsonl line (and TensorBoard), a sample grid every
+        --image-every steps."""
+        if not self.d.main:
+            return
+
+        path = self.out / "metrics.jsonl"
+
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            raise RunFailed(
+                f"cannot write {path}: {e.strerror}; the checkpoints"
+                " are intact"
+            ) from None
+
+        self.print_step(metrics, step)
+
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, str):
+                    self.tb.add_text(k, v, step)
+                else:
+                    self.tb.add_scalar(k, v, step)
+
+        every = self.args.image_every
+
+        if every and step % every == 0:
+            # one image of each group first
+            groups = self.args.labels_per_step // self.d.world
+            order = torch.arange(len(images)).view(groups, -1)
+            pick = order.T.reshape(-1)[:16]
+            name = f"step_{step:06d}.png"
+            path = self.out / "images" / name
+            grid = save_grid(images[pick], path)
+            if self.tb:
+                self.tb.add_image("samples", grid, step)
+
+    def print_step(self, metrics: dict, step: int):
+        print(
+            f"[vargrpo] step {step}: reward"
+            f" {metrics['reward/mean']:.4f}, KL"
+            f" {metrics['policy/kl']:.4f},"
+            f" {metrics['time/step']:.1f} s",
+            flush=True,
+        )
+
+        if metrics["reward/nonfinite"]:
+            print(
+                f"[vargrpo] step {step}: {metrics['reward/nonfinite']}"
+                " non-finite rewards; those samples get no gradient",
+                file=sys.stderr,
+            )
+
+        if metrics["adv/abs_max"] == 0 and not self.warned:
+            self.warned = True
+            print(
+                f"[vargrpo] step {step}: every group's samples got equal"
+                " rewards, so every advantage is 0 and only the KL acts;"
+                " check that the reward can tell samples apart",
+                file=sys.stderr,
+            )
+
+    def halt_if_nonfinite(self, sampling_nonfinite, stats, step: int,
+                          policy, opt):
+        """A diverged policy (a non-finite sampling distribution or gradient, on any process)
+        stops the run, saving the weights (no update was taken with a non-finite gradient)."""
+        flags = [
+            float(sampling_nonfinite > 0),
+            float(stats.nonfinite is not None),
+        ]
+        bad = all_reduce(torch.tensor(flags, device=self.d.device), "max")
+        bad = bad.tolist()
+
+        if not any(bad):
+            return
+
+        what = []
+
+        if bad[0]:
+            what.append("the sampling distribution")
+
+        if bad[1]:
+            what.append(stats.nonfinite or "the loss gradient")
+
+        finite = all(bool(torch.isfinite(p).all())
+                     for p in policy.parameters())
+        saved = "saved nothing"
+
+        if finite:
+            path = self.save(policy, opt, step)
+            saved = (
+                f"saved {path} (the weights after the last finite"
+                " update)"
+            )
+
+        raise RunFailed(
+            f"step {step}: {' and '.join(what)} went non-finite (the"
+            f" policy diverged); {saved}; start again with a lower --lr"
+            f" (now {self.args.lr:g}) or a --max-grad-norm"
+        )
+
+    def retry_once(self, score, step: int, policy, opt):
+        """score() (step 2), retried once if it raises. If it raises again (on any process) the
+        run saves the steps done and stops."""
+        error = None
+        result = None
+
+        for attempt in (1, 2):
+            try:
+                result = score()
+                error = None
+                break
+            except Exception as e:  # a user's reward can fail any way
+                error = f"{type(e).__name__}: {first_line(e)}"
+                retry = ""
+                if attempt == 1:
+                    retry = "; retrying once"
+                print(
+                    f"[vargrpo] the reward raised {error}{retry}",
+                    file=sys.stderr,
+                )
+
+        failed = torch.tensor([float(error is not None)],
+                              device=self.d.device)
+
+        if all_reduce(failed, "max").item():
+            path = self.save(policy, opt, step)
+            raise RunFailed(
+                f"the reward raised twice at step {step}"
+                f" ({error or 'on another process'}); saved {path} (the"
+                f" {step} steps done); fix the reward and continue with"
+                f" --resume {self.out}"
+            )
+
+        return result
+
+    def save_or_stop(self, signum: int, policy, opt, done: int):
+        """After step `done`: a checkpoint every --save-every steps, at the end, and when a
+        process got Ctrl-C / SIGTERM; then, on such a signal, Stopped."""
+        signum_1 = torch.tensor([signum], device=self.d.device)
+        signum = int(all_reduce(signum_1, "max").item())  # any process's
+        a = self.args
+        if signum or done % a.save_every == 0 or done == a.steps:
+            self.save(policy, opt, done)
+        if signum and done < a.steps:
+            raise Stopped(
+                signum,
+                f"stopped after step {done}; continue with --resume {self.out}",
+            )
+
+    def save(self, policy, opt, step: int):
+        """A checkpoint after `step` completed steps (rank 0; returns its path).
+
+        checkpoints/step_N.pt holds the policy, optimizer, step and settings (an exact
+        resume); step_N.safetensors the policy alone (official key layout, the settings in
+        its metadata). Each is written atomically; last.pt and last.safetensors are hard
+        links to the newest; --keep-last of each are kept."""
+        if not self.d.main:
+            return None
+
+        from safetensors.torch import save as safetensors_bytes
+
+        a = self.args
+        folder = self.out / "checkpoints"
+        meta = {
+            "vargrpo_args": json.dumps(asdict(a)),
+            "vargrpo_step": str(step),
+        }
+        state = {
+            "model": policy.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "args": asdict(a),
+        }
+        weights = {}
+
+        for k, v in policy.state_dict().items():
+            weights[k] = v.detach().cpu().contiguous()
+
+        def write_pt(f):
+            torch.save(state, f)
+
+        def write_safetensors(f):
+            f.write(safetensors_bytes(weights, metadata=meta))
+
+        writers = {".pt": write_pt, ".safetensors": write_safetensors}
+
+        for suffix, write in writers.items():
+            path = folder / f"step_{step:06d}{suffix}"
+            atomic_write(path, write)
+            self.link_last(path, suffix)
+            oldest_first = sorted(folder.glob(f"step_*{suffix}"))
+            for old in oldest_first[:-a.keep_last]:
+                old.unlink()
+
+        return self.last
+
+    def link_last(self, path: Path, suffix: str):
+        """checkpoints/last<suffix>: a hard link to path (a copy on a filesystem without hard
+        links), replaced atomically."""
+        folder = path.parent
+        link = folder / f"last{suffix}.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+            os.replace(link, folder / f"last{suffix}")
+        except OSError:
+            data = path.read_bytes()
+            atomic_write(folder / f"last{suffix}", lambda f: f.write(data))
+
+
+def save_grid(images_B3HW, path: Path, nrow: int = 8) -> torch.Tensor:
+    """A PNG grid of images in [0, 1] (upscaled to >= 128 px each); returns it, (3, H, W)."""
+    from torchvision.utils import make_grid, save_image
+
+    factor = max(1, 128 // images_B3HW.shape[-1])
+    images = images_B3HW.float().cpu()
+    images = F.interpolate(images, scale_factor=factor)
+    grid = make_grid(images, nrow, 2, pad_value=1)
+    atomic_write(path, lambda f: save_image(grid, f, format="PNG"))
+    return grid
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+        # handlers can only be set from the main thread
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:  # a second Ctrl-C
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n[vargrpo] signal {signum}: finishing this step, saving a"
+            " checkpoint, then exiting (Ctrl-C again aborts without"
+            " saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
