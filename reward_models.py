@@ -310,6 +310,39 @@ def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
     return judge.eval().requires_grad_(False)
 
 
+class DigitJudge2(nn.Module):
+    """A second opinion on the digit class (a reward-hacking check, never a reward): another architecture
+    than DigitJudge (no BatchNorm, strided 5x5 convolutions, a fully connected head on the 7x7 map) on
+    another input (28 px grey ink: the distance of each pixel from the image's border colour)."""
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(nn.Conv2d(1, w, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+                                      nn.Conv2d(w, 2 * w, 5, stride=2, padding=2), nn.ReLU(inplace=True), nn.Flatten())
+        self.mlp = nn.Sequential(nn.Linear(2 * w * 7 * 7, 128), nn.ReLU(inplace=True), nn.Linear(128, 10))
+
+    @staticmethod
+    def ink(images_B3HW):
+        """(B, 1, 28, 28): each pixel's grey distance from the mean of the 2-pixel border, scaled to max 1."""
+        g = F.interpolate(images_B3HW.float(), size=(28, 28), mode="area").mean(1, keepdim=True)
+        ring = torch.ones(28, 28, dtype=torch.bool, device=g.device)
+        ring[2:-2, 2:-2] = False
+        ink = (g - g[:, :, ring].mean(-1)[:, :, None, None]).abs()
+        return ink / (ink.amax((1, 2, 3), keepdim=True) + 0.05)
+
+    def forward(self, images_B3HW):
+        """Class logits (B, 10) of images in [0, 1]."""
+        return self.mlp(self.features(self.ink(images_B3HW)))
+
+
+def load_digit_judge2(path) -> DigitJudge2:
+    """The second judge's weights (judge2_<preset>.safetensors, written by prepare), strictly."""
+    from safetensors.torch import load_file
+    judge = DigitJudge2()
+    judge.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return judge.eval().requires_grad_(False)
+
+
 def _digit(arg, ctx):
     if arg != "bold":
         raise ValueError(f"digit:{arg}: the digits judge's reward is digit:bold")

@@ -109,17 +109,17 @@ PRESETS = {
     "d24": VARConfig(depth=24),
     "d30": VARConfig(depth=30),
     # the CPU demo's model, trained on rendered digits by `vargrpo_tools.py prepare`
-    # (weights/): 64 px, 30 tokens
-    "digits": VARConfig(
-        depth=3, patch_nums=(1, 2, 3, 4), vocab_size=512,
-        z_channels=8, vae_ch=32, num_classes=10,
-    ),
-    # CPU tests and smoke runs, random weights: 64 px, 30 tokens,
-    # 4 scales (the official fixture's shape)
-    "tiny": VARConfig(
-        depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64,
-        z_channels=8, vae_ch=64, num_classes=10,
-    ),
+    # (weights/): 64 px, 4 scales, 30 tokens
+    "digits": VARConfig(depth=3, patch_nums=(1, 2, 3, 4), vocab_size=512, z_channels=8,
+                        vae_ch=32, num_classes=10),
+    # a digits model with a horizon (prepare --preset digits7): 64 px, an 8x tokenizer,
+    # 7 scales, 155 tokens
+    "digits7": VARConfig(depth=3, patch_nums=(1, 2, 3, 4, 5, 6, 8), vocab_size=512,
+                         z_channels=8, vae_ch=32, num_classes=10, ch_mult=(1, 1, 2, 2)),
+    # CPU tests and smoke runs, random weights: 64 px, 30 tokens, 4 scales (the official
+    # fixture's shape)
+    "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64,
+                      num_classes=10),
 }
 
 # ---- Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si =

@@ -636,6 +636,7 @@ def bench(args):
 @dataclass
 class DigitsRecipe:
     """Every number of the preparation (the defaults are what built the shipped weights)."""
+    preset: str = "digits"           # the VARConfig preset built
     seed: int = 1                    # training images; the held-out set uses seed + 998
     train_images: int = 60000
     heldout_images: int = 1000
@@ -654,6 +655,23 @@ class DigitsRecipe:
     var_lr: float = 1e-3
     var_weight_decay: float = 0.05
     label_dropout: float = 0.1       # to the null class, so that CFG works at inference
+    bf16: bool = True                # bf16 autocast for the tokenizer, tokenization and VAR (needs a CPU with bf16 units)
+    reuse_judge: bool = False        # copy the shipped judge (weights/judge_digits.safetensors) instead of training one
+    judge2_steps: int = 0            # the second judge (reward_models.DigitJudge2); 0: none
+    judge2_images: int = 20000       # rendered with seed + 2000 (its own images)
+    judge2_lr: float = 2e-3
+    quick_steps: tuple = (200, 100, 300)  # --quick: steps of the tokenizer, the judges, the VAR
+
+
+# The recipe of each digits preset. digits7 (64 px, 8x tokenizer, 155 tokens) is sized for ~90 minutes on one
+# thread of a CPU without bf16 units, where bf16 autocast was 3-5x slower than fp32 (measured there, fp32:
+# tokenizer 1.5 s/step as an autoencoder, 1.9 quantizing; VAR 1.9 s/step; tokenization 60 img/s). Its
+# reconstructions were legible early (30 steps: 93% judge accuracy), so the VAR gets the larger share.
+DIGITS_RECIPES = {
+    "digits": DigitsRecipe(),
+    "digits7": DigitsRecipe(preset="digits7", train_images=20000, tok_steps=1200, var_steps=1400, bf16=False,
+                            reuse_judge=True, judge2_steps=400, quick_steps=(30, 30, 20)),
+}
 
 
 @torch.no_grad()
@@ -738,7 +756,7 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, r.tok_lr)
         x = to_m11(images_u8[torch.randint(len(images_u8), (r.tok_batch,), generator=g)])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
             f = vae.quant_conv(vae.encoder(x)).float()
             if step >= r.tok_ae_frac * steps and not quantizing:  # the codebook starts as encoder outputs of every scale
                 quantizing = True
@@ -775,6 +793,14 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
     return vae.eval().requires_grad_(False)
 
 
+def soften(x_B3HW):
+    """A 5-tap binomial-like blur (replicate padding): the judges' augmentation."""
+    kernel = torch.tensor([0.06, 0.24, 0.4, 0.24, 0.06])
+    x = F.pad(x_B3HW, (2, 2, 2, 2), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+    return F.conv2d(x, kernel.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+
+
 def train_judge(images_u8, labels, boldness, r: DigitsRecipe, steps=None):
     """The judge (reward_models.DigitJudge): digit class and boldness, trained with a blur on half of
     its inputs (generated images are softer than rendered ones)."""
@@ -787,18 +813,39 @@ def train_judge(images_u8, labels, boldness, r: DigitsRecipe, steps=None):
     opt = torch.optim.AdamW(judge.parameters(), r.judge_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, r.judge_lr, total_steps=steps, pct_start=0.15)
     x32 = F.interpolate(images_u8.float() / 255, size=(32, 32), mode="area")
-    kernel = torch.tensor([0.06, 0.24, 0.4, 0.24, 0.06])
     judge.train()
     for _ in range(steps):
         i = torch.randint(len(x32), (r.judge_batch,), generator=g)
         x, blur = x32[i], torch.rand(r.judge_batch, generator=g) < 0.5
-        soft = F.conv2d(F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3),
-                        kernel.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
-        logits, bold = judge.heads(torch.where(blur[:, None, None, None], soft, x))
+        logits, bold = judge.heads(torch.where(blur[:, None, None, None], soften(x), x))
         loss = F.cross_entropy(logits, labels[i]) + F.mse_loss(bold, (boldness[i] - judge.boldness_mean) / judge.boldness_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step(), sched.step()
+    return judge.eval().requires_grad_(False)
+
+
+def train_judge2(images_u8, labels, r: DigitsRecipe, steps=None):
+    """The second judge (reward_models.DigitJudge2, class only): its own init seed, the same blur on
+    half of its inputs, on images the caller renders with another seed than the first judge's."""
+    import reward_models as rm
+    steps, g = steps or r.judge2_steps, torch.Generator().manual_seed(r.seed + 2000)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed + 2000)
+        judge = rm.DigitJudge2()
+    opt = torch.optim.AdamW(judge.parameters(), r.judge2_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, r.judge2_lr, total_steps=steps, pct_start=0.15)
+    x32 = F.interpolate(images_u8.float() / 255, size=(32, 32), mode="area")
+    judge.train()
+    for _ in range(steps):
+        i = torch.randint(len(x32), (r.judge_batch,), generator=g)
+        x = x32[i]
+        blur = torch.rand(r.judge_batch, generator=g) < 0.5
+        loss = F.cross_entropy(judge(torch.where(blur[:, None, None, None], soften(x), x)), labels[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     return judge.eval().requires_grad_(False)
 
 
@@ -828,7 +875,7 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
             group["lr"] = cosine_lr(step, steps, r.var_lr)
         i = torch.randint(len(idx_NL), (r.var_batch,), generator=g)
         dropped = torch.where(torch.rand(r.var_batch, generator=g) < r.label_dropout, config.num_classes, labels[i])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
             logits = var(dropped, idx_NL[i]).float()
         loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), idx_NL[i].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -842,8 +889,9 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
 
 @torch.no_grad()
 def judge_accuracy(judge, images01, labels, batch: int = 500) -> float:
-    """The share of images the judge reads as their label."""
-    return float(torch.cat([judge.heads(images01[i:i + batch])[0].argmax(1) for i in range(0, len(images01), batch)])
+    """The share of images the judge (DigitJudge or DigitJudge2) reads as their label."""
+    classify = (lambda x: judge.heads(x)[0]) if hasattr(judge, "heads") else judge
+    return float(torch.cat([classify(images01[i:i + batch]).argmax(1) for i in range(0, len(images01), batch)])
                  .eq(labels).float().mean())
 
 
@@ -863,48 +911,92 @@ def sample_accuracy(var: vg.VAR, judge, n: int, seed: int, **sampling) -> float:
 DIGITS_FILES = {"vae": "vae_digits.safetensors", "var": "var_digits.safetensors", "judge": "judge_digits.safetensors"}
 
 
+def digits_files(r: DigitsRecipe) -> dict:
+    """The weight files prepare writes for the recipe's preset (digits: DIGITS_FILES)."""
+    p = r.preset
+    files = {"vae": f"vae_{p}.safetensors", "var": f"var_{p}.safetensors", "judge": f"judge_{p}.safetensors"}
+    if r.reuse_judge:
+        files["judge"] = DIGITS_FILES["judge"]
+    if r.judge2_steps:
+        files["judge2"] = f"judge2_{p}.safetensors"
+    return files
+
+
 def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = False) -> dict:
-    """Data -> tokenizer -> judge -> VAR, each measured on held-out data; the weights (fp16) go to
-    `out` as the files load_pretrained('digits') and reward_models.load_digit_judge read, with
-    digits.json (the recipe, the measurements, the times). quick: a few hundred steps of each (smoke tests: ~2 minutes)."""
+    """Data -> tokenizer -> judge(s) -> VAR, each measured on held-out data; the weights (fp16) go to
+    `out` as the files load_pretrained(r.preset) and reward_models.load_digit_judge read, with
+    <preset>.json (the recipe, the measurements, the times, the files' sha256). With r.reuse_judge the
+    shipped judge is copied instead of trained; with r.judge2_steps a second judge (another architecture,
+    its own images) reports a second opinion on the class accuracies. quick: a few steps of each (smoke tests)."""
+    import shutil
+    import reward_models as rm
     from safetensors.torch import save_file
-    there = [name for name in [*DIGITS_FILES.values(), "digits.json"] if (out / name).exists()]
+    files, record = digits_files(r), f"{r.preset}.json"
+    reused = out / files["judge"] if r.reuse_judge else None
+    same = lambda path: path.is_file() and path.read_bytes() == rm.DIGIT_JUDGE.read_bytes()
+    there = [name for name in [*files.values(), record] if (out / name).exists() and not (reused == out / name and same(reused))]
     if there and not overwrite:
         raise UsageError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace them (or --out another folder)")
-    config, t0, times = vg.VARConfig.preset("digits"), time.perf_counter(), {}
+    if r.reuse_judge and not rm.DIGIT_JUDGE.is_file():
+        raise UsageError(f"{rm.DIGIT_JUDGE} is missing: the {r.preset} recipe reuses the shipped digits judge")
+    config, t0, times = vg.VARConfig.preset(r.preset), time.perf_counter(), {}
     lap = lambda name: times.update({name: round(time.perf_counter() - t0 - sum(times.values()), 1)})
+    log = lambda message: print(message, flush=True)
     n_train, n_held = (1024, 200) if quick else (r.train_images, r.heldout_images)
-    print(f"[prepare] rendering {n_train} + {n_held} images", flush=True)
-    train_u8, train_y, train_bold = render_digits(n_train, r.seed)
-    held_u8, held_y, _ = render_digits(n_held, r.seed + 998)
+    tok_steps, judge_steps, var_steps = r.quick_steps if quick else (None, None, None)
+    print(f"[prepare] {r.preset}: rendering {n_train} + {n_held} images", flush=True)
+    train_u8, train_y, train_bold = render_digits(n_train, r.seed, config.image_size)
+    held_u8, held_y, _ = render_digits(n_held, r.seed + 998, config.image_size)
     lap("render")
-    vae = train_tokenizer(train_u8, config, r, steps=200 if quick else None)
+    vae = train_tokenizer(train_u8, config, r, steps=tok_steps, log=log)
     lap("tokenizer")
-    judge = train_judge(train_u8, train_y, train_bold, r, steps=100 if quick else None)
+    if r.reuse_judge:
+        judge = rm.load_digit_judge(path=rm.DIGIT_JUDGE)
+    else:
+        judge = train_judge(train_u8, train_y, train_bold, r, steps=judge_steps)
     lap("judge")
-    idx = tokenize(vae, train_u8, bf16=True)
+    judge2 = None
+    if r.judge2_steps:
+        judge2_u8, judge2_y, _ = render_digits(1024 if quick else r.judge2_images, r.seed + 2000, config.image_size)
+        judge2 = train_judge2(judge2_u8, judge2_y, r, steps=judge_steps)
+        lap("judge2")
+    idx = tokenize(vae, train_u8, bf16=r.bf16)
     lap("tokenize")
-    var = train_var(vae, idx, train_y, config, r, steps=300 if quick else None)
+    var = train_var(vae, idx, train_y, config, r, steps=var_steps, log=log)
     lap("var")
     held01 = held_u8.float() / 255
     reconstructions = torch.cat([vae.idx_to_img(tokenize(vae, held_u8[i:i + 200])) for i in range(0, n_held, 200)])
+    labels = torch.arange(200 if quick else 1000) % config.num_classes
+    samples_t1 = sample_images(var, labels, seed=7)
+    samples_cfg = sample_images(var, labels, seed=7, **DIGITS_CFG)
     results = {"judge_accuracy_heldout": judge_accuracy(judge, held01, held_y),
                "reconstruction_accuracy": judge_accuracy(judge, reconstructions, held_y),
                "reconstruction_psnr_db": float((-10 * torch.log10((reconstructions - held01).square().mean((1, 2, 3)))).mean()),
-               "sample_accuracy_t1": sample_accuracy(var, judge, 200 if quick else 1000, seed=7),
-               "sample_accuracy_cfg": sample_accuracy(var, judge, 200 if quick else 1000, seed=7, **DIGITS_CFG)}
+               "sample_accuracy_t1": judge_accuracy(judge, samples_t1, labels),
+               "sample_accuracy_cfg": judge_accuracy(judge, samples_cfg, labels)}
+    if judge2 is not None:
+        results["judge2_accuracy_heldout"] = judge_accuracy(judge2, held01, held_y)
+        results["judge2_reconstruction_accuracy"] = judge_accuracy(judge2, reconstructions, held_y)
+        results["judge2_sample_accuracy_t1"] = judge_accuracy(judge2, samples_t1, labels)
+        results["judge2_sample_accuracy_cfg"] = judge_accuracy(judge2, samples_cfg, labels)
     lap("evaluation")
     out.mkdir(parents=True, exist_ok=True)
-    for name, module in (("vae", vae), ("var", var), ("judge", judge)):
-        save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
-                   for k, v in module.state_dict().items()}, str(out / DIGITS_FILES[name]))
-        print(f"[prepare] wrote {out / DIGITS_FILES[name]}", flush=True)
+    modules = {"vae": vae, "var": var, "judge": judge, "judge2": judge2}
+    for name, file in files.items():
+        if name == "judge" and r.reuse_judge:
+            if not same(out / file):
+                shutil.copyfile(rm.DIGIT_JUDGE, out / file)
+        else:
+            save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
+                       for k, v in modules[name].state_dict().items()}, str(out / file))
+        print(f"[prepare] wrote {out / file}", flush=True)
     summary = {"config": asdict(config), "recipe": asdict(r), "quick": quick, "results": results, "seconds": times,
                "torch_threads": torch.get_num_threads(),
-               "sha256": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in DIGITS_FILES.values()}}
-    (out / "digits.json").write_text(json.dumps(summary, indent=1))
-    print(f"[prepare] wrote {out / 'digits.json'}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
+               "sha256": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files.values()}}
+    (out / record).write_text(json.dumps(summary, indent=1))
+    print(f"[prepare] wrote {out / record}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
     return summary
+
 
 
 
@@ -990,7 +1082,8 @@ def main(argv=None):
     p.add_argument("run", help="the run directory")
     sub.add_parser("demo", help="the CPU demo: GRPO on the digits model, then before/after pictures and summary.json", add_help=False)
     p = sub.add_parser("prepare", help="build the digits model (data, tokenizer, judge, VAR) into --out")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"), help="folder for the weights and digits.json")
+    p.add_argument("--preset", default="digits", choices=list(DIGITS_RECIPES), help="the digits preset to build (its recipe)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"), help="folder for the weights and <preset>.json")
     p.add_argument("--quick", action="store_true", help="a few hundred steps of each part (smoke tests)")
     p.add_argument("--overwrite", action="store_true", help="replace the digits model files already in --out")
     argv = sys.argv[1:] if argv is None else argv
@@ -1011,7 +1104,7 @@ def main(argv=None):
         if args.command == "plot":
             return plot_reward_curve(Path(args.run))
         if args.command == "prepare":
-            return prepare(Path(args.out), DigitsRecipe(), quick=args.quick, overwrite=args.overwrite)
+            return prepare(Path(args.out), DIGITS_RECIPES[args.preset], quick=args.quick, overwrite=args.overwrite)
     except (UsageError, CheckpointError, vg.RunFailed, FileNotFoundError) as e:
         print(f"vargrpo_tools: error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)

@@ -73,6 +73,25 @@ def test_judge_beats_chance_on_held_out_digits():
     assert torch.corrcoef(torch.stack([bold, held_bold]))[0, 1] > 0.5
 
 
+def test_second_judge_is_another_model_and_beats_chance():
+    images, labels, _ = vt.render_digits(2000, seed=2 + 2000)
+    held, held_y, _ = vt.render_digits(300, seed=2 + 998)
+    judge2 = vt.train_judge2(images, labels, SMALL, steps=150)
+    assert not isinstance(judge2, rm.DigitJudge) and vt.judge_accuracy(judge2, held.float() / 255, held_y) > 0.5
+
+
+def test_digits7_has_a_horizon_and_its_own_files():
+    config = vg.VARConfig.preset("digits7")
+    assert config.image_size == 64 and config.num_scales == 7 and config.seq_len == 155
+    vae = vg.VQVAE(config).eval()
+    assert vt.img_to_idx(vae, torch.zeros(2, 3, 64, 64)).shape == (2, 155)  # 8x: an 8x8 last scale
+    assert vt.DIGITS_RECIPES["digits"] == vt.DigitsRecipe()  # the shipped model's recipe is the default
+    assert vt.digits_files(vt.DIGITS_RECIPES["digits"]) == vt.DIGITS_FILES
+    assert vt.digits_files(vt.DIGITS_RECIPES["digits7"]) == {
+        "vae": "vae_digits7.safetensors", "var": "var_digits7.safetensors",
+        "judge": "judge_digits.safetensors", "judge2": "judge2_digits7.safetensors"}
+
+
 # The files `vargrpo_tools.py prepare` wrote and the repository ships (weights/): their hashes, so that
 # a changed file is noticed; keys and shapes are checked by loading them strictly.
 SHIPPED_SHA256 = json.loads((WEIGHTS / "digits.json").read_text())["sha256"] if (WEIGHTS / "digits.json").is_file() else {}
@@ -125,6 +144,23 @@ def test_prepare_quick_then_demo_smoke(tmp_path):
     assert [(r["model"], r["images"]) for r in res["results"]] == [("pre-trained", 30), ("fine-tuned", 30)]
     assert all(0 <= r["judge_accuracy"] <= 1 and 0 <= r["reward"] <= 1 for r in res["results"])
     assert "| model | labels | images | reward `brightness` | judge class accuracy |" in (run / "eval.md").read_text()
+
+
+@pytest.mark.slow
+def test_prepare_quick_digits7(tmp_path):
+    """The digits7 recipe end to end in a few steps: its files load strictly, the judge is the shipped one."""
+    out = tmp_path / "weights"
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "prepare", "--preset", "digits7", "--quick", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "digits7.json").read_text())
+    files = vt.digits_files(vt.DIGITS_RECIPES["digits7"])
+    assert record["quick"] and set(record["sha256"]) == set(files.values())
+    assert (out / files["judge"]).read_bytes() == rm.DIGIT_JUDGE.read_bytes()
+    assert 0 <= record["results"]["judge2_sample_accuracy_t1"] <= 1
+    vae, var = vg.load_pretrained("digits7", weights_dir=out)
+    assert var.config == vg.VARConfig.preset("digits7")
+    rm.load_digit_judge2(out / files["judge2"])
 
 
 @pytest.mark.slow
