@@ -36,7 +36,7 @@ launch() {
 cmd=${1:-help}
 shift || true
 case "$cmd" in
-  test)  exec "$PY" -m pytest -q -o "markers=slow: long tests (CI runs them too)" tests "$@" ;;
+  test)  exec "$PY" -m pytest -q "$@" ;;  # pytest.ini: test_vargrpo.py and tests/; -m "not slow": the fast tier
   demo)  exec "$PY" vargrpo_tools.py demo "$@" ;;
   prepare) exec "$PY" vargrpo_tools.py prepare "$@" ;;
   eval) exec "$PY" vargrpo_tools.py eval "$@" ;;

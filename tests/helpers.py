@@ -1,7 +1,9 @@
-"""Shared by the tests: the hypothesis profile, paths to ../shared, small random models, run helpers."""
+"""Shared by the tests: the hypothesis profile, paths to ../shared, small random models, run helpers,
+subprocess timeouts."""
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip is imported: no ~45 s of hub retries
@@ -66,6 +68,23 @@ def read_metrics(run):
 
 def policy_state(run):
     return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=True)
+
+
+def copy_run(run, dest):
+    """A copy of a finished run (the session's tiny_run) that a test may change; --resume of the copy
+    writes into the copy (a resumed run's folder is the one given)."""
+    shutil.copytree(run, dest)
+    return Path(dest)
+
+
+# A timeout in a test guards against a hang, not against slowness: each is >= 3x the time measured on
+# a loaded 2-core machine (and >= 600 s for anything that trains); VARGRPO_TEST_TIMEOUT_SCALE=N
+# multiplies them all on a slower machine.
+TIMEOUT_SCALE = float(os.environ.get("VARGRPO_TEST_TIMEOUT_SCALE", "1"))
+
+
+def timeout(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
 
 
 def normalise_rows(w_NL):
