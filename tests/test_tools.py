@@ -1,0 +1,121 @@
+"""Tests of vargrpo_tools.py in its order: model helpers (img_to_idx), reading a run's checkpoint,
+evaluation (Table 1), the VAR-RL ablation, the benchmark. The digits model, prepare and the demo
+have their own file, tests/test_digits.py.
+"""
+import json
+
+import pytest
+import torch
+
+import vargrpo as vg
+import vargrpo_tools as tools
+from helpers import HEAD, TINY, needs_head, random_model
+
+
+# ---- Model helpers: img_to_idx
+
+
+def test_img_to_idx_rejects_an_image_of_the_wrong_size():
+    vae, _ = random_model((1, 2), depth=1)
+    with pytest.raises(ValueError, match="shape \\(B, 3, 32, 32\\)"):
+        tools.img_to_idx(vae, torch.zeros(1, 3, 64, 64))
+
+
+# ---- Reading a run's checkpoint (eval --ckpt)
+
+
+def test_eval_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, capsys):
+    """Faults: a file without the run's settings, a checkpoint of another architecture."""
+    good = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({"model": good["model"]}, tmp_path / "weights_only.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tools.main(["eval", "--ckpt", str(tmp_path / "weights_only.pt")])
+    assert e.value.code == 2 and "not a vargrpo run checkpoint" in capsys.readouterr().err
+    other = {**good, "model": {k.replace("blocks.1.", "blocks.7."): v for k, v in good["model"].items()}}
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        tools.main(["eval", "--ckpt", str(tmp_path / "other.pt")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "missing" in err and "unexpected" in err and len(err.splitlines()) == 1
+
+
+# ---- Evaluation [GRPO-VAR Table 1]
+
+
+def test_eval_refuses_batch_0(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tools.main(["eval", "--ckpt", str(tmp_path / "no_run"), "--batch", "0"])
+    assert e.value.code == 2 and "--batch >= 1" in capsys.readouterr().err
+
+
+@needs_head
+def test_eval_table_seen_unseen(tmp_path, capsys):
+    """Train 1 step on half of the classes, then `eval`: 4 rows (pre-trained / fine-tuned x seen /
+    unseen), JSON + Markdown + grids; ResNet top-5 counted against the labels (a rigged classifier
+    whose top-5 are classes 0-4 scores exactly the share of labels in 0-4)."""
+    import torchvision
+    run = tmp_path / "run"
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "1", "--label-subset", "half"])
+    seen = vg.label_pool(vg.TrainArgs(label_subset="half", seed=0), 10).tolist()
+    r50 = torchvision.models.resnet50()
+    torch.nn.init.zeros_(r50.fc.weight)
+    with torch.no_grad():
+        r50.fc.bias.copy_(torch.cat([torch.arange(5, 0, -1).float(), torch.zeros(995)]))
+    torch.save(r50.state_dict(), tmp_path / "r50.pth")
+    tools.main(["eval", "--ckpt", str(run), "--samples-per-class", "2", "--clip-model", "tiny-random",
+                "--aesthetic-head", str(HEAD), "--resnet-weights", str(tmp_path / "r50.pth"), "--batch", "10"])
+    table = capsys.readouterr().out
+    res = json.loads((run / "eval.json").read_text())
+    rows = {(r["model"], r["subset"]): r for r in res["results"]}
+    assert set(rows) == {(m, s) for m in ("pre-trained", "fine-tuned") for s in ("seen", "unseen")}
+
+    def in_top5(classes):
+        return sum(c < 5 for c in classes) / len(classes)
+    unseen = sorted(set(range(10)) - set(seen))
+    assert rows["fine-tuned", "seen"]["resnet50_top5"] == pytest.approx(in_top5(seen))
+    assert rows["pre-trained", "unseen"]["resnet50_top5"] == pytest.approx(in_top5(unseen))
+    assert all(r["images"] == 10 and 1 < r["aesthetic"] < 10 for r in rows.values())
+    assert "| fine-tuned (tiny) | unseen | 10 |" in table and (run / "eval.md").read_text().strip() in table
+    assert (run / "eval_fine-tuned_unseen.png").is_file() and (run / "eval_pre-trained_seen.png").is_file()
+
+
+@needs_head
+def test_eval_reads_a_safetensors_export(tiny_run, tmp_path, capsys):
+    import torchvision
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    tools.main(["eval", "--ckpt", str(tiny_run / "checkpoints" / "last.safetensors"), "--samples-per-class", "1",
+                "--max-classes", "2", "--clip-model", "tiny-random", "--aesthetic-head", str(HEAD),
+                "--resnet-weights", str(tmp_path / "r50.pth"), "--out", str(tmp_path / "eval")])
+    assert "| fine-tuned (tiny) | all | 2 |" in capsys.readouterr().out
+
+
+# ---- Ablation [VAR-RL]
+
+
+@pytest.mark.slow
+def test_ablation_smoke(tmp_path):
+    tools.main(["ablate", "--preset", "tiny", "--seeds", "0", "--budget", "64", "--out", str(tmp_path),
+                "--reward", "brightness:region=0.25,0.25,0.75,0.75", "--reward", "dark"])
+    for folder in ("brightness_region_0.25_0.25_0.75_0.75", "dark"):
+        table = (tmp_path / folder / "ablation.md").read_text()
+        assert table in (tmp_path / "ablation.md").read_text()
+        for name in tools.ABLATION_METHODS:
+            assert f"| {name} |" in table
+        summary = json.loads((tmp_path / folder / "ablation.json").read_text())
+        assert (tmp_path / folder / "ablation.png").is_file() and summary.keys() == tools.ABLATION_METHODS.keys()
+
+
+# ---- Benchmark: its rows run (a failing row prints "failed" in the table instead of stopping it)
+
+
+def test_bench_rows_and_memory_table(capsys):
+    whats = ["sample cfg=0", "sample cfg+top-k/p", "teacher-forced fwd", "teacher-forced fwd+bwd",
+             "teacher-forced fwd+bwd, grad checkpointing", "GRPO step"]
+    for what in whats:
+        r = tools.bench_row("tiny", what, 2, "cpu")
+        assert r["seconds"] > 0 and r["throughput"] > 0 and r["peak_mem"] > 0, (what, r)
+    assert tools.bench_row("-", "reward brightness", 4, "cpu")["throughput"] > 0
+    tools.main(["bench", "--memory", "--presets", "tiny"])
+    out = capsys.readouterr().out
+    assert "| tiny | 0.6 M |" in out and out.count("GiB") == 4

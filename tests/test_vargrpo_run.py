@@ -1,0 +1,622 @@
+"""Tests of vargrpo_run.py, the run machinery, in its order: distributed runs (1 process, 2 gloo
+processes and 2 "nodes" give the same run; run.sh's torchrun launch), settings (--config, argument
+checks), the run folder's rules (atomic writes, which folders are runs), checkpoint files, and the
+RunFolder: nothing lost, nothing silent (--overwrite, the lock, a full disk, resume, what a run
+writes, TensorBoard, the safetensors export, a failing reward, a diverged policy, zero advantages),
+signals, and a property test that random sequences of runs, interrupts, resumes and overwrites never
+lose a saved step. Each fault-injection test names the fault it injects; a trainer's mistake ends
+in one line and its exit code.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import vargrpo as vg
+import vargrpo_run as vr
+from helpers import (HEAD, ROOT, TINY, copy_run, labels_for, needs_head, policy_state, random_model, read_metrics,
+                     timeout)
+
+# a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
+REFUSAL_TIMEOUT = timeout(300)
+# anything that trains: the slowest (torchrun, 2 steps, 2 processes) took ~100 s
+TRAIN_TIMEOUT = timeout(900)
+
+
+def train_cli(*args, cwd=ROOT, env=None):
+    """`python vargrpo.py train ...` in a fresh process: (exit code, stderr)."""
+    res = subprocess.run([sys.executable, "vargrpo.py", "train", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=TRAIN_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return res.returncode, res.stderr
+
+
+def one_error_line(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.startswith("vargrpo:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def run_main(argv, capsys):
+    """vg.main in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        vg.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def wait_for_first_step(proc, run):
+    """Until the trainer in `proc` has logged a step (it must not exit before)."""
+    deadline = time.time() + TRAIN_TIMEOUT
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+
+
+# ---- Distributed helpers: the same step whatever the number of processes
+
+LAUNCH = [*TINY, "--labels-per-step", "4", "--minibatch", "8", "--lr", "1e-5", "--steps", "2", "--image-every", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, "vargrpo.py", "train", *LAUNCH, "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=TRAIN_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out
+
+
+def assert_same_run(one, other):
+    a, b = policy_state(one), policy_state(other)
+    init = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")[2].state_dict()
+    assert any(not torch.equal(a["model"][k], init[k]) for k in init)  # the steps did change the weights
+    # Equal up to float summation order. Adam's first steps move a weight by about lr whatever the size of
+    # its gradient, so where a gradient is ~0 the weight moves by summation-order noise: elementwise the
+    # runs differ by up to 0.27 lr (measured: 2.7e-6 at this lr 1e-5, 2.7e-5 at 1e-4). Over all weights
+    # they differ by 2.3e-4 of the distance moved; with every rank taking the first share of each
+    # minibatch (a bug) by 0.86.
+    ks = [k for k in init if init[k].is_floating_point() and torch.isfinite(init[k]).all()]
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in ks) <= 1e-5
+    moved = sum((a["model"][k] - init[k]).double().square().sum() for k in ks).sqrt()
+    apart = sum((a["model"][k] - b["model"][k]).double().square().sum() for k in ks).sqrt()
+    assert apart <= 2e-3 * moved, (apart / moved).item()
+    for key in ("reward/mean", "adv/std", "policy/kl", "policy/entropy", "loss/loss", "loss/grad_norm"):  # the logs agree too
+        assert [r[key] for r in read_metrics(one)] == pytest.approx([r[key] for r in read_metrics(other)], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(one_process, tmp_path):
+    """Two updates per step (minibatch 8 of 4 x 4 samples): every minibatch holds the same global
+    samples under 1 and 2 processes (before, each rank drew its minibatches from its own samples)."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "vargrpo.py", "train", *LAUNCH, "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=TRAIN_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(one_process, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(one_process, tmp_path):
+    """The README's multi-node line, run as two "nodes" on this machine (one process each, gloo)."""
+    port, out = free_port(), tmp_path / "nodes"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=vargrpo-test", "vargrpo.py", "train", *LAUNCH, "--out", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
+    try:
+        results = [n.communicate(timeout=TRAIN_TIMEOUT) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in results]
+    assert_same_run(one_process, out)
+
+
+@needs_head
+def test_run_sh_aesthetic_smoke_on_cpu(tmp_path):
+    """`bash run.sh aesthetic` with a tiny preset and a tiny random CLIP: torchrun (1 process, gloo)."""
+    run = tmp_path / "aes"
+    res = subprocess.run(["bash", "run.sh", "aesthetic", "--preset", "tiny", "--clip-model", "tiny-random",
+                          "--aesthetic-head", str(HEAD), "--steps", "2", "--labels-per-step", "2", "--group-size", "4",
+                          "--minibatch", "8", "--out", str(run)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = read_metrics(run)
+    assert len(m) == 2 and 3 < m[-1]["reward/aesthetic"] < 8 and m[-1]["reward/mean"] == m[-1]["reward/aesthetic"]
+
+
+# ---- Settings: --config, and numbers and settings that cannot be meant
+
+
+def test_config_replays_a_run_and_refuses_unknown_keys(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    vg.main(["train", *TINY, "--out", str(a), "--steps", "2", "--seed", "3", "--beta", "0.07"])
+    vg.main(["train", "--config", str(a / "args.json"), "--out", str(b)])
+    assert {**json.loads((a / "args.json").read_text()), "out": str(b)} == json.loads((b / "args.json").read_text())
+    assert [r["reward/mean"] for r in read_metrics(a)] == [r["reward/mean"] for r in read_metrics(b)]
+    vg.main(["train", "--config", str(a / "args.json"), "--out", str(tmp_path / "c"), "--steps", "1", "--lr", "5e-4"])
+    assert json.loads((tmp_path / "c" / "args.json").read_text())["lr"] == 5e-4  # flags given win
+    (tmp_path / "bad.json").write_text(json.dumps({"lr": 1e-4, "learning_rate": 3}))
+    code, err = run_main(["train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "unknown settings learning_rate" in one_error_line(err)
+
+
+@given(key=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+def test_config_files_with_unknown_keys_are_refused(tmp_path_factory, key):
+    assume(key not in {f.name for f in dataclasses.fields(vg.TrainArgs)})
+    path = tmp_path_factory.mktemp("c") / "args.json"
+    path.write_text(json.dumps({"lr": 1e-4, key: 1}))
+    with pytest.raises(vg.UsageError, match=f"unknown settings {key}"):
+        vr.read_config(str(path), vg.TrainArgs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--labels-per-step", "3", "--minibatch", "8"], "must divide labels\\*group = 12"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--preset", "d17"], "--preset 'd17'"),
+    (["--clip-eps", "1.5"], "0 < --clip-eps < 1"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--reward", "brightnes"], "cannot parse reward term 'brightnes'"),
+    (["--vmr-k", "3"], "--vmr-k only act with --vmr"),
+    (["--mp-keep", "0.3"], "--mp-keep only act with"),
+    (["--micro-batch", "-2"], "--micro-batch must be >= 0, got -2"),
+    (["--micro-batch", "3"], "--micro-batch 3 must divide the per-process minibatch 4"),
+    (["--device", "gpu"], "--device 'gpu': use cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    (["--beta", "nan"], "--beta: not a finite number"),
+    (["--adv-eps", "nan"], "--adv-eps: not a finite number"),
+    (["--lr", "inf"], "--lr: not a finite number"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm: not a finite number"),
+    (["--lr", "1e6"], "--lr 1e\\+06: AdamW at a learning rate >= 1 diverges"),
+    (["--reward", "1e999*brightness"], "bad weight '1e999'"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--keep-last", "0"], "--keep-last must be > 0"),
+    (["--sample-batch", "-4"], "--sample-batch must be >= 0"),
+    (["--vmr", "--vmr-k", "1"], "--vmr-k >= 2"),
+])
+def test_absurd_settings_are_refused(tmp_path, capsys, flags, message):
+    """A bad flag, NaN / inf or a setting that cannot be meant: one clear line, exit 2, nothing written."""
+    code, err = run_main(["train", *TINY, "--out", str(tmp_path / "r"), "--steps", "1", *flags], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, one_error_line(err)), err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+@given(name=st.sampled_from(["lr", "beta", "adv_eps", "max_grad_norm", "temperature", "weight_decay", "panw_alpha",
+                             "clip_eps", "vmr_eta", "mp_keep"]),
+       value=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_every_non_finite_float_setting_is_refused(name, value):
+    with pytest.raises(vg.UsageError, match=f"--{name.replace('_', '-')}: not a finite number"):
+        vr.check_train_args(vg.TrainArgs(**{name: value}), 1, vg.PRESETS)
+
+
+# ---- The run folder's rules: atomic_write, run_state
+
+
+@given(content=st.binary(max_size=64), fail=st.booleans())
+def test_atomic_write_is_all_or_nothing(tmp_path_factory, content, fail):
+    path = tmp_path_factory.mktemp("w") / "file.bin"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(content)
+        if fail:
+            raise OSError(28, "No space left on device")
+    if fail:
+        with pytest.raises(vg.RunFailed, match="No space left on device"):
+            vr.atomic_write(path, write)
+    else:
+        vr.atomic_write(path, write)
+    assert path.read_bytes() == (b"old" if fail else content) and not list(path.parent.glob("*.tmp"))
+
+
+files_st = st.lists(st.sampled_from(["args.json", "metrics.jsonl", "images/photo.jpg", "notes.txt", ".vargrpo.lock",
+                                     "checkpoints/last.pt", "checkpoints/x.bin"]), unique=True, max_size=4)
+
+
+@given(files=files_st, args_is_a_run=st.booleans())
+@settings(max_examples=30)
+def test_run_state_classifies_folders(tmp_path_factory, files, args_is_a_run):
+    d = tmp_path_factory.mktemp("f")
+    for f in files:
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_text(json.dumps({"reward": "x", "preset": "tiny", "steps": 1}) if f == "args.json" and args_is_a_run else "x")
+    real = [f for f in files if f != ".vargrpo.lock"]
+    expect = "new" if not real else "run" if (("args.json" in files and args_is_a_run) or "checkpoints/last.pt" in files) else "other"
+    assert vr.run_state(d) == expect
+
+
+# ---- Pre-trained weights' files: read_state_dict, load_checked
+
+
+def test_load_checked_reads_a_trainer_wrapper_and_names_key_mismatches(tmp_path):
+    """read_state_dict unwraps the official trainer's checkpoint; load_checked names missing and
+    unexpected keys."""
+    vae, var = random_model((1, 2), depth=1, seed=5)
+    torch.save({"trainer": {"var_wo_ddp": var.state_dict(), "vae_local": vae.state_dict()}, "args": {}}, tmp_path / "ar.pth")
+    sd = vg.read_state_dict(tmp_path / "ar.pth")
+    fresh = vg.VAR(var.config, vae)
+    vg.load_checked(fresh, sd, "ar.pth")
+    labels, idx = labels_for(var, 2, 0), torch.randint(0, 32, (2, 5))
+    assert torch.equal(fresh(labels, idx), var(labels, idx))
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(vg.CheckpointError, match="missing \\(1\\): head.bias; unexpected \\(1\\): extra.weight"):
+        vg.load_checked(fresh, sd, "ar.pth")
+
+
+# ---- RunFolder: a new run never touches files that are not a run's
+
+
+def test_a_folder_with_other_files_is_refused_and_left_alone(tmp_path, capsys):
+    """Fault: --out names a folder with a user's files, some with run-file names (images/, args.json)."""
+    d = tmp_path / "d"
+    (d / "images").mkdir(parents=True)
+    (d / "images" / "photo.jpg").write_text("x")
+    (d / "args.json").write_text("my own notes")
+    for extra in ([], ["--overwrite"]):  # --overwrite does not make it a run either
+        code, err = run_main(["train", *TINY, "--out", str(d), "--steps", "1", *extra], capsys)
+        assert code == 2 and "holds files that are not a vargrpo run" in err and len(err.strip().splitlines()) == 1, err
+    assert (d / "images" / "photo.jpg").read_text() == "x" and (d / "args.json").read_text() == "my own notes"
+    assert sorted(p.name for p in d.iterdir()) == ["args.json", "images"]  # not even a lock file
+
+
+def test_overwrite_removes_exactly_the_runs_files(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path / "run")  # 2 steps, a checkpoint every step
+    (run / "notes.txt").write_text("keep me")
+    (run / "images" / "mine.png").write_text("keep me too")
+    code, err = run_main(["train", *TINY, "--out", str(run), "--steps", "1"], capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert len(read_metrics(run)) == 2
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "1", "--overwrite", "--seed", "5"])
+    assert (run / "notes.txt").read_text() == "keep me" and (run / "images" / "mine.png").read_text() == "keep me too"
+    assert len(read_metrics(run)) == 1 and policy_state(run)["step"] == 1 and policy_state(run)["args"]["seed"] == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.pt", "last.safetensors", "step_000001.pt", "step_000001.safetensors"]  # step 2 of the old run is gone
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["mine.png", "step_000000.png"]
+
+
+def test_run_sh_demo_refuses_an_existing_run(tiny_run, tmp_path):
+    """Fault: `bash run.sh demo --out DIR` where DIR holds a real run (it used to pass --overwrite)."""
+    run = copy_run(tiny_run, tmp_path / "important")
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    res = subprocess.run(["bash", "run.sh", "demo", "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=REFUSAL_TIMEOUT)
+    assert res.returncode == 2 and "already holds a run" in res.stderr, res.stderr[-2000:]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_out_that_is_a_file_or_not_writable(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("data")
+    code, err = run_main(["train", *TINY, "--out", str(f), "--steps", "1"], capsys)
+    assert code == 2 and "is a file, not a folder" in one_error_line(err) and f.read_text() == "data"
+    code, err = run_main(["train", *TINY, "--out", "/sys/vargrpo_run", "--steps", "1"], capsys)  # EPERM, also as root
+    assert code == 2 and "cannot write in /sys/vargrpo_run" in one_error_line(err)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 96 KiB tmpfs (root and mount needed; skipped where they are not)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full device")
+def test_disk_full_names_the_cause_and_leaves_no_tmp(tiny_run, tmp_path, capsys):
+    """Fault: the checkpoint write fails with ENOSPC (its .tmp path is made to point at /dev/full)."""
+    run = copy_run(tiny_run, tmp_path / "run")  # at step 2
+    (run / "checkpoints" / "step_000003.pt.tmp").symlink_to("/dev/full")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "No space left on device" in line and "step_000003.pt" in line, err
+    assert not list(run.rglob("*.tmp")) and policy_state(run)["step"] == 2  # the good checkpoint is intact
+    vg.main(["train", "--resume", str(run), "--steps", "3"])  # space again: it continues
+    assert policy_state(run)["step"] == 3 and len(read_metrics(run)) == 3
+
+
+def test_a_really_full_disk(small_fs, capsys):
+    code, err = run_main(["train", *TINY, "--out", str(small_fs / "run"), "--steps", "1"], capsys)
+    assert code == 1 and "No space left on device" in one_error_line(err), err
+    assert not list(small_fs.rglob("*.tmp"))
+
+
+# ---- RunFolder: one trainer per folder (the lock)
+
+
+def test_second_trainer_on_a_locked_folder_is_refused(tmp_path):
+    """Fault: a second trainer on the same --out while the first runs (as --overwrite and as --resume)."""
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "1000", "--save-every", "1"],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + TRAIN_TIMEOUT
+        while not (run / "checkpoints" / "last.pt").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        for extra in (["--out", str(run), *TINY[2:], "--overwrite", "--steps", "2"], ["--resume", str(run)]):
+            code, err = train_cli(*extra)
+            line = one_error_line(err)
+            assert code == 2 and "is in use by another trainer" in line and f"pid {first.pid}" in line, err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=TRAIN_TIMEOUT)
+    assert first.returncode == 128 + signal.SIGTERM
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(len(rows))) == list(range(policy_state(run)["step"]))
+
+
+def test_two_trainers_started_together_one_wins(tmp_path):
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "3",
+                               "--seed", str(seed)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for seed in (1, 2)]
+    results = [(p.wait(timeout=TRAIN_TIMEOUT), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "in use by another trainer" in loser or "already holds a run" in loser
+    winner_seed = policy_state(run)["args"]["seed"]
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2] and json.loads((run / "args.json").read_text())["seed"] == winner_seed
+
+
+# ---- RunFolder: resume
+
+
+def test_resume_is_bit_identical_and_runs_are_never_overwritten(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    vg.main(["train", *TINY, "--out", str(straight), "--steps", "4"])
+    vg.main(["train", *TINY, "--out", str(split), "--steps", "2", "--save-every", "1", "--keep-last", "1"])
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == [
+        "last.pt", "last.safetensors", "step_000002.pt", "step_000002.safetensors"]
+    vg.main(["train", "--resume", str(split), "--steps", "4"])
+    a, b = policy_state(straight), policy_state(split)
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [m["reward/mean"] for m in read_metrics(straight)] == [m["reward/mean"] for m in read_metrics(split)]
+    for name in ["images/step_000003.png", "args.json", "checkpoints/last.safetensors"]:
+        assert (split / name).is_file(), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", *TINY, "--out", str(straight), "--steps", "1"])
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vg.main(["train", "--resume", str(split), "--lr", "0.5"])
+    assert "--lr cannot change" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vg.main(["train", "--resume", str(split), "--out", str(tmp_path / "elsewhere")])
+    assert "continues in that directory; drop --out" in capsys.readouterr().err
+    (split / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", "--resume", str(split)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "not a readable PyTorch checkpoint" in err, err
+
+
+def test_resume_drops_a_torn_line_and_later_steps(tmp_path):
+    """Fault: a crash mid-write left half a line in metrics.jsonl, after lines of steps not checkpointed."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    vg.main(["train", *TINY, "--out", str(straight), "--steps", "3"])
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "3", "--save-every", "2"])
+    (run / "checkpoints" / "last.pt").unlink()
+    os.link(run / "checkpoints" / "step_000002.pt", run / "checkpoints" / "last.pt")  # as if killed before step 3's save
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward/mea')
+    vg.main(["train", "--resume", str(run)])
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2]
+    assert [r["reward/mean"] for r in read_metrics(run)] == [r["reward/mean"] for r in read_metrics(straight)]
+
+
+def test_resume_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, capsys):
+    """Faults: a checkpoint with a wrong-shaped tensor, a file without the run's settings."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    good = torch.load(last, weights_only=True)
+    bad = {**good, "model": {**good["model"], "head.weight": torch.zeros(3, 3)}}
+    last.unlink()
+    torch.save(bad, last)
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    assert code == 2 and "does not match VAR: wrong shape (1): head.weight (3, 3) vs (64, 128)" in one_error_line(err)
+    torch.save({k: v for k, v in good.items() if k != "args"}, last)
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    assert code == 2 and "not a vargrpo run checkpoint" in one_error_line(err)
+
+
+# ---- RunFolder: what a run writes (its files, TensorBoard, the safetensors export)
+
+
+def test_run_files_cover_everything_a_run_writes(tmp_path):
+    run = tmp_path / "run"
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "2", "--save-every", "1", "--tracker", "tensorboard"])
+    written = {p for p in run.rglob("*") if p.is_file() and p.name != vr.LOCK_NAME}
+    covered = {p for pattern in vr.RUN_FILES for p in run.glob(pattern)}
+    assert written and written <= covered, written - covered
+
+
+def test_tensorboard_mirrors_the_metrics_and_the_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "3", "--tracker", "tensorboard", "--vmr", "--image-every", "2"])
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    rows = read_metrics(run)
+    reward = events.Scalars("reward/mean")
+    assert [e.step for e in reward] == [0, 1, 2]
+    assert [e.value for e in reward] == pytest.approx([r["reward/mean"] for r in rows], rel=1e-6)
+    numeric = {k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "step"}
+    assert numeric <= set(events.Tags()["scalars"])  # every metrics.jsonl value is mirrored
+    assert "vmr/stage/text_summary" in events.Tags()["tensors"]
+    images = events.Images("samples")
+    assert [i.step for i in images] == [0, 2] and images[0].width > 0 and images[0].encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_safetensors_export_round_trips_and_loads_like_pretrained_weights(tiny_run, tmp_path):
+    import shutil
+    from safetensors.torch import load_file
+    import vargrpo_tools as tools
+    pt, st = policy_state(tiny_run), tiny_run / "checkpoints" / "last.safetensors"
+    exported = load_file(str(st))
+    assert exported.keys() == pt["model"].keys() and all(torch.equal(exported[k], pt["model"][k]) for k in exported)
+    vae, policy, _ = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")
+    vg.load_checked(policy, exported, st)  # strict: the official key layout
+    weights = tmp_path / "weights"  # the --weights-dir path, as for official files
+    weights.mkdir()
+    shutil.copy(st, weights / "var_tiny.safetensors")
+    torch.save(vae.state_dict(), weights / "vae_tiny.pth")
+    vae2, var2 = vg.load_pretrained("tiny", weights)
+    labels, idx = torch.tensor([1, 7]), torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(var2(labels, idx), policy(labels, idx))
+    settings, state, step = tools.load_run_checkpoint(str(st))  # eval --ckpt accepts it
+    assert step == 2 and settings == json.loads((tiny_run / "args.json").read_text())
+
+
+# ---- RunFolder: a failing reward, a diverged policy, a reward that cannot tell samples apart
+
+
+class FlakyReward(torch.nn.Module):
+    """luma, with NaN for every 3rd image, and raising on chosen calls."""
+    calls = 0
+    fail_on = ()
+
+    def forward(self, images):
+        FlakyReward.calls += 1
+        if FlakyReward.calls in FlakyReward.fail_on:
+            raise RuntimeError("reward server down")
+        import reward_models as rm
+        r = rm.luma(images)
+        r[::3] = float("nan")
+        return r
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    import reward_models as rm
+    monkeypatch.setitem(rm.REGISTRY, "flaky", lambda arg, device, **o: FlakyReward())
+    FlakyReward.calls = 0
+    return FlakyReward
+
+
+def test_nonfinite_rewards_and_a_failing_reward(tmp_path, capsys, flaky):
+    flaky.fail_on = (2,)  # the second call fails once: retried, the run goes on
+    m = vg.main(["train", *TINY, "--reward", "flaky", "--out", str(tmp_path / "a"), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert "retrying once" in err and "non-finite rewards; those samples get no gradient" in err
+    assert m["reward/nonfinite"] > 0 and len(read_metrics(tmp_path / "a")) == 2 and math.isfinite(m["loss/loss"])
+    flaky.calls, flaky.fail_on = 0, (2, 3)  # fails twice in step 1 (call 1 = step 0)
+    with pytest.raises(SystemExit) as e:
+        vg.main(["train", *TINY, "--reward", "flaky", "--out", str(tmp_path / "b"), "--steps", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "raised twice at step 1" in err and "--resume" in err
+    assert policy_state(tmp_path / "b")["step"] == 1
+
+
+def test_a_diverged_policy_stops_the_run_with_one_line(tiny_run, tmp_path, capsys):
+    """Fault: the policy's weights went non-finite (as a diverged run's would): sampling is never fed
+    NaN probabilities (on a GPU that is an asynchronous device assert), the run stops, exit 1."""
+    run = copy_run(tiny_run, tmp_path / "run")  # at step 2
+    good = policy_state(run)
+    good["model"]["head.bias"][3] = torch.inf
+    (run / "checkpoints" / "last.pt").unlink()
+    torch.save(good, run / "checkpoints" / "last.pt")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "4"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "step 2: the sampling distribution" in line and "went non-finite" in line and "--lr" in line
+    assert (run / "checkpoints" / "step_000002.pt").is_file() and len(read_metrics(run)) == 3
+
+
+def test_zero_advantage_everywhere_warns_once(tmp_path, capsys):
+    """Fault: a reward that is the same for every sample (weighted by 0)."""
+    run = tmp_path / "run"
+    vg.main(["train", *TINY, "--reward", "0*brightness", "--out", str(run), "--steps", "3", "--image-every", "0"])
+    err = capsys.readouterr().err
+    assert all(r["adv/abs_max"] == 0 and r["adv/zero_std_group_frac"] == 1 for r in read_metrics(run))
+    assert err.count("every advantage is 0") == 1, err
+    vg.main(["train", *TINY, "--out", str(tmp_path / "normal"), "--steps", "2", "--image-every", "0"])
+    for r in read_metrics(tmp_path / "normal"):  # distinct rewards: unit-std groups, no flat group
+        assert r["adv/zero_std_group_frac"] == 0 and r["adv/abs_max"] >= r["adv/std"] > 0.9 and abs(r["adv/mean"]) < 1e-6
+        assert r["reward/min"] <= r["reward/mean"] <= r["reward/max"] and r["policy/clip_frac"] <= 1
+
+
+# ---- StopRequest: Ctrl-C / SIGTERM finish the step, save, and exit as shells report signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupts_save_and_exit_with_the_shell_code(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "1000"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_first_step(proc, run)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=TRAIN_TIMEOUT)[1]
+    assert proc.returncode == 128 + sig, err[-2000:]  # 130 / 143: a scheduler tells it from a finished run
+    step = policy_state(run)["step"]
+    assert 1 <= step < 1000 and f"stopped after step {step}" in err and len(read_metrics(run)) == step
+
+
+# ---- Property: runs, interrupts, resumes and overwrites never lose a saved step
+
+action_st = st.lists(st.sampled_from(["new", "resume", "interrupt", "overwrite", "resume_more"]), min_size=2, max_size=5)
+
+
+class StopAt(torch.nn.Module):
+    """brightness, sending this process SIGINT when the reward is called for the n-th time (an
+    interrupt mid-run, through the real signal handler)."""
+    calls, at = 0, 0
+
+    def forward(self, images):
+        StopAt.calls += 1
+        if StopAt.calls == StopAt.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        import reward_models
+        return reward_models.luma(images)
+
+
+@settings(max_examples=6)
+@given(actions=action_st, stop_after=st.integers(1, 2))
+def test_no_sequence_of_actions_loses_a_saved_step(tmp_path_factory, monkeypatch, actions, stop_after):
+    import reward_models
+    monkeypatch.setitem(reward_models.REGISTRY, "stop_at", lambda arg, ctx: StopAt())
+    run = tmp_path_factory.mktemp("seq") / "run"
+    flags = [*TINY, "--reward", "stop_at", "--image-every", "0"]
+    saved = 0  # the newest step on disk; only --overwrite may lower it
+    for act in actions:
+        StopAt.calls, StopAt.at = 0, (stop_after if act == "interrupt" else 0)
+        argv = {"new": ["--out", str(run), *flags, "--steps", "2"],
+                "overwrite": ["--out", str(run), *flags, "--steps", "1", "--overwrite"],
+                "interrupt": ["--out", str(run), *flags, "--steps", "4"] if saved == 0 else ["--resume", str(run), "--steps", "6"],
+                "resume": ["--resume", str(run)], "resume_more": ["--resume", str(run), "--steps", str(saved + 1)]}[act]
+        try:
+            vg.main(["train", *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        now = policy_state(run)["step"] if (run / "checkpoints" / "last.pt").exists() else 0
+        if act == "overwrite" and code == 0:
+            saved = now
+        assert now >= saved, (act, code, now, saved)
+        assert code in (0, 2, 130), code  # done, refused, or interrupted after saving
+        if now:
+            assert [r["step"] for r in read_metrics(run)][:now] == list(range(now))  # the log covers every saved step
+        saved = max(saved, now)
