@@ -1081,6 +1081,70 @@ def test_loss_terms_ratio_is_one_at_the_sampling_temperature(tmp_path, tiny_run)
     assert all(1e-4 < r["policy/ratio_dev_first_minibatch"] < 0.1 for r in read_metrics(tmp_path / "bf16"))
 
 
+def test_policy_update_gradient_is_the_written_out_loss_gradient(monkeypatch):
+    """The gradient of the first minibatch, grabbed at its optimizer step, equals autograd of eq. 1
+    written out here from token_logprobs, clipped_surrogate and kl_k3 for that minibatch's rows:
+    (1/n) sum_b sum_t [w_bt surrogate_bt - beta u_bt k3_bt], negated. Two micro-batches add up to
+    it (a micro-batch loss scaled otherwise than by its share of the minibatch fails here; Adam
+    would hide the scale from the weights)."""
+    vae, ref = random_model((1, 2, 3), depth=1, seed=0)
+    ref.requires_grad_(False)
+    policy = vg.VAR(ref.config, vae)
+    policy.load_state_dict(ref.state_dict())
+    g = gen(1)
+    with torch.no_grad():
+        for p in policy.parameters():  # the policy has moved away from ref: the KL has a gradient
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    N, L, pn = 8, ref.config.seq_len, ref.config.patch_nums
+    a = vg.TrainArgs(minibatch=4, micro_batch=2, beta=0.3, clip_eps=0.2, temperature=0.8, lr=1e-2, max_grad_norm=0.0, seed=3)
+    labels = torch.randint(0, 5, (N,), generator=g)
+    idx = torch.randint(0, 32, (N, L), generator=g)
+    old = vg.token_logprobs(policy, labels, idx, a.temperature).detach()
+    old = old + 0.3 * torch.randn(N, L, generator=g)  # ratios away from 1: some tokens clipped
+    adv = torch.randn(N, generator=g)
+    panw = vg.panw_weights(pn, 1.0)
+    mask = (torch.rand(N, L, generator=g) < 0.6).float()
+    pg_w = vg.token_weights(panw, torch.ones(L), mask, torch.ones(N))
+    kl_w = vg.token_weights(panw, torch.ones(L), torch.ones(N, L), torch.ones(N))
+    batch = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=adv, pg_w=pg_w, kl_w=kl_w)
+
+    rows, grads = [], []  # the first minibatch's rows and its gradient at its optimizer step
+    real_loss_terms = vg.loss_terms
+
+    def recording_loss_terms(model, ref, b, ids, a, amp):
+        if not grads:
+            rows.append(ids.clone())
+        return real_loss_terms(model, ref, b, ids, a, amp)
+    monkeypatch.setattr(vg, "loss_terms", recording_loss_terms)
+    opt = vg.make_optimizer(policy, a, "cpu")
+    real_step = opt.step
+
+    def grabbing_step(*args, **kw):
+        if not grads:
+            grads.extend(p.grad.clone() for p in policy.parameters())
+        return real_step(*args, **kw)
+    opt.step = grabbing_step
+    vg.policy_update(policy, ref, opt, batch, a, 0, vr.Dist(), contextlib.nullcontext)
+    ids = torch.cat(rows)
+    assert len(rows) == 2 and sorted(set(ids.tolist())) == sorted(ids.tolist()) and len(ids) == a.minibatch
+    assert not torch.equal(policy.state_dict()["head.weight"], start["head.weight"])  # lr > 0: the steps were taken
+
+    fresh = vg.VAR(ref.config, vae)
+    fresh.load_state_dict(start)
+    logp = vg.token_logprobs(fresh, labels[ids], idx[ids], a.temperature)
+    ref_logp = vg.token_logprobs(ref, labels[ids], idx[ids], a.temperature)
+    surrogate = vg.clipped_surrogate(logp, old[ids], adv[ids], a.clip_eps)
+    k3 = vg.kl_k3(logp, ref_logp)
+    per_sample = (pg_w[ids] * surrogate).sum(1) - a.beta * (kl_w[ids] * k3).sum(1)
+    loss = -per_sample.sum() / len(ids)
+    expected = torch.autograd.grad(loss, list(fresh.parameters()))
+    got = torch.cat([gr.flatten() for gr in grads])
+    want = torch.cat([gr.flatten() for gr in expected])
+    assert want.norm() > 0
+    assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm() / want.norm()).item()
+
+
 def test_policy_update_micro_batches_accumulate_to_the_minibatch_gradient(tmp_path):
     """--micro-batch splits each rank's minibatch into forward/backward passes whose gradients add up
     to the whole minibatch's: the weights after a step match; other loss options run end to end."""
