@@ -19,6 +19,7 @@ import re
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
@@ -812,6 +813,11 @@ def test_middle_value_shift_and_scale(seed, K, eta, c, s):
     torch.testing.assert_close(vg.middle_value(s * r, s * eta), s * vg.middle_value(r, eta))
 
 
+def test_middle_value_docstring_states_the_formula():
+    """[VAR-RL eq. 10] in the docstring, as a reader copies it."""
+    doc = " ".join(vg.middle_value.__doc__.split())
+    assert "V_m(s_m) = eta log( (1/K) sum_k exp(R_k / eta) )" in doc, doc
+
 
 def test_default_vmr_split_is_the_boundary_nearest_8_percent():
     d16 = vg.VARConfig.preset("d16").patch_nums
@@ -1309,20 +1315,50 @@ def test_teaching_file_budget_and_one_way_imports():
     assert not re.search(r"^\s*(import vargrpo\b|from vargrpo import)", run_src, re.M)
 
 
-@pytest.mark.parametrize("name", ["group_advantages", "clipped_surrogate", "kl_k3", "kl_exact", "grpo_loss",
-                                  "panw_weights", "middle_value", "propagate_mask"])
-def test_every_rl_function_runs_pasted_alone(name):
-    """Each RL formula, its source pasted into a namespace holding only math, torch and F, gives
-    what the module's function gives."""
-    namespace = {"math": math, "torch": torch, "F": torch.nn.functional}
-    exec(compile("from __future__ import annotations\n" + inspect.getsource(getattr(vg, name)), name, "exec"), namespace)
-    pasted, g = namespace[name], gen(0)
+def rl_function_calls(name):
+    """Arguments for one call of each RL function of the two maths sections."""
+    g = gen(0)
     logp, old, ref = (-torch.rand(3, 14, generator=g) * 3 for _ in range(3))
     logits, ref_logits = torch.randn(3, 14, 9, generator=g), torch.randn(3, 14, 9, generator=g)
-    calls = {"group_advantages": (torch.randn(3, 5, generator=g),), "clipped_surrogate": (logp, old, torch.randn(3, generator=g)),
-             "kl_k3": (logp, ref), "kl_exact": (logits, ref_logits),
-             "grpo_loss": (logp, ref, torch.rand(3, 14, generator=g), 0.3), "panw_weights": ((1, 2, 3), 1.0),
-             "middle_value": (torch.randn(4, 3, generator=g), 0.5),
-             "propagate_mask": ((torch.rand(2, 3, 3, generator=g) > 0.5).float(), (1, 2, 3))}[name]
-    assert torch.equal(pasted(*calls), getattr(vg, name)(*calls))
-    assert "[GRPO-VAR" in pasted.__doc__ or "[VAR-RL" in pasted.__doc__  # the docstring names the equation
+    weights = torch.rand(1, 1, 64, 64, generator=g)
+
+    def saliency_reward(x):
+        return (x * weights).sum((1, 2, 3))
+    return {
+        "group_advantages": (torch.randn(3, 5, generator=g),),
+        "clipped_surrogate": (logp, old, torch.randn(3, generator=g)),
+        "kl_k3": (logp, ref),
+        "kl_exact": (logits, ref_logits),
+        "entropy": (logits,),
+        "grpo_loss": (logp, ref, torch.rand(3, 14, generator=g), 0.3),
+        "panw_weights": ((1, 2, 3), 1.0),
+        "stage_mask": ((1, 2, 3), "prefix", 2),
+        "token_weights": (torch.rand(14, generator=g), vg.stage_mask((1, 2, 3), "suffix", 1),
+                          (torch.rand(3, 14, generator=g) < 0.5).float(), torch.tensor([1.0, 0.0, 1.0])),
+        "middle_value": (torch.randn(4, 3, generator=g), 0.5),
+        "default_vmr_split": ((1, 2, 3, 4, 5, 6, 8, 10, 13, 16),),
+        "propagate_mask": ((torch.rand(2, 3, 3, generator=g) > 0.5).float(), (1, 2, 3)),
+        "initial_mask": (saliency_reward, torch.rand(2, 3, 64, 64, generator=g), 4, 0.5),
+    }[name]
+
+
+# default_vmr_split uses numpy's cumsum: its paste needs `import numpy as np` as well
+EXTRA_IMPORTS = {"default_vmr_split": {"np": np}}
+
+
+@pytest.mark.parametrize("name", ["group_advantages", "clipped_surrogate", "kl_k3", "kl_exact", "entropy", "grpo_loss",
+                                  "panw_weights", "stage_mask", "token_weights", "middle_value", "default_vmr_split",
+                                  "propagate_mask", "initial_mask"])
+def test_every_rl_function_runs_pasted_alone(name):
+    """Each function of the two maths sections, its source pasted into a namespace holding only math,
+    torch and F, gives what the module's function gives; its docstring names its equation or section
+    ([GRPO-VAR eq. 2], [VAR-RL VMR, eq. 10], ...)."""
+    namespace = {"math": math, "torch": torch, "F": torch.nn.functional, **EXTRA_IMPORTS.get(name, {})}
+    exec(compile("from __future__ import annotations\n" + inspect.getsource(getattr(vg, name)), name, "exec"), namespace)
+    pasted = namespace[name]
+    out, expect = pasted(*rl_function_calls(name)), getattr(vg, name)(*rl_function_calls(name))
+    if isinstance(expect, torch.Tensor):
+        assert torch.equal(out, expect)
+    else:
+        assert out == expect
+    assert re.search(r"\[(GRPO-VAR|VAR-RL) [^\]]+\]", pasted.__doc__), pasted.__doc__
