@@ -240,6 +240,7 @@ def isolated_cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_load_pretrained_missing_file_offline_says_name_url_and_flag(isolated_cache, monkeypatch):
     with pytest.raises(vg.CheckpointError) as e:
         vg.load_pretrained("d16", weights_dir=isolated_cache / "nowhere")
@@ -1021,6 +1022,7 @@ def test_rollout_batched_equals_the_per_group_rollout(seed, vmr, sample_batch):
     torch.testing.assert_close(batched.logprobs, per_group.logprobs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rollout_of_a_paper_shaped_step_samples_many_rows_per_call(tmp_path, monkeypatch):
     """Issue 8: 32 labels x 16 samples (tiny preset, one process): sample() sees >= 128 rows per call."""
     rows, real = [], vg.sample

@@ -70,6 +70,7 @@ def test_clip_model_pairs():
     rm.check_clip_pair(name, tag)
 
 
+@pytest.mark.slow
 def test_local_clip_weights_and_offline_failures(tmp_path):
     r = rm.build_reward("clip:a dog", "cpu", clip_model="tiny-random")
     torch.save(r.parts[0].embedder.clip.state_dict(), tmp_path / "clip.pt")

@@ -50,6 +50,7 @@ def test_eval_refuses_batch_0(tmp_path, capsys):
 
 
 @needs_head
+@pytest.mark.slow
 def test_eval_table_seen_unseen(tmp_path, capsys):
     """Train 1 step on half of the classes, then `eval`: 4 rows (pre-trained / fine-tuned x seen /
     unseen), JSON + Markdown + grids; ResNet top-5 counted against the labels (a rigged classifier
@@ -109,6 +110,7 @@ def test_ablation_smoke(tmp_path):
 # ---- Benchmark: its rows run (a failing row prints "failed" in the table instead of stopping it)
 
 
+@pytest.mark.slow
 def test_bench_rows_and_memory_table(capsys):
     whats = ["sample cfg=0", "sample cfg+top-k/p", "teacher-forced fwd", "teacher-forced fwd+bwd",
              "teacher-forced fwd+bwd, grad checkpointing", "GRPO step"]
