@@ -134,6 +134,7 @@ def test_two_nodes_equal_one_process(one_process, tmp_path):
 
 
 @needs_head
+@pytest.mark.slow
 def test_run_sh_aesthetic_smoke_on_cpu(tmp_path):
     """`bash run.sh aesthetic` with a tiny preset and a tiny random CLIP: torchrun (1 process, gloo)."""
     run = tmp_path / "aes"
@@ -348,6 +349,7 @@ def test_a_really_full_disk(small_fs, capsys):
 # ---- RunFolder: one trainer per folder (the lock)
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_locked_folder_is_refused(tmp_path):
     """Fault: a second trainer on the same --out while the first runs (as --overwrite and as --resume)."""
     run = tmp_path / "run"
@@ -370,6 +372,7 @@ def test_second_trainer_on_a_locked_folder_is_refused(tmp_path):
     assert [r["step"] for r in rows] == list(range(len(rows))) == list(range(policy_state(run)["step"]))
 
 
+@pytest.mark.slow
 def test_two_trainers_started_together_one_wins(tmp_path):
     run = tmp_path / "run"
     procs = [subprocess.Popen([sys.executable, "vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "3",
