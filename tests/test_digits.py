@@ -23,9 +23,9 @@ WEIGHTS = ROOT / "weights"
 # recipe's bf16 is for CPUs that have them)
 SMALL = replace(vt.DigitsRecipe(), tok_batch=8, judge_batch=64, var_batch=16, bf16=False)
 CONFIG = vg.VARConfig.preset("digits")
-# Subprocess timeouts (guards against a hang): >= 3x the time measured on a loaded 2-core machine
-# with one thread, and >= 600 s for anything that trains. Measured: the quick preparation below 205 s,
-# prepare --preset digits7 --quick 131 s, the demo on quick weights 17 s, the shipped demo 154 s.
+# Subprocess timeouts (guards against a hang): >= 3x the time measured on 2 cores with the other one
+# busy, one thread, and >= 600 s for anything that trains. Measured there: the quick preparation below
+# 343 s, prepare --preset digits7 --quick 119 s, the demo on quick weights 24 s, the shipped demo 53 s.
 PREPARE_TIMEOUT = timeout(1800)
 REFUSAL_TIMEOUT = timeout(300)
 DEMO_TIMEOUT = timeout(600)
@@ -129,9 +129,9 @@ def test_shipped_digits_weights_are_what_the_code_expects():
     assert vt.judge_accuracy(judge, vae.idx_to_img(vt.tokenize(vae, held)), held_y) >= 0.85
 
 
-# `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 205 s
-# instead of 927 s for the shipped recipe's --quick on a loaded 2-core machine; its demo's reward still
-# rises (measured 0.49 -> 0.60 in 8 steps)
+# `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s
+# instead of 927 s for the shipped recipe's --quick, on 2 cores with the other one busy; its demo's
+# reward still rises (measured 0.49 -> 0.60 in 8 steps)
 QUICK_PREPARE = ("import dataclasses, sys, vargrpo_tools as vt\n"
                  "quick = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(100, 100, 300), bf16=False)\n"
                  "vt.DIGITS_RECIPES['digits'] = quick\n"
