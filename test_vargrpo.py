@@ -1064,11 +1064,12 @@ def test_loss_terms_are_the_papers_pieces(seed, kl, temperature):
     g = gen(seed)
     labels, idx = torch.tensor([0, 1, 2]), torch.randint(0, 32, (3, 14), generator=g)
     old = vg.token_logprobs(policy, labels, idx, temperature).detach() + 0.1 * torch.randn(3, 14, generator=g)
-    b = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.randn(3, generator=g), pg_w=torch.ones(3, 14), kl_w=torch.ones(3, 14))
+    ref_logp, ref_logits = vg.token_logprobs(ref, labels, idx, temperature, return_logits=True)
+    b = vg.UpdateBatch(labels=labels, idx=idx, old_logp=old, adv=torch.randn(3, generator=g), pg_w=torch.ones(3, 14), kl_w=torch.ones(3, 14),
+                       ref_logp=ref_logp if kl == "k3" else None)  # step 5 sets ref_logp for the k3 KL
     a = vg.TrainArgs(kl=kl, temperature=temperature, clip_eps=0.2)
     t = vg.loss_terms(policy, ref, b, torch.arange(3), a, contextlib.nullcontext)
     logp, logits = vg.token_logprobs(policy, labels, idx, temperature, return_logits=True)
-    ref_logp, ref_logits = vg.token_logprobs(ref, labels, idx, temperature, return_logits=True)
     expect = vg.kl_k3(logp, ref_logp) if kl == "k3" else vg.kl_exact(logits, ref_logits)
     torch.testing.assert_close(t.kl, expect)
     torch.testing.assert_close(t.surrogate, vg.clipped_surrogate(logp, old, b.adv, 0.2))
@@ -1151,6 +1152,52 @@ def test_policy_update_gradient_is_the_written_out_loss_gradient(monkeypatch):
     want = torch.cat([gr.flatten() for gr in expected])
     assert want.norm() > 0
     assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm() / want.norm()).item()
+
+
+def per_micro_batch_loss_terms(model, ref, b, ids, a, amp):
+    """Step 5's loss terms as they were before issue 16: the frozen reference's forward pass for
+    every micro-batch, inside its loss (b.ref_logp unused)."""
+    labels, idx = b.labels[ids], b.idx[ids]
+    with amp():
+        logp, logits = vg.token_logprobs(model, labels, idx, a.temperature, return_logits=True)
+        with torch.no_grad():
+            ref_logp, ref_logits = vg.token_logprobs(ref, labels, idx, a.temperature, return_logits=True)
+    kl = vg.kl_k3(logp, ref_logp) if a.kl == "k3" else vg.kl_exact(logits, ref_logits)
+    return vg.LossTerms(logp, logits, kl, vg.clipped_surrogate(logp, b.old_logp[ids], b.adv[ids], a.clip_eps))
+
+
+@pytest.mark.parametrize("micro_batch", [2, 0])
+def test_policy_update_reference_pass_once_per_step_trains_the_same_weights(tmp_path, monkeypatch, micro_batch):
+    """Issue 16: pi_ref's log-probs for the k3 KL come from one no-grad pass per step (64 rows a
+    call) instead of one per micro-batch. In fp32, 3 steps of 2 updates (micro-batches of 2 and of
+    the whole share) give the weights and logs of the per-micro-batch formulation written out above
+    up to float rounding: a matmul over 16 rows rounds otherwise than over 2 (log pi_ref differs by
+    up to 1e-6), and Adam turns that into weight differences of up to 1.1e-3 lr (measured; also
+    against weights saved from main before the change), 1.3e-6 of the distance moved; with one
+    micro-batch per share they are bit-identical. The pass runs once per step."""
+    common = dict(preset="tiny", reward="brightness", labels_per_step=4, group_size=4, minibatch=8, lr=1e-3, beta=0.05,
+                  temperature=0.7, steps=3, image_every=0, device="cpu", dtype="fp32", micro_batch=micro_batch)
+    calls = []
+    real_chunks = vg.rows_in_chunks
+
+    def counting_chunks(fn, n_rows, amp):
+        calls.append(n_rows)
+        return real_chunks(fn, n_rows, amp)
+    monkeypatch.setattr(vg, "rows_in_chunks", counting_chunks)
+    new = vg.train(vg.TrainArgs(**common, out=str(tmp_path / "new")))
+    assert calls == [16, 16, 16]  # one pass over the step's 16 rows per step
+    monkeypatch.setattr(vg, "loss_terms", per_micro_batch_loss_terms)
+    old = vg.train(vg.TrainArgs(**common, out=str(tmp_path / "old")))
+    a, b = policy_state(tmp_path / "new")["model"], policy_state(tmp_path / "old")["model"]
+    start = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")[2].state_dict()
+    ks = [k for k in start if start[k].is_floating_point() and torch.isfinite(start[k]).all()]
+    gap = max((a[k] - b[k]).abs().max().item() for k in ks)
+    moved = sum((a[k] - start[k]).double().square().sum() for k in ks).sqrt()
+    apart = sum((a[k] - b[k]).double().square().sum() for k in ks).sqrt()
+    print(f"max |weight difference| {gap / common['lr']:.2e} lr, {apart / moved:.2e} of the distance moved")
+    assert moved > 0 and gap <= 1e-2 * common["lr"] and apart <= 1e-4 * moved
+    for k in ("policy/kl", "loss/loss", "loss/grad_norm", "policy/entropy"):
+        assert new[k] == pytest.approx(old[k], rel=1e-5, abs=1e-7), k
 
 
 def test_policy_update_micro_batches_accumulate_to_the_minibatch_gradient(tmp_path):

@@ -54,8 +54,7 @@ Choices within the papers (where they are silent):
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +66,10 @@ import torch.utils.checkpoint
 from vargrpo_run import (
     OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
     StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, check_depth,
-    check_sample_call, check_sampling_args, check_var_config, exit_with, find_or_download,
-    load_checked, make_reward, parse_train_args, read_state_dict, reward_passes,
-    run_metrics, setup_distributed, to_float32, wrap_ddp,
+    check_sample_call, check_sampling_args, check_var_config, clip_grad_norm, exit_with,
+    find_or_download, grad_sync, load_checked, make_reward, parse_train_args,
+    read_state_dict, reward_passes, rows_in_chunks, run_metrics, setup_distributed,
+    to_float32, wrap_ddp,
 )
 
 # ---- Config
@@ -1286,11 +1286,13 @@ class UpdateBatch:
     # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
     pg_w: torch.Tensor
     kl_w: torch.Tensor  # (N, L) KL token weights, likewise
+    # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL; set in step 5)
+    ref_logp: torch.Tensor | None = None
 
     def gathered(self) -> "UpdateBatch":
         """Every process's rows in global group order, so that minibatches do not depend on the
         number of processes [C9] (a few MB even at the paper's 512 samples of 680 tokens)."""
-        rows = {k: all_gather_cat(v) for k, v in vars(self).items()}
+        rows = {k: all_gather_cat(v) for k, v in vars(self).items() if v is not None}
         return UpdateBatch(**rows)
 
 def update_batch(roll: Rollout, returns_Ng, adv_Ng, mp_mask, stage,
@@ -1327,15 +1329,15 @@ class LossTerms:
 
 def loss_terms(model, ref, b: UpdateBatch, ids, a: TrainArgs, amp) -> LossTerms:
     """The per-token pieces of eq. 1 for the samples `ids`, both policies tempered as sampled
-    [C8]."""
+    [C8]; pi_ref from b.ref_logp (k3 KL) or a pass here (exact KL)."""
     labels = b.labels[ids]
     idx = b.idx[ids]
     with amp():
         logp, logits = token_logprobs(model, labels, idx, a.temperature, return_logits=True)
-        with torch.no_grad():
-            ref_logp, ref_logits = token_logprobs(ref, labels, idx, a.temperature,
-                                                  return_logits=True)
-    kl = kl_k3(logp, ref_logp) if a.kl == "k3" else kl_exact(logits, ref_logits)
+        if a.kl == "exact":  # the whole vocabulary of pi_ref, per micro-batch
+            with torch.no_grad():
+                ref_logits = token_logprobs(ref, labels, idx, a.temperature, return_logits=True)[1]
+    kl = kl_k3(logp, b.ref_logp[ids]) if a.kl == "k3" else kl_exact(logits, ref_logits)
     surrogate = clipped_surrogate(logp, b.old_logp[ids], b.adv[ids], a.clip_eps)
     return LossTerms(logp, logits, kl, surrogate)
 
@@ -1343,8 +1345,8 @@ class UpdateStats:
     """Sums over a step's updates, kept on the device (read once per step, in step_metrics)."""
 
     def __init__(self, num_scales: int, device):
-        # kl, clipped, entropy, tokens with KL weight; per scale
-        self.per_scale = torch.zeros(4, num_scales, device=device)
+        # per scale: kl, clipped, tokens with KL weight; entropy and tokens of the first minibatch
+        self.per_scale = torch.zeros(5, num_scales, device=device)
         self.sums = torch.zeros(2, device=device)  # ratio, loss
         # max |ratio - 1| before the first update
         self.first_dev = torch.zeros((), device=device)
@@ -1357,14 +1359,15 @@ class UpdateStats:
         ratio = (t.logp - b.old_logp[ids]).exp()
         # the clipped term is the smaller: no gradient
         clipped = t.surrogate < ratio * b.adv[ids, None]
-        per_token = (t.kl, clipped, entropy(t.logits), torch.ones_like(t.kl))
+        per_token = [t.kl, clipped, torch.ones_like(t.kl)]
+        if first:  # still the sampling policy: ratio 1 up to float error; its entropy
+            per_token += [entropy(t.logits), torch.ones_like(t.kl)]
+            dev = ((ratio - 1).abs() * on_nL).amax()
+            self.first_dev = torch.maximum(self.first_dev, dev)
         for i, v in enumerate(per_token):
             self.per_scale[i].index_add_(0, si_L, (v.float() * on_nL).sum(0))
         ratio_sum = (ratio * on_nL).sum()
         self.sums += torch.stack([ratio_sum, loss.detach().float()])
-        if first:  # still the sampling policy: ratio 1 up to float error
-            dev = ((ratio - 1).abs() * on_nL).amax()
-            self.first_dev = torch.maximum(self.first_dev, dev)
 
 def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs,
                   step: int, d, amp) -> UpdateStats:
@@ -1382,6 +1385,10 @@ def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs,
     params = [p for p in model.parameters() if p.requires_grad]
     stats = UpdateStats(config.num_scales, device)
     n_minibatches = len(b.idx) // a.minibatch
+    if a.kl == "k3":  # log pi_ref of every row: once per step, in chunks without autograd
+        ref_logp = rows_in_chunks(
+            lambda s: token_logprobs(ref, b.labels[s], b.idx[s], a.temperature), len(b.idx), amp)
+        b = replace(b, ref_logp=ref_logp)
 
     for epoch in range(a.ppo_epochs):
         seed = derive_seed(a.seed, step, STREAM_ORDER, epoch)
@@ -1393,18 +1400,14 @@ def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs,
             opt.zero_grad(set_to_none=True)
             for c0 in range(0, share, micro):
                 ids = mine[c0:c0 + micro]
-                sync = nullcontext()
-                if d.world > 1 and c0 + micro < share:
-                    sync = model.no_sync()
-                with sync:
+                with grad_sync(model, last=c0 + micro >= share):  # DDP: all-reduce the last
                     t = loss_terms(model, ref, b, ids, a, amp)
                     loss = grpo_loss(t.surrogate, t.kl, b.pg_w[ids], a.beta, b.kl_w[ids])
                     loss = loss * (len(ids) / share)
                     loss.backward()
                 stats.add(t, b, ids, si_L, loss, first=epoch == 0 and mb == 0)
 
-            max_norm = a.max_grad_norm or math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = clip_grad_norm(params, a.max_grad_norm)
             if not torch.isfinite(norm):  # the one host read of an update
                 stats.nonfinite = (f"the loss gradient (update {mb + 1} of epoch {epoch + 1})")
                 return stats
@@ -1421,7 +1424,7 @@ def step_metrics(step, scored: Scored, adv_Ng, b: UpdateBatch,
     r = all_gather_cat(scored.rewards)
     nan = torch.tensor(math.nan, device=r.device)
     finite = r[torch.isfinite(r)] if torch.isfinite(r).any() else nan.view(1)
-    kl, clipped, ent, tokens = all_reduce(u.per_scale.clone())
+    kl, clipped, tokens, ent, ent_tokens = all_reduce(u.per_scale.clone())
     ratio_sum, loss_sum = all_reduce(u.sums.clone())
     total = tokens.sum().clamp_min(1)
     flat_groups = (adv_Ng == 0).all(1).sum().float()
@@ -1443,7 +1446,7 @@ def step_metrics(step, scored: Scored, adv_Ng, b: UpdateBatch,
         "adv/zero_std_group_frac": flat[0] / flat[1],
         "policy/kl": kl.sum() / total,
         "policy/clip_frac": clipped.sum() / total,
-        "policy/entropy": ent.sum() / total,
+        "policy/entropy": ent.sum() / ent_tokens.sum().clamp_min(1),
         "policy/ratio_mean": ratio_sum / total,
         "policy/ratio_dev_first_minibatch":
             all_reduce(u.first_dev.clone(), "max"),
@@ -1457,7 +1460,7 @@ def step_metrics(step, scored: Scored, adv_Ng, b: UpdateBatch,
         n = tokens[si].clamp_min(1)
         on_device[f"scale/kl_s{si}"] = kl[si] / n
         on_device[f"scale/clip_frac_s{si}"] = clipped[si] / n
-        on_device[f"scale/entropy_s{si}"] = ent[si] / n
+        on_device[f"scale/entropy_s{si}"] = ent[si] / ent_tokens[si].clamp_min(1)
     if a.mask_propagation:
         kept = b.pg_w.gt(0).float().mean()
         on_device["mp/kept_fraction"] = kept

@@ -635,15 +635,53 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
 
 def wrap_ddp(policy, d):
     """The policy in a DistributedDataParallel wrapper under torchrun (the policy itself in one
-    process)."""
+    process). Its buffers are constants (the block-causal mask, the scale ids, a zero bias): no
+    broadcast of them before every forward."""
     if d.world == 1:
         return policy
     device_ids = None
     if d.device.startswith("cuda"):
         device_ids = [d.local_rank]
     return torch.nn.parallel.DistributedDataParallel(
-        policy, device_ids=device_ids, gradient_as_bucket_view=True
+        policy, device_ids=device_ids, gradient_as_bucket_view=True,
+        broadcast_buffers=False,
     )
+
+
+def grad_sync(model, last: bool):
+    """The context of one micro-batch's backward pass: under DDP, all but a minibatch's last
+    micro-batch keep their gradients local (no_sync: they add up, and the last one all-reduces
+    the sum)."""
+    if last or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (max_norm 0 = no clipping); returns the norm before
+    clipping as a plain tensor on the device."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return norm
+
+
+def rows_in_chunks(fn, n_rows: int, amp, chunk: int = 64) -> torch.Tensor:
+    """fn(rows) for every row of range(n_rows), without autograd, under `amp`, `chunk` rows per
+    call, concatenated in row order: each process computes its 1 / world of the rows (n_rows
+    divides by the processes) and all_gather_cat joins them. Step 5's pass of the frozen
+    reference, once per step instead of once per micro-batch."""
+    world = 1
+    rank = 0
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
+
+    share = n_rows // world
+    end = (rank + 1) * share
+    parts = []
+    with torch.no_grad(), amp():
+        for i in range(rank * share, end, chunk):
+            parts.append(fn(slice(i, min(i + chunk, end))))
+    return all_gather_cat(torch.cat(parts))
 
 
 
