@@ -66,10 +66,10 @@ import torch.utils.checkpoint
 from vargrpo_run import (
     OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
     StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, check_depth,
-    check_sample_call, check_sampling_args, check_var_config, clip_grad_norm, exit_with,
-    find_or_download, grad_sync, load_checked, make_reward, parse_train_args,
-    read_state_dict, reward_passes, rows_in_chunks, run_metrics, setup_distributed,
-    to_float32, wrap_ddp,
+    check_sample_call, check_sampling_args, check_var_config, clip_grad_norm, distribute,
+    exit_with, find_or_download, grad_sync, load_checked, make_reward, parse_train_args,
+    read_state_dict, reward_passes, rows_in_chunks, run_metrics, sampling_policy,
+    setup_distributed, to_float32,
 )
 
 # ---- Config
@@ -1039,6 +1039,8 @@ class TrainArgs:
         " pre-trained ones: benchmarks, smoke tests")
     grad_checkpointing: bool = arg(False, "recompute each transformer block in the backward"
         " pass (less activation memory)")
+    fsdp: bool = arg(False, "shard weights, gradients and AdamW state (and the reference) across"
+        " the torchrun processes, FSDP2: d30 on 40 GB cards (README)")
     device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
@@ -1058,15 +1060,14 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
         args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
         reward = make_reward(args.reward, d.device, args, differentiable=args.mask_propagation)
         vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
-        opt = make_optimizer(policy, args, d.device)
         pool = label_pool(args, policy.config.num_classes)
-
-        start = 0
         if ckpt:
             load_checked(policy, ckpt["model"], run.last)
-            start = run.restore(ckpt, opt)
 
-        model = wrap_ddp(policy, d)  # the update uses `model`; saving, sampling `policy`
+        # DDP; --fsdp shards policy and ref in place, and the optimizer holds the shards
+        model = distribute(policy, ref, d, args.fsdp)  # the update uses `model`; saving `policy`
+        opt = make_optimizer(policy, args, d.device)
+        start = run.restore(ckpt, opt, policy)  # 0 for a new run
         amp = autocast(args.dtype, d.device)
         pn = policy.config.patch_nums
         n_local = args.labels_per_step // d.world
@@ -1086,7 +1087,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             #   recorded; VMR: K - 1 more completions of each sample's prefix
             labels_n = step_labels(pool, args, step)[group_ids].to(d.device)
             with amp():
-                roll = rollout(policy, labels_n, group_ids, args, step, prefix_len)
+                roll = rollout(sampling_policy(policy), labels_n, group_ids, args, step, prefix_len)
             laps("sample")
             images = decode(vae, roll.idx, args.reward_batch, d.device)
             laps("decode")

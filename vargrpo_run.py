@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -230,7 +231,7 @@ def exit_with(e: BaseException, prog: str):
 RESUME_OVERRIDABLE = (
     "steps", "save_every", "keep_last", "image_every", "tracker",
     "device", "micro_batch", "sample_batch", "reward_batch",
-    "grad_checkpointing", "weights_dir",
+    "grad_checkpointing", "weights_dir", "fsdp",
 )
 
 
@@ -280,6 +281,9 @@ def check_train_args(a, world: int, presets: dict):
     cuda = (a.device or "").startswith("cuda")
     need(not cuda or torch.cuda.is_available(),
          f"--device {a.device}: this machine has no CUDA GPU")
+    need(not a.fsdp or torch.distributed.is_initialized(),
+         "--fsdp shards the model across torchrun's processes: launch with torchrun"
+         " (bash run.sh does) or drop --fsdp")
 
 
 def check_batch_sizes(a, world: int):
@@ -633,12 +637,18 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
 
 
 
-def wrap_ddp(policy, d):
-    """The policy in a DistributedDataParallel wrapper under torchrun (the policy itself in one
-    process). Its buffers are constants (the block-causal mask, the scale ids, a zero bias): no
-    broadcast of them before every forward."""
+def distribute(policy, ref, d, fsdp: bool = False):
+    """The model step 5 trains: under torchrun the policy in a DistributedDataParallel wrapper,
+    or with --fsdp the policy and the frozen reference sharded in place by FSDP2 (shard_fsdp) and
+    returned as they are; in one process the policy itself. DDP does not broadcast the buffers
+    before every forward: they are constants (the block-causal mask, the scale ids, a zero
+    bias)."""
+    if fsdp:
+        shard_fsdp(ref, d.device)
+        return shard_fsdp(policy, d.device)
     if d.world == 1:
         return policy
+
     device_ids = None
     if d.device.startswith("cuda"):
         device_ids = [d.local_rank]
@@ -651,7 +661,8 @@ def wrap_ddp(policy, d):
 def grad_sync(model, last: bool):
     """The context of one micro-batch's backward pass: under DDP, all but a minibatch's last
     micro-batch keep their gradients local (no_sync: they add up, and the last one all-reduces
-    the sum)."""
+    the sum). Under --fsdp every micro-batch reduce-scatters its gradients into the shards
+    (accumulating them unreduced would hold the whole gradient on every process)."""
     if last or not hasattr(model, "no_sync"):
         return nullcontext()
     return model.no_sync()
@@ -659,9 +670,120 @@ def grad_sync(model, last: bool):
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (max_norm 0 = no clipping); returns the norm before
-    clipping as a plain tensor on the device."""
+    clipping as a plain tensor on the device (under --fsdp, the norm of all shards)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor
+        norm = norm.full_tensor()
     return norm
+
+
+# ---- --fsdp: PyTorch FSDP2. Each process holds 1 / world of every weight, gradient and AdamW
+# moment; a block's weights are gathered for its forward and backward only. Checkpoints hold
+# the whole state in the layout of an unsharded run, so either kind resumes the other.
+def is_sharded(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_fsdp(var, device: str):
+    """FSDP2 (fully_shard) in place: every transformer block its own unit, then the root (the
+    embeddings and the head). The weights stay fp32 (no MixedPrecisionPolicy): autocast casts
+    them as an unsharded run does, and the head runs in fp32 [C5]."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns that a sharded module returns a view (F.linear's logits): nothing modifies
+    # the logits in place (process_logits builds new tensors), so its hooks are kept
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    for block in var.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(var, mesh=mesh)
+    return var
+
+
+def sampling_policy(policy):
+    """The policy step 1 samples from: itself, or under --fsdp a plain copy of it holding the
+    gathered weights (the sampler calls the blocks and embeddings one scale at a time, outside
+    the forward pass through which FSDP gathers them). The copy is freed with the rollout."""
+    if not is_sharded(policy):
+        return policy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    options = StateDictOptions(full_state_dict=True)
+    state = get_model_state_dict(policy, options=options)  # every process: whole tensors
+    mro = type(policy).__mro__[1:]
+    plain = next(c for c in mro if not issubclass(c, FSDPModule))  # the VAR class
+    with torch.device("meta"):
+        copy = plain(policy.config, policy.vae)
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+def optimizer_names(opt, model) -> list:
+    """The parameter name of each optimizer index (its state_dict numbers the parameters of
+    its groups in order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def renumber(optim_sd: dict, keys: list, new_keys: list) -> dict:
+    """An optimizer state_dict with its parameter keys mapped keys[i] -> new_keys[i]."""
+    if not optim_sd:
+        return optim_sd
+    new = dict(zip(keys, new_keys))
+    state = {new[k]: v for k, v in optim_sd["state"].items()}
+    groups = []
+    for g in optim_sd["param_groups"]:
+        groups.append({**g, "params": [new[k] for k in g["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def full_state(policy, opt) -> tuple:
+    """(model, optimizer) state_dicts, whole, in the layout of an unsharded run: the model's
+    official keys, the optimizer's parameters numbered. Call on every process: under --fsdp
+    they gather the shards onto rank 0's CPU (the other processes get {})."""
+    if not is_sharded(policy):
+        return policy.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(policy, options=options)
+    optim_sd = get_optimizer_state_dict(policy, opt, options=options)
+    names = optimizer_names(opt, policy)
+    return model_sd, renumber(optim_sd, names, list(range(len(names))))
+
+
+def load_optimizer(opt, policy, optim_sd: dict):
+    """A whole optimizer state_dict (full_state's layout) into the optimizer; under --fsdp
+    each process keeps its shard of it."""
+    if not is_sharded(policy):
+        opt.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_optimizer_state_dict,
+    )
+
+    names = optimizer_names(opt, policy)
+    by_name = renumber(optim_sd, list(range(len(names))), names)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(policy, opt, by_name, options=options)
+
+
+def weights_finite(module, device) -> bool:
+    """Whether every weight is finite, on every process (under --fsdp each holds a shard)."""
+    ok = True
+    for p in module.parameters():
+        if hasattr(p, "to_local"):  # a DTensor: this process's shard
+            p = p.to_local()
+        ok = ok and bool(torch.isfinite(p).all())
+    flag = torch.tensor([float(ok)], device=device)
+    return bool(all_reduce(flag, "min").item())
 
 
 def rows_in_chunks(fn, n_rows: int, amp, chunk: int = 64) -> torch.Tensor:
@@ -901,14 +1023,17 @@ class RunFolder:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
-    def restore(self, ckpt: dict, opt) -> int:
+    def restore(self, ckpt, opt, policy) -> int:
         """The optimizer from the checkpoint (the caller loads the policy); the metrics log cut
         back to the steps it covers (a later line is redone now; a torn last line, from a
-        crash mid-write, is dropped). Returns the step to continue from."""
+        crash mid-write, is dropped). Returns the step to continue from (0 without a
+        checkpoint)."""
+        if not ckpt:
+            return 0
         start = int(ckpt["step"])
 
         try:
-            opt.load_state_dict(ckpt["optimizer"])
+            load_optimizer(opt, policy, ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(
                 f"{self.last}: its optimizer state does not fit this"
@@ -1023,8 +1148,7 @@ class RunFolder:
         if bad[1]:
             what.append(stats.nonfinite or "the loss gradient")
 
-        finite = all(bool(torch.isfinite(p).all())
-                     for p in policy.parameters())
+        finite = weights_finite(policy, self.d.device)
         saved = "saved nothing"
 
         if finite:
@@ -1095,7 +1219,9 @@ class RunFolder:
         checkpoints/step_N.pt holds the policy, optimizer, step and settings (an exact
         resume); step_N.safetensors the policy alone (official key layout, the settings in
         its metadata). Each is written atomically; last.pt and last.safetensors are hard
-        links to the newest; --keep-last of each are kept."""
+        links to the newest; --keep-last of each are kept. Call on every process: under
+        --fsdp they gather the whole state for rank 0."""
+        model_sd, optim_sd = full_state(policy, opt)
         if not self.d.main:
             return None
 
@@ -1108,14 +1234,14 @@ class RunFolder:
             "vargrpo_step": str(step),
         }
         state = {
-            "model": policy.state_dict(),
-            "optimizer": opt.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "step": step,
             "args": asdict(a),
         }
         weights = {}
 
-        for k, v in policy.state_dict().items():
+        for k, v in model_sd.items():
             weights[k] = v.detach().cpu().contiguous()
 
         def write_pt(f):
