@@ -11,6 +11,7 @@
 #   bash run.sh ablate [args]        VAR-RL ablation on the digits model, 2 rewards x 5 methods x 3 seeds -> runs/ablate
 #   bash run.sh eval --ckpt RUN      Table 1 of a run: its reward and class fidelity, pre-trained vs fine-tuned
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
+#   bash run.sh gpu-check [args]     one JSON: a random d16's step on this GPU (< 5 min), plain / checkpointing / --fsdp
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -47,5 +48,6 @@ case "$cmd" in
   aesthetic+painting) launch --preset d30 --reward "aesthetic+clip:a painting" --out runs/aesthetic+painting --steps 10000 "$@" ;;
   ablate) exec "$PY" vargrpo_tools.py ablate "$@" ;;
   bench) exec "$PY" vargrpo_tools.py bench "$@" ;;
+  gpu-check) exec "$PY" vargrpo_tools.py gpu-check "$@" ;;
   *) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -4,6 +4,7 @@ imports; vargrpo.py never imports this file).
   python vargrpo_tools.py eval --ckpt runs/aes        Table 1: reward and class accuracy, pre-trained vs fine-tuned
   python vargrpo_tools.py ablate                      the VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three
   python vargrpo_tools.py bench                       speed and memory on this machine
+  python vargrpo_tools.py gpu-check                   one JSON: a random d16's step on this GPU (`bash run.sh gpu-check`)
   python vargrpo_tools.py plot runs/demo              reward_curve.png of a run
   python vargrpo_tools.py prepare                     the digits model (data, tokenizer, judge, VAR) -> weights/
   python vargrpo_tools.py demo [train flags]          GRPO on the digits model (`bash run.sh demo`)
@@ -627,6 +628,167 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# gpu-check: one command for the day a GPU is at hand (`bash run.sh gpu-check`). A random-weight
+# model of the preset trains 3 steps at the paper's shape (32 labels x 16 samples, minibatch 32,
+# bf16, the aesthetic reward: CLIP ViT-L/14 and LAION's head, random weights, the same work) once
+# per variant (plain, --grad-checkpointing, --fsdp), each in its own process: step 1 is timed (step
+# 0 absorbs warm-up), step 2 runs under torch.profiler, which counts its launches. One JSON.
+
+GPU_CHECK_VARIANTS = {"plain": [], "grad_checkpointing": ["--grad-checkpointing"], "fsdp": ["--fsdp"]}
+GPU_CHECK_PARTS = ("sample", "decode", "reward", "update")
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch cannot use a CUDA GPU here, in a few words."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # a driver older than the wheel, no device, ...
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot start CUDA: {str(e).strip().splitlines()[0][:160]}"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+
+
+def gpu_check_shape(preset: str) -> dict:
+    """The step measured: the paper's for an official preset (TrainArgs' defaults, written out), a
+    small one with a tiny random CLIP for the tiny / digits presets."""
+    if preset in vr.OFFICIAL_PRESETS:
+        return dict(labels_per_step=32, group_size=16, minibatch=32, clip_model=None)
+    return dict(labels_per_step=4, group_size=4, minibatch=8, clip_model="tiny-random")
+
+
+def gpu_check_args(preset: str, device: str, variant: str, tmp: Path) -> TrainArgs:
+    """The trainer's settings of one variant (a random LAION head written into tmp)."""
+    import reward_models as rm
+    head = tmp / "aesthetic_head.pth"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(rm.AestheticHead().state_dict(), head)
+    return TrainArgs(preset=preset, random_init=True, reward="aesthetic", clip_pretrained="none", aesthetic_head=str(head),
+                     out=str(tmp / "run"), steps=3, image_every=0, device=device, dtype="bf16",
+                     grad_checkpointing=variant == "grad_checkpointing", fsdp=variant == "fsdp", **gpu_check_shape(preset))
+
+
+def no_checkpoint(self, policy, opt, step):
+    """RunFolder.save in gpu-check: nothing written (and no gathering of shards: one process)."""
+    return None
+
+
+def count_launches(prof, device: str) -> dict:
+    """Kernel launches of the profiled step, in total and per part: on a GPU the CUDA runtime's
+    launch calls (cudaLaunchKernel and kin), on the CPU the aten ops that call no other aten op
+    (each runs its own kernel). An event belongs to the part whose time range holds its start (the
+    backward pass runs on another thread on GPUs)."""
+    events = prof.events()
+    ranges = {e.name.split(":", 1)[1]: e.time_range for e in events if e.name.startswith("gpu-check:")}
+    if str(device).startswith("cuda"):
+        launches = [e for e in events if "LaunchKernel" in e.name]
+    else:
+        launches = [e for e in events if e.name.startswith("aten::")
+                    and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    per_part = {}
+    for part, r in ranges.items():
+        per_part[part] = sum(r.start <= e.time_range.start <= r.end for e in launches)
+    return dict(launches_per_step=sum(per_part.values()), launches=per_part,
+                launch_counter="CUDA runtime kernel launches" if str(device).startswith("cuda") else "leaf aten ops (CPU)")
+
+
+def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
+    """One variant, in this process (under torchrun for --fsdp): the trainer's 3 steps, with the
+    step's parts wrapped in profiler ranges, its sample() calls counted, no checkpoint written."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile, record_function
+    on_gpu = device.startswith("cuda")
+    seen = dict(step=0, calls={}, prof=None, metrics=[], peak=None)
+    real = {name: getattr(vg, name) for name in ("rollout", "decode", "score", "policy_update", "sample", "step_metrics")}
+
+    def in_range(part, fn):
+        def run(*args, **kw):
+            with record_function(f"gpu-check:{part}"):
+                return fn(*args, **kw)
+        return run
+
+    def counted_sample(var, labels_B, **kw):
+        seen["calls"].setdefault(seen["step"], []).append(len(labels_B))
+        return real["sample"](var, labels_B, **kw)
+
+    def metrics_then_profile(step, *args, **kw):
+        m = real["step_metrics"](step, *args, **kw)
+        seen["metrics"].append(m)
+        seen["step"] = step + 1
+        if step == 1:  # the timed step is done: its memory, then the profiled step
+            seen["peak"] = peak_memory(device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            seen["prof"] = profile(activities=activities)
+            seen["prof"].__enter__()
+        if step == 2:
+            vr.synced_time(device)
+            seen["prof"].__exit__(None, None, None)
+        return m
+
+    for part, name in zip(GPU_CHECK_PARTS, ("rollout", "decode", "score", "policy_update")):
+        setattr(vg, name, in_range(part, real[name]))
+    vg.sample = counted_sample
+    vg.step_metrics = metrics_then_profile
+    vr.RunFolder.save = no_checkpoint
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        vg.train(gpu_check_args(preset, device, variant, Path(tmp)))
+    m = seen["metrics"][1]
+    out = {f"{part}_s": m[f"time/{part}"] for part in GPU_CHECK_PARTS}
+    out.update(step_s=m["time/step"], samples_per_s=m["perf/samples_per_s"], peak_memory_bytes=seen["peak"],
+               peak_memory_kind="torch.cuda.max_memory_allocated" if on_gpu else "peak RSS of the process",
+               ratio_dev_first_minibatch=max(r["policy/ratio_dev_first_minibatch"] for r in seen["metrics"]),
+               rows_per_sample_call=max(seen["calls"][1]), sample_calls_per_step=len(seen["calls"][1]),
+               **count_launches(seen["prof"], device))
+    return out
+
+
+def gpu_check(args) -> dict:
+    """`bash run.sh gpu-check`: every variant in its own process, one JSON (--out)."""
+    import os
+    import subprocess
+    device = args.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"gpu-check: no usable CUDA GPU ({cuda_unavailable_reason()}); "
+                         "`bash run.sh gpu-check --device cpu --preset tiny` runs the check on the CPU")
+    if args.variant:  # child process: one variant, printed as JSON (rank 0)
+        result = gpu_check_variant(args.preset, device, args.variant)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        return result
+    t0 = time.perf_counter()
+    on_gpu = device.startswith("cuda")
+    report = dict(device=device, device_name=torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                  torch=torch.__version__, cuda=torch.version.cuda, preset=args.preset, dtype="bf16", steps=3,
+                  shape=gpu_check_shape(args.preset), reward="aesthetic, random weights", variants={})
+    failed = False
+    for name, flags in GPU_CHECK_VARIANTS.items():
+        cmd = [__file__, "gpu-check", "--variant", name, "--device", device, "--preset", args.preset]
+        if name == "fsdp":
+            cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *cmd]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+        res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+        lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+        if res.returncode != 0 or not lines:
+            failed = True
+            error = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            report["variants"][name] = dict(flags=flags, error=error[:300])
+        else:
+            report["variants"][name] = dict(flags=flags, **json.loads(lines[-1]))
+        print(f"[gpu-check] {name}: {json.dumps(report['variants'][name])}", flush=True)
+    report["wall_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    text = json.dumps(report, indent=1).encode()
+    vr.atomic_write(out, lambda f: f.write(text))
+    print(f"[gpu-check] wrote {out} ({report['wall_s']:.0f} s)")
+    if failed:
+        raise vg.RunFailed(f"a gpu-check variant failed; {out} holds its error")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # The digits model: a class-conditional VAR that has learned something, made on the CPU from images
 # the program renders (digits 0-9 in Pillow's default font), with its tokenizer and a judge (a
 # digit classifier, also a learned reward). `python vargrpo_tools.py prepare` builds it into
@@ -1078,6 +1240,12 @@ def main(argv=None):
                    help="a checkout of FoundationVision/VAR: also time its sampler on the same weights")
     p.add_argument("--memory", action="store_true", help="activation memory per sample of each preset (from the graph)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    p = sub.add_parser("gpu-check", help="step time and its parts, peak memory, ratio check and launches of a random d16"
+                       " at the paper's shape, plain / --grad-checkpointing / --fsdp: one JSON (bash run.sh gpu-check)")
+    p.add_argument("--device", default=None, help="cuda (default; exit 2 without a GPU) or cpu")
+    p.add_argument("--preset", default="d16", help="model (random weights): the paper's step for d16-d30, a small one for tiny")
+    p.add_argument("--out", default="runs/gpu_check.json", help="the JSON written")
+    p.add_argument("--variant", default=None, choices=list(GPU_CHECK_VARIANTS), help=argparse.SUPPRESS)  # internal: one variant
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")
     sub.add_parser("demo", help="the CPU demo: GRPO on the digits model, then before/after pictures and summary.json", add_help=False)
@@ -1099,6 +1267,8 @@ def main(argv=None):
             return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
         if args.command == "bench":
             return bench(args)
+        if args.command == "gpu-check":
+            return gpu_check(args)
         if args.command == "ablate":
             return ablate(args)
         if args.command == "plot":

@@ -1,15 +1,19 @@
 """Tests of vargrpo_tools.py in its order: model helpers (img_to_idx), reading a run's checkpoint,
-evaluation (Table 1), the VAR-RL ablation, the benchmark. The digits model, prepare and the demo
+evaluation (Table 1), the VAR-RL ablation, the benchmark, gpu-check. The digits model, prepare and the demo
 have their own file, tests/test_digits.py.
 """
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import vargrpo as vg
 import vargrpo_tools as tools
-from helpers import HEAD, TINY, needs_head, random_model
+from helpers import HEAD, ROOT, TINY, needs_head, random_model, timeout
 
 
 # ---- Model helpers: img_to_idx
@@ -121,3 +125,46 @@ def test_bench_rows_and_memory_table(capsys):
     tools.main(["bench", "--memory", "--presets", "tiny"])
     out = capsys.readouterr().out
     assert "| tiny | 0.6 M |" in out and out.count("GiB") == 4
+
+
+# ---- gpu-check (bash run.sh gpu-check)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    """`bash run.sh gpu-check` on a machine without a usable GPU: one line saying why and how to run
+    the check on the CPU, exit 2, nothing written."""
+    res = subprocess.run(["bash", "run.sh", "gpu-check", "--out", "should_not_exist.json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout(300))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "no usable CUDA GPU" in lines[0] and "--device cpu --preset tiny" in lines[0]
+    assert not (ROOT / "should_not_exist.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_on_the_cpu_writes_one_json(tmp_path):
+    """`gpu-check --device cpu --preset tiny`: the three variants run (each in its own process,
+    --fsdp under torchrun with one gloo process) and the JSON holds every number, positive and
+    finite (took 64-100 s on 2 busy cores)."""
+    out = tmp_path / "check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "gpu-check", "--device", "cpu", "--preset", "tiny",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout(900), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["preset"] == "tiny" and report["dtype"] == "bf16"
+    assert set(report["variants"]) == {"plain", "grad_checkpointing", "fsdp"}
+    numbers = ("step_s", "sample_s", "decode_s", "reward_s", "update_s", "samples_per_s", "peak_memory_bytes",
+               "ratio_dev_first_minibatch", "rows_per_sample_call", "sample_calls_per_step", "launches_per_step")
+    for name, v in report["variants"].items():
+        assert "error" not in v, (name, v)
+        for k in numbers:
+            assert math.isfinite(v[k]) and v[k] > 0, (name, k, v[k])
+        assert set(v["launches"]) == {"sample", "decode", "reward", "update"} and all(n > 0 for n in v["launches"].values())
+        assert sum(v["launches"].values()) == v["launches_per_step"]
+        assert v["step_s"] == pytest.approx(sum(v[p + "_s"] for p in ("sample", "decode", "reward", "update")), rel=1e-6)
+        assert v["rows_per_sample_call"] == 16 and v["sample_calls_per_step"] == 1  # 4 labels x 4, one call
+        assert 1e-5 < v["ratio_dev_first_minibatch"] < 0.1  # bf16 autocast: live, and small
+    # recomputing each block in the backward pass launches more
+    assert report["variants"]["grad_checkpointing"]["launches"]["update"] > report["variants"]["plain"]["launches"]["update"]
