@@ -12,6 +12,8 @@ Components  [GRPO-VAR 5.1-5.3]:
   brightness:region=x0,y0,x1,y1  mean luma inside a box (fractions of the image), with a region mask
   digit:bold                   stroke boldness read by the digits judge, a small CNN trained on the rendered
                                digits (vargrpo_tools.py prepare): a learned, label-independent style reward
+  digit:correct                the judge's probability of the asked digit: label-aware (reward(images, labels)),
+                               the analogue of VAR-RL's OCR word accuracy
 
 Importing this module loads nothing and touches no network; open_clip is imported when a CLIP
 reward is built, after deciding whether the Hugging Face hub may be used.
@@ -260,7 +262,7 @@ class ClipScore(nn.Module):
         return self.embedder(images_B3HW) @ self.text_D
 
     @staticmethod
-    def extra_logs(cos_B):
+    def extra_logs(cos_B, images_B3HW=None, labels_B=None):
         """CLIPScore as usually reported: 100 * max(cos, 0)."""
         return {"clipscore": 100 * cos_B.clamp_min(0)}
 
@@ -271,6 +273,7 @@ class ClipScore(nn.Module):
 # (a learned reward that does not fight the label, as "CLIP score to 'a painting'" in GRPO-VAR 5.3).
 
 DIGIT_JUDGE = Path(__file__).resolve().parent / "weights" / "judge_digits.safetensors"
+DIGIT_JUDGE2 = DIGIT_JUDGE.with_name("judge2_digits.safetensors")
 
 
 class DigitJudge(nn.Module):
@@ -335,18 +338,47 @@ class DigitJudge2(nn.Module):
         return self.mlp(self.features(self.ink(images_B3HW)))
 
 
-def load_digit_judge2(path) -> DigitJudge2:
-    """The second judge's weights (judge2_<preset>.safetensors, written by prepare), strictly."""
+def load_digit_judge2(path=None, weights_dir=None) -> DigitJudge2:
+    """The second judge's weights (judge2_digits.safetensors, written by prepare --preset digits7; it
+    serves every digits preset), strictly: `path`, else the file in `weights_dir` if it is there, else
+    weights/ beside this file."""
     from safetensors.torch import load_file
+    local = Path(weights_dir or "") / DIGIT_JUDGE2.name
+    file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE2))
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no second digits judge there; build it with "
+                                f"`python vargrpo_tools.py prepare --preset digits7`")
     judge = DigitJudge2()
-    judge.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
     return judge.eval().requires_grad_(False)
 
 
+class DigitCorrect(nn.Module):
+    """digit:correct: the judge's probability that the image shows the asked digit, p(label | image) -- a
+    reward that reads what was drawn and compares it with what was asked (the analogue of VAR-RL's OCR
+    word accuracy). Label-aware: called as part(images, labels). Logs the judge's top-1 accuracy on the
+    asked digit as digit:correct/accuracy."""
+    needs_labels = True
+
+    def __init__(self, judge: DigitJudge):
+        super().__init__()
+        self.judge = judge
+
+    def forward(self, images_B3HW, labels_B):
+        logits_BC = self.judge.heads(images_B3HW)[0].float()
+        return logits_BC.softmax(-1).gather(1, labels_B.long()[:, None]).squeeze(1)
+
+    def extra_logs(self, p_B, images_B3HW, labels_B):
+        with torch.no_grad():
+            read_B = self.judge.heads(images_B3HW)[0].argmax(-1)
+        return {"accuracy": (read_B == labels_B).float()}
+
+
 def _digit(arg, ctx):
-    if arg != "bold":
-        raise ValueError(f"digit:{arg}: the digits judge's reward is digit:bold")
-    return load_digit_judge(weights_dir=ctx.get("weights_dir")).to(ctx["device"])
+    if arg not in ("bold", "correct"):
+        raise ValueError(f"digit:{arg}: the digits judge's rewards are digit:bold and digit:correct")
+    judge = load_digit_judge(weights_dir=ctx.get("weights_dir")).to(ctx["device"])
+    return judge if arg == "bold" else DigitCorrect(judge)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,26 +461,44 @@ REGISTRY = {
 
 
 class Reward(nn.Module):
-    """sum_i w_i * component_i(images). Call: reward(images) -> (B,), or with
-    return_components=True -> ((B,), {component name: (B,)} plus CLIPScore entries). No autograd
-    graph unless built with differentiable=True (gradients then reach the images)."""
+    """sum_i w_i * component_i(images[, labels]). Call: reward(images, labels) -> (B,), or with
+    return_components=True -> ((B,), {component name: (B,)} plus logged extras such as CLIPScore).
+    Label-aware components (`needs_labels`, e.g. digit:correct) get the images' class labels (B,);
+    label-blind ones ignore them, and sums mix both. No autograd graph unless built with
+    differentiable=True (gradients then reach the images)."""
     def __init__(self, terms, differentiable: bool = False):
         super().__init__()
         self.names = [name for _, name, _ in terms]
         self.weights = [w for w, _, _ in terms]
         self.parts = nn.ModuleList([m for _, _, m in terms])
         self.differentiable = differentiable
+        self.needs_labels = any(getattr(p, "needs_labels", False) for p in self.parts)
 
-    def forward(self, images_B3HW, return_components: bool = False):
+    def check_labels(self, images_B3HW, labels_B):
+        """The labels a label-aware reward needs: one class per image, on the images' device."""
+        names = [n for n, p in zip(self.names, self.parts) if getattr(p, "needs_labels", False)]
+        if labels_B is None:
+            raise ValueError(f"{', '.join(names)} scores an image against its class label: pass labels=")
+        labels_B = torch.as_tensor(labels_B, device=images_B3HW.device)
+        if labels_B.shape != images_B3HW.shape[:1]:
+            raise ValueError(f"{', '.join(names)}: {len(images_B3HW)} images but labels of shape "
+                             f"{tuple(labels_B.shape)}; give one label per image")
+        return labels_B
+
+    def forward(self, images_B3HW, labels=None, return_components: bool = False):
+        if self.needs_labels:
+            labels = self.check_labels(images_B3HW, labels)
+        call = lambda part: part(images_B3HW, labels) if getattr(part, "needs_labels", False) else part(images_B3HW)
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            values = {name: part(images_B3HW).float() for name, part in zip(self.names, self.parts)}
+            values = {name: call(part).float() for name, part in zip(self.names, self.parts)}
             total = sum(w * values[name] for w, name in zip(self.weights, self.names))
         if not return_components:
             return total
         logs = dict(values)
         for name, part in zip(self.names, self.parts):
-            for key, v in getattr(part, "extra_logs", lambda _: {})(values[name]).items():
-                logs[f"{name}/{key}"] = v
+            if hasattr(part, "extra_logs"):
+                for key, v in part.extra_logs(values[name], images_B3HW, labels).items():
+                    logs[f"{name}/{key}"] = v
         return total, logs
 
     def region_mask(self, H: int, W: int, device=None):

@@ -918,7 +918,8 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
         parts.append((m_B1pp > 0).float().view(B, pn * pn))
     return torch.cat(parts, dim=1)
 
-def initial_mask(reward, images_B3HW, pn: int, keep: float):
+def initial_mask(reward, images_B3HW, pn: int, keep: float,
+                 labels_B=None):
     """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from
     [VAR-RL MP; C11].
 
@@ -926,7 +927,8 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float):
     gradient saliency |d reward / d image| summed over channels, area-pooled to the token
     grid, its top `keep` fraction of cells kept, ties kept (a flat saliency, or no gradient,
     keeps every cell). It is where the reward is most sensitive, not a proof that other
-    tokens cannot change it (the decoder mixes areas)."""
+    tokens cannot change it (the decoder mixes areas). A label-aware reward is called with
+    `labels_B`."""
     B, _, H, W = images_B3HW.shape
     device = images_B3HW.device
     region = None
@@ -938,9 +940,10 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float):
         return (pooled[:, 0] > 0).float().expand(B, pn, pn)
 
     x = images_B3HW.detach().float().requires_grad_(True)
+    inputs = (x,) if labels_B is None else (x, labels_B)
     grad = None
     with torch.enable_grad():
-        r = reward(x)
+        r = reward(*inputs)
         if r.requires_grad:
             grad = torch.autograd.grad(r.sum(), x, allow_unused=True)[0]
     # a reward without a gradient (a threshold, or not differentiable)
@@ -971,8 +974,8 @@ def derive_seed(*keys: int) -> int:
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic,"
-        " clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as"
-        " 0.5*aesthetic+clip:a painting")
+        " clip:PROMPT, brightness:region=x0,y0,x1,y1, digit:bold, digit:correct (digits"
+        " presets), or weighted sums such as 0.5*aesthetic+clip:a painting")
     preset: str = arg("d16", "model: d16 d20 d24 d30 (official weights, --weights-dir), digits"
         " (the CPU demo's, weights/) or tiny (random, tests)")
     out: str = arg("", "run directory: new, empty, or a run to replace with --overwrite")
@@ -1092,7 +1095,8 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             laps("decode")
 
             # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            scored = run.retry_once(lambda: score(reward, images, pn, args), step, policy, opt)
+            scored = run.retry_once(
+                lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
             laps("reward")
 
             # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its
@@ -1243,13 +1247,15 @@ class Scored:
     components: dict  # {name: (N,)} the terms of a summed reward
     mp_mask: torch.Tensor | None  # (N, L) MP's token mask, or None
 
-def score(reward, images, patch_nums, a: TrainArgs) -> Scored:
-    """The rewards of the images, in --reward-batch chunks, and with --mask-propagation the
-    reward-relevant tokens [VAR-RL MP]: the finest grid's mask, propagated to every scale."""
+def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
+    """The rewards of the images (of classes `labels_N`), in --reward-batch chunks, and with
+    --mask-propagation the reward-relevant tokens [VAR-RL MP]: the finest grid's mask,
+    propagated to every scale. Label-blind rewards ignore the labels."""
     n = a.reward_batch
     chunks = [images[i:i + n] for i in range(0, len(images), n)]
+    labels = [labels_N[i:i + n] for i in range(0, len(images), n)]
     with torch.no_grad():
-        outs = [reward(c, return_components=True) for c in chunks]
+        outs = [reward(c, y, return_components=True) for c, y in zip(chunks, labels)]
 
     components = {}
     for name in outs[0][1]:
@@ -1259,7 +1265,8 @@ def score(reward, images, patch_nums, a: TrainArgs) -> Scored:
 
     mp_mask = None
     if a.mask_propagation:
-        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep) for c in chunks]
+        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep, y)
+                for c, y in zip(chunks, labels)]
         mp_mask = propagate_mask(torch.cat(fine), patch_nums)
     return Scored(rewards.to(images.device), components, mp_mask)
 

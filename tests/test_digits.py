@@ -104,7 +104,7 @@ def test_digits7_has_a_horizon_and_its_own_files():
     assert vt.digits_files(vt.DIGITS_RECIPES["digits"]) == vt.DIGITS_FILES
     assert vt.digits_files(vt.DIGITS_RECIPES["digits7"]) == {
         "vae": "vae_digits7.safetensors", "var": "var_digits7.safetensors",
-        "judge": "judge_digits.safetensors", "judge2": "judge2_digits7.safetensors"}
+        "judge": "judge_digits.safetensors", "judge2": "judge2_digits.safetensors"}
 
 
 # The files `vargrpo_tools.py prepare` wrote and the repository ships (weights/): their hashes, so that
