@@ -365,6 +365,9 @@ class DigitCorrect(nn.Module):
         self.judge = judge
 
     def forward(self, images_B3HW, labels_B):
+        if len(labels_B) and not 0 <= int(labels_B.min()) <= int(labels_B.max()) <= 9:
+            raise ValueError(f"digit:correct reads the digits 0-9; got labels {int(labels_B.min())}..{int(labels_B.max())} "
+                             f"(use it with a digits preset)")
         logits_BC = self.judge.heads(images_B3HW)[0].float()
         return logits_BC.softmax(-1).gather(1, labels_B.long()[:, None]).squeeze(1)
 

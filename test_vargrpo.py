@@ -1036,6 +1036,35 @@ def test_rollout_of_a_paper_shaped_step_samples_many_rows_per_call(tmp_path, mon
     assert sum(rows) == 512 and sum(rows) / len(rows) >= 128, rows
 
 
+# ---- Step 2: reward (score)
+
+
+def test_score_passes_each_image_its_label_in_chunks():
+    """A label-aware reward gets each image's own label (chunked by --reward-batch), the MP saliency
+    too; label-blind rewards score as before."""
+    import reward_models as rm
+    seen = []
+
+    def by_label(images, labels, return_components=False):
+        seen.append(labels.clone())
+        r = images.mean((1, 2, 3)) * 0 + labels.float()
+        return (r, {"label": r}) if return_components else r
+
+    images = torch.rand(7, 3, 16, 16, requires_grad=False)
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    a = vg.TrainArgs(reward_batch=3)
+    scored = vg.score(by_label, images, labels, (1, 2, 4), a)
+    assert torch.equal(scored.rewards, labels.float()) and torch.equal(scored.components["label"], labels.float())
+    assert [len(x) for x in seen] == [3, 3, 1] and scored.mp_mask is None
+    seen.clear()
+    a = vg.TrainArgs(reward_batch=4, mask_propagation=True)
+    scored = vg.score(by_label, images, labels, (1, 2, 4), a)
+    assert scored.mp_mask.shape == (7, 1 + 4 + 16)
+    assert torch.equal(torch.cat(seen[2:]), labels)  # the saliency pass got the labels too
+    blind = rm.build_reward("brightness", "cpu")
+    torch.testing.assert_close(vg.score(blind, images, labels, (1, 2, 4), vg.TrainArgs()).rewards, rm.luma(images))
+
+
 # ---- Step 3: advantages (advantage_groups)
 
 

@@ -1114,6 +1114,9 @@ def demo(argv) -> dict:
                "class_acc2_before": before["class_acc2"], "class_acc2_after": after["class_acc2"],
                "reward_before": before["reward"], "reward_after": after["reward"], "kl_last": rows[-1]["policy/kl"],
                "steps": len(rows), "seconds": round(seconds, 1)}
+    for key in [k for k in rows[0] if k.startswith("reward/") and k.endswith("/accuracy")]:  # digit:correct's
+        summary["accuracy_first"] = rows[0][key]  # the judge's top-1 on the asked digit of the step's samples
+        summary["accuracy_last"] = float(np.mean([r[key] for r in rows[-3:]]))
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] mean reward: first step {summary['reward_first']:.4f} -> last 3 steps {summary['reward_last']:.4f} "
           f"({summary['reward_last'] - summary['reward_first']:+.4f}); judge's class accuracy {before['class_acc']:.3f} -> "
