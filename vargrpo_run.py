@@ -416,20 +416,21 @@ def load_pth(path, hint: str):
 # ---- Pre-trained weights: where the files come from and what they hold.
 # vargrpo.load_pretrained loads them strictly.
 OFFICIAL_REPO = "FoundationVision/var"
-OFFICIAL_ENDPOINT = "https://huggingface.co"
 VAE_FILE = "vae_ch160v4096z32.pth"
 OFFICIAL_PRESETS = ("d16", "d20", "d24", "d30")
 OFFICIAL_FILES = [VAE_FILE] + [f"var_{p}.pth" for p in OFFICIAL_PRESETS]
 
 
 def find_or_download(filename: str, weights_dir=None) -> Path:
-    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file
-    or the cache; else an official file is downloaded into the cache (huggingface_hub: never
-    a partial file under the real name)."""
-    cache = os.environ.get("VARGRPO_CACHE")
-    cache = Path(cache or Path.home() / ".cache" / "vargrpo")
+    """`filename` (or the .safetensors of that name) in weights_dir, in weights/ beside this
+    file or in the old cache ($VARGRPO_CACHE, default ~/.cache/vargrpo; read, never written).
+    Else an official file comes from huggingface_hub as it is configured: its cache
+    ($HF_HOME/hub) first, then $HF_ENDPOINT through any proxy (HTTPS_PROXY), no download with
+    HF_HUB_OFFLINE=1; no partial file is left under the real name."""
+    old_cache = os.environ.get("VARGRPO_CACHE")
+    old_cache = Path(old_cache or Path.home() / ".cache" / "vargrpo")
     here = Path(__file__).resolve().parent / "weights"
-    folders = [Path(f) for f in (weights_dir, here, cache) if f]
+    folders = [Path(f) for f in (weights_dir, here, old_cache) if f]
     names = (filename, Path(filename).stem + ".safetensors")
 
     for folder in folders:
@@ -437,36 +438,29 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
             if (folder / name).is_file():
                 return folder / name
 
-    url = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}"
-    where = " or ".join(str(f) for f in folders)
-    todo = (
-        f"download {url} yourself and pass --weights-dir naming its"
-        f" folder (or put it in {cache})"
-    )
-
+    where = ", ".join(str(f) for f in folders)
     if filename not in OFFICIAL_FILES:
         raise CheckpointError(
             f"{filename} is not in {where}; pass --weights-dir naming"
             " the folder that holds it"
         )
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-
-    if offline or os.environ.get("VARGRPO_OFFLINE") == "1":
-        raise CheckpointError(
-            f"{filename} is not in {where} and offline mode is on; {todo}"
-        )
-
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
 
     try:
-        return Path(hf_hub_download(OFFICIAL_REPO, filename,
-                                    local_dir=cache,
-                                    endpoint=OFFICIAL_ENDPOINT))
-    except Exception as e:  # huggingface_hub raises many types
+        return Path(hf_hub_download(OFFICIAL_REPO, filename))
+    except Exception as e:  # offline, unreachable, proxy refused, 404, disk full
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            cause = e.__cause__ or e
+            why = (f"downloading it failed ({type(cause).__name__}:"
+                   f" {first_line(cause)})")
+        url = hf_hub_url(OFFICIAL_REPO, filename)
         raise CheckpointError(
-            f"{filename} is not in {where} and downloading {url} failed"
-            f" ({first_line(e)}); {todo}"
+            f"{filename} is not in {where} or {constants.HF_HUB_CACHE}"
+            f" (the Hugging Face cache), and {why}; download {url}"
+            " yourself and pass --weights-dir naming its folder"
         ) from None
 
 

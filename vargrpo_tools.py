@@ -177,7 +177,9 @@ class EvalArgs:
 
 
 def load_resnet50(weights, device):
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors).
+    The weights: --resnet-weights, else torch.hub's cache ($TORCH_HOME), else downloaded there by
+    torch.hub (proxies honoured; not with HF_HUB_OFFLINE=1)."""
     from torchvision.models import ResNet50_Weights, resnet50
     spec = ResNet50_Weights.IMAGENET1K_V2
     model = resnet50()
@@ -186,12 +188,17 @@ def load_resnet50(weights, device):
             raise UsageError(f"--resnet-weights {weights}: no such file")
         state = vr.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
     else:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
         import reward_models
-        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
-            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
-                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
-        state = spec.get_state_dict(progress=True, check_hash=True)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        todo = f"download {spec.url} yourself and pass --resnet-weights PATH"
+        if not cached.is_file() and reward_models.offline_mode():
+            raise CheckpointError(f"ResNet-50 weights {cached.name} are not in {cached.parent} and "
+                                  f"HF_HUB_OFFLINE=1 forbids downloading them; {todo}")
+        try:
+            state = spec.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except Exception as e:  # unreachable, proxy refused, wrong hash, unreadable cached file
+            raise CheckpointError(f"ResNet-50 weights {cached.name}: neither {cached.parent} nor "
+                                  f"{spec.url} gave them ({vr.first_line(e)}); {todo}") from None
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device), spec.transforms()
 
