@@ -1039,7 +1039,7 @@ class TrainArgs:
         " pre-trained ones: benchmarks, smoke tests")
     grad_checkpointing: bool = arg(False, "recompute each transformer block in the backward"
         " pass (less activation memory)")
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 

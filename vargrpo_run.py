@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -120,6 +121,42 @@ def setup_distributed(device=None) -> Dist:
         torch.distributed.init_process_group(backend)
 
     return Dist(rank, world, local, device)
+
+
+def why_no_cuda() -> str:
+    """Why torch cannot use a CUDA GPU, in its own words: the warning torch.cuda.is_available()
+    gives (a driver too old for this wheel) or the error of torch.cuda.init()."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return ""
+
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        return first_line(e)
+    for w in caught:
+        return first_line(w.message)
+    return "torch sees no CUDA device"
+
+
+def default_device(device, preset: str) -> str:
+    """--device when given; else cuda when torch can use a GPU, else the CPU. Not silently for
+    an official preset (d16-d30, the paper's shape, fp32 on the CPU): one UsageError saying why
+    CUDA is unavailable and that --device cpu insists."""
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if preset in OFFICIAL_PRESETS:
+        raise UsageError(
+            f"--preset {preset} needs a CUDA GPU and torch cannot use one"
+            f" ({why_no_cuda()}); fix CUDA, or pass --device cpu to run it"
+            " on the CPU anyway (fp32, very slow)"
+        )
+    return "cpu"
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -280,6 +317,7 @@ def check_train_args(a, world: int, presets: dict):
     cuda = (a.device or "").startswith("cuda")
     need(not cuda or torch.cuda.is_available(),
          f"--device {a.device}: this machine has no CUDA GPU")
+    default_device(a.device, a.preset)  # an official preset: a GPU, or --device cpu
 
 
 def check_batch_sizes(a, world: int):

@@ -147,6 +147,86 @@ def test_run_sh_aesthetic_smoke_on_cpu(tmp_path):
     assert len(m) == 2 and 3 < m[-1]["reward/aesthetic"] < 8 and m[-1]["reward/mean"] == m[-1]["reward/aesthetic"]
 
 
+# ---- The device: an official preset never falls back to the CPU silently
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+def no_weights_env(tmp_path) -> dict:
+    """Empty weight caches, huggingface_hub offline: a run that gets as far as loading the
+    official weights stops there, with its own line."""
+    return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "VARGRPO_CACHE": str(tmp_path / "old")}
+
+
+@no_gpu
+def test_official_preset_without_a_gpu_stops_before_loading_weights(tmp_path):
+    """d16 without --device on a machine torch finds no GPU on: exit 2, one line saying why (torch's
+    own reason) and --device cpu, before the weights (whose absence would be the next line) and
+    before the run folder. With --device cpu it goes on, to the missing weights."""
+    args = ["--preset", "d16", "--reward", "brightness", "--steps", "1"]
+    code, err = train_cli(*args, "--out", str(tmp_path / "gpu"), env=no_weights_env(tmp_path))
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("vargrpo: error: --preset d16 needs a CUDA GPU and torch cannot use one ("), err
+    assert f"({vr.why_no_cuda()})" in line and line.endswith("or pass --device cpu to run it on the CPU anyway (fp32, very slow)")
+    assert not (tmp_path / "gpu").exists()
+    code, err = train_cli(*args, "--device", "cpu", "--out", str(tmp_path / "cpu"), env=no_weights_env(tmp_path))
+    assert code == 2 and "var_d16.pth is not in " in one_error_line(err) and "CUDA" not in err, err
+
+
+@no_gpu
+@pytest.mark.slow
+def test_official_preset_without_a_gpu_stops_under_torchrun(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "vargrpo.py", "train", "--preset", "d30", "--reward", "brightness", "--out", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=TRAIN_TIMEOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **no_weights_env(tmp_path)})
+    lines = [l for l in res.stderr.splitlines() if l.startswith("vargrpo: error:")]
+    assert res.returncode != 0 and lines, res.stderr[-3000:]
+    assert all(l.startswith("vargrpo: error: --preset d30 needs a CUDA GPU") and "--device cpu" in l for l in lines)
+    assert "var_d30.pth" not in res.stderr and not (tmp_path / "r").exists()
+
+
+@no_gpu
+def test_default_device_by_preset_and_why_no_cuda(monkeypatch):
+    """The CPU for digits and tiny, as before; d16-d30 refused unless --device says so. The reason
+    is torch's: the error of torch.cuda.init(), else the warning is_available() gave."""
+    assert [vr.default_device(None, p) for p in ("digits", "tiny")] == ["cpu", "cpu"]
+    assert vr.default_device("cpu", "d30") == "cpu"
+    for preset in vr.OFFICIAL_PRESETS:
+        with pytest.raises(vr.UsageError, match=f"--preset {preset} needs a CUDA GPU .*--device cpu"):
+            vr.default_device(None, preset)
+
+    def warns():
+        import warnings
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", warns)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    assert vr.why_no_cuda() == "CUDA initialization: The NVIDIA driver on your system is too old (found version 11040)."
+
+    def fails():
+        raise RuntimeError("Found no NVIDIA driver on your system.\nsecond line")
+    monkeypatch.setattr(torch.cuda, "init", fails)
+    assert vr.why_no_cuda() == "Found no NVIDIA driver on your system."
+
+
+@no_gpu
+def test_eval_of_an_official_run_without_a_gpu_stops_before_loading_weights(tmp_path):
+    """eval reads the run's preset from its checkpoint and stops before the official weights."""
+    import vargrpo_tools as tools
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": {}, "args": {"preset": "d16", "reward": "aesthetic"}, "step": 1}, ckpt)
+    with pytest.raises(vr.UsageError, match="--preset d16 needs a CUDA GPU .*--device cpu"):
+        tools.load_finetuned(str(ckpt), None)
+    with pytest.raises(vr.CheckpointError, match="var_d16.pth is not in "):
+        with pytest.MonkeyPatch.context() as mp:
+            import huggingface_hub.constants
+            mp.setenv("VARGRPO_CACHE", str(tmp_path / "old"))
+            mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+            mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            tools.load_finetuned(str(ckpt), "cpu")
+
+
 # ---- Settings: --config, and numbers and settings that cannot be meant
 
 
