@@ -216,6 +216,30 @@ def test_SelfAttention_scale_mul_is_capped_at_100(seed):
     assert torch.equal(out[100.0], out[1e4])         # ... above it nothing changes
 
 
+def test_SelfAttention_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch):
+    """Under CUDA autocast F.normalize returns fp32 keys; the cache keeps k and v in the autocast
+    dtype (bf16) nonetheless, scale after scale, and the cached attention equals teacher forcing
+    with the block-causal mask (SDPA casts to bf16 either way). Simulated on the CPU, whose
+    autocast leaves normalize in bf16: normalize is made to return fp32 as CUDA's does."""
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda x, **kw: normalize(x.float(), **kw))
+    vae, var = random_model((1, 2, 3), depth=1, seed=0)
+    attn, C = var.blocks[0].attn, var.config.embed_dim
+    x_BLC = torch.randn(2, var.config.seq_len, C, generator=gen(0))
+    visible_LL = var.attn_bias_for_masking[0, 0] == 0
+    kv = [None, None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = attn(x_BLC, visible_LL)
+        for bg, ed in var.begin_ends:
+            part = attn(x_BLC[:, bg:ed], None, kv)
+            assert kv[0].dtype == kv[1].dtype == torch.bfloat16 and kv[0].shape[2] == ed
+            torch.testing.assert_close(part, whole[:, bg:ed], rtol=0.02, atol=0.02)
+    with torch.no_grad():  # without autocast: fp32, as computed
+        kv = [None, None]
+        attn(x_BLC[:, :1], None, kv)
+        assert kv[0].dtype == kv[1].dtype == torch.float32
+
+
 # ---- Pre-trained weights
 
 

@@ -692,6 +692,81 @@ def autocast(dtype: str, device: str):
                              dtype=chosen[dtype])
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on t's device while it is on, else t's own. The sampler
+    keeps its KV cache in it: under CUDA autocast F.normalize runs in fp32, so the keys come
+    out fp32 (the attention casts them to bf16 anyway; cached as fp32 they cost 1.5x)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+# ---- How many rows a sample() call can take (--sample-batch 0 on a GPU). README, "Memory:
+# what fits on one GPU", derives these counts.
+def sample_row_bytes(config, dtype_bytes: int) -> int:
+    """Peak bytes one row adds to the trainer's sample() call (no CFG / top-k / top-p), which
+    it reaches at the last scale. dtype_bytes: of the autocast dtype (2 for bf16; 4 in fp32).
+    D blocks, width C, L tokens of which l at the last scale, vocabulary V:
+      KV cache   2 D L C s                  k and v of every block and scale, in that dtype
+      then the larger of two moments of the last scale:
+      logits     4 l (C + 3 V)              fp32: the last block's output, and three (l, V)
+                                            tensors alive at once (logits, probabilities and
+                                            the draw's exponentials, or the log-probs)
+      attention  l C (20 + 7 s) + 2 L C s   a block's residual and LayerNorm (fp32), q and k
+                                            (fp32 under CUDA autocast), qkv, casts and output
+                                            (s), and the cache's new k and v while its old
+                                            ones are still referenced"""
+
+    D = config.depth
+    C = config.embed_dim
+    L = config.seq_len
+    V = config.vocab_size
+    l = config.patch_nums[-1] ** 2
+    s = dtype_bytes
+    cache = 2 * D * L * C * s
+    logits = 4 * l * (C + 3 * V)
+    attention = l * C * (20 + 7 * s) + 2 * L * C * s
+    return cache + max(logits, attention)
+
+
+SAMPLE_MEMORY_SHARE = 0.9  # of the free memory; the rest: the allocator's fragmentation
+
+
+def rows_that_fit(free_bytes: int, config, dtype_bytes: int, group_size: int) -> int:
+    """The rows of one sample() call that fit in free_bytes: whole groups, at least one
+    group. Under autocast (dtype_bytes < 4) the blocks' weights are first cast to that dtype
+    and the casts kept (18 C^2 weights per block)."""
+    C = config.embed_dim
+    fixed = 0
+    if dtype_bytes < 4:
+        fixed = 18 * config.depth * C * C * dtype_bytes
+    usable = free_bytes * SAMPLE_MEMORY_SHARE - fixed
+    rows = max(0, int(usable)) // sample_row_bytes(config, dtype_bytes)
+    groups = max(1, rows // group_size)
+    return groups * group_size
+
+
+def groups_per_sample_call(sample_batch: int, group_size: int, n_groups: int, config,
+                           device) -> int:
+    """Groups per sample() call: --sample-batch rows in whole groups (at least one); 0: on a
+    GPU as many as fit in its free memory now (torch.cuda.mem_get_info, plus what PyTorch's
+    allocator holds unused), on the CPU all of the process's groups."""
+    if sample_batch:
+        return max(1, sample_batch // group_size)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return n_groups
+
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype = torch.float32
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    rows = rows_that_fit(free, config, dtype.itemsize, group_size)
+    return min(n_groups, rows // group_size)
+
+
 
 def reward_passes(reward, a) -> int:
     """Reward evaluations per image: 2 when MP takes its mask from gradient saliency (a reward

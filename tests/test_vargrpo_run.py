@@ -346,6 +346,75 @@ def test_load_checked_reads_a_trainer_wrapper_and_names_key_mismatches(tmp_path)
         vg.load_checked(fresh, sd, "ar.pth")
 
 
+# ---- How many rows a sample() call takes: sample_row_bytes, rows_that_fit, groups_per_sample_call
+
+MiB, GiB = 2**20, 2**30
+
+
+@given(free=st.integers(0, 2**40), more=st.integers(0, 2**38), G=st.integers(1, 64),
+       preset=st.sampled_from(["tiny", "digits", "d16", "d30"]), dtype_bytes=st.sampled_from([2, 4]))
+def test_rows_that_fit_are_whole_groups_at_least_one_and_grow_with_free_memory(free, more, G, preset, dtype_bytes):
+    config = vg.VARConfig.preset(preset)
+    rows = vr.rows_that_fit(free, config, dtype_bytes, G)
+    assert rows >= G and rows % G == 0
+    assert vr.rows_that_fit(free + more, config, dtype_bytes, G) >= rows
+    if rows > G:  # more than the one group it always gets: they fit
+        fixed = 18 * config.depth * config.embed_dim ** 2 * (dtype_bytes < 4) * dtype_bytes
+        assert rows * vr.sample_row_bytes(config, dtype_bytes) + fixed <= vr.SAMPLE_MEMORY_SHARE * free
+
+
+def test_sample_row_bytes_of_d16_is_the_readmes():
+    """The README's per-row column: d16 under bf16 autocast 42.5 MiB of KV cache + 13 MiB at the
+    last scale; in fp32 twice the cache."""
+    d16 = vg.VARConfig.preset("d16")
+    assert vr.sample_row_bytes(d16, 2) == 2 * 16 * 680 * 1024 * 2 + 4 * 256 * (1024 + 3 * 4096)
+    assert vr.sample_row_bytes(d16, 2) / MiB == pytest.approx(55.5)
+    assert vr.sample_row_bytes(d16, 4) / MiB == pytest.approx(85.0 + 17.3125)
+    assert vr.rows_that_fit(40 * GiB, d16, 2, 16) == 640  # 0.9 x 40 GiB - 0.56 GiB of bf16 weights: 653 rows
+
+
+def test_groups_per_sample_call_on_the_cpu_and_given():
+    tiny = vg.VARConfig.preset("tiny")
+    assert vr.groups_per_sample_call(0, 4, 7, tiny, torch.device("cpu")) == 7  # 0 on the CPU: all of them
+    assert vr.groups_per_sample_call(9, 4, 7, tiny, "cpu") == 2
+    assert vr.groups_per_sample_call(3, 4, 7, tiny, "cpu") == 1
+
+
+MEASURE = """
+import resource, sys, torch, vargrpo as vg
+torch.set_num_threads(1)
+config = vg.VARConfig.preset("tiny")
+if sys.argv[1] == "wide":
+    config = vg.VARConfig(depth=1, patch_nums=(1, 2, 3, 4), vocab_size=4096, z_channels=8, vae_ch=32, num_classes=10)
+vae, var = vg.build_vae_var(config, seed=0)
+for B in (500, 1500):
+    labels = torch.arange(B) % config.num_classes
+    vg.sample(var, labels, temperature=0.7, generator=torch.Generator().manual_seed(0), decode=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["tiny", "wide"])
+def test_sample_row_bytes_against_the_measured_cpu_peak(which):
+    """fp32 on this CPU: the peak memory (ru_maxrss) of sample() with 500 and 1,500 rows, the
+    slope per row. glibc returns freed blocks at once with a fixed mmap threshold, so the peak
+    RSS is the peak of live tensors. tiny: the attention term is the larger (measured 0.85 of the
+    formula: it counts casts fp32 does not make); 'wide' (V = 4096, C = 64): the logits term
+    (measured 1.00)."""
+    config = vg.VARConfig.preset("tiny")
+    if which == "wide":
+        config = vg.VARConfig(depth=1, patch_nums=(1, 2, 3, 4), vocab_size=4096, z_channels=8, vae_ch=32,
+                              num_classes=10)
+    res = subprocess.run([sys.executable, "-c", MEASURE, which], cwd=ROOT, capture_output=True, text=True,
+                         timeout=REFUSAL_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                       "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    small, large = map(int, res.stdout.split())
+    measured = (large - small) / 1000
+    assert 0.75 <= measured / vr.sample_row_bytes(config, 4) <= 1.05, measured
+
+
 # ---- RunFolder: a new run never touches files that are not a run's
 
 
