@@ -15,8 +15,9 @@ Components  [GRPO-VAR 5.1-5.3]:
   digit:correct                the judge's probability of the asked digit: label-aware (reward(images, labels)),
                                the analogue of VAR-RL's OCR word accuracy
 
-Importing this module loads nothing and touches no network; open_clip is imported when a CLIP
-reward is built, after deciding whether the Hugging Face hub may be used.
+Importing this module loads nothing and touches no network. Downloads are left to the libraries
+(open_clip through huggingface_hub, torch.hub), with their settings: HF_HUB_OFFLINE, HF_ENDPOINT,
+HF_HOME, TORCH_HOME, HTTPS_PROXY / HTTP_PROXY. HF_HUB_OFFLINE=1 also stops the torch.hub downloads.
 """
 from __future__ import annotations
 
@@ -25,10 +26,7 @@ import json
 import math
 import os
 import re
-import socket
-import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -95,31 +93,15 @@ def clip_preprocess(images_B3HW, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_S
     return (x - m) / s
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it (at its import): one switch for every download,
+    the torch.hub files (aesthetic head, ResNet-50) included."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
 
 
-@contextmanager
-def hub_offline():
-    """Inside: huggingface_hub (imported or not yet) does not use the network (no ~45 s of retries).
-    After: the process's own setting is back, so later downloads (the VAR weights) still work."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
-        if "huggingface_hub.constants" in sys.modules:  # it reads the variable once, at import
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = (before or "").upper() in ("1", "ON", "YES", "TRUE")
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def register_clip_model(name: str) -> str:
@@ -150,16 +132,11 @@ def check_clip_pair(model_name: str, pretrained: str):
 
 def load_clip(model_name: str, pretrained: str | None, weights: str | None, device):
     """(frozen open_clip model, tokenizer). `weights`: a local checkpoint file (no network used);
-    else `pretrained` is an open_clip tag ('openai') fetched through its cache, failing fast when
-    neither the cache nor the hub can serve it; pretrained None / 'none': random weights."""
-    source = weights or (None if pretrained in (None, "", "none") else pretrained)
-    # nothing to fetch, or no way to: keep huggingface_hub off the network while open_clip loads
-    with hub_offline() if weights or not source or not hub_reachable() else nullcontext():
-        return _load_clip(model_name, source, weights, device)
-
-
-def _load_clip(model_name: str, source: str | None, weights: str | None, device):
+    else `pretrained` is an open_clip tag ('openai') that open_clip fetches through huggingface_hub
+    (its cache first); pretrained None / 'none': random weights. A failure is one line naming
+    --clip-weights."""
     import open_clip
+    source = weights or (None if pretrained in (None, "", "none") else pretrained)
     name = register_clip_model(model_name)
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(f"--clip-weights {weights}: no such file")
@@ -169,13 +146,18 @@ def _load_clip(model_name: str, source: str | None, weights: str | None, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-weight models (tests, smoke runs) are reproducible
             model = open_clip.create_model(name, pretrained=source, device=device)
-    except RuntimeError as e:
-        if weights:
+    except Exception as e:  # offline, unreachable, proxy refused, not found: many types
+        if weights or not source:  # not a download
             raise
-        raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({str(e).splitlines()[0][:160]}); they are not in "
-                           f"open_clip's cache and the hub {'is off or unreachable' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'failed'}; "
-                           "download the open_clip checkpoint elsewhere and pass --clip-weights PATH "
-                           "(or --clip-pretrained none for random weights)") from None
+        from huggingface_hub import constants
+        if offline_mode():
+            why = f"HF_HUB_OFFLINE=1 and they are not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+        else:
+            why = first_line(e)
+        repo = (open_clip.get_pretrained_cfg(name, source) or {}).get("hf_hub", "").rstrip("/")
+        what = f"the open_clip checkpoint of the hub repository {repo}" if repo else "the open_clip checkpoint"
+        raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({why}); download {what} "
+                           "elsewhere and pass --clip-weights PATH (or --clip-pretrained none for random weights)") from None
     model.eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name)
 
@@ -194,25 +176,31 @@ class AestheticHead(nn.Module):
 
 
 def cache_dir() -> Path:
+    """The old vargrpo cache ($VARGRPO_CACHE, default ~/.cache/vargrpo): still read, never written."""
     return Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
 
 
 def load_aesthetic_head(path: str | None) -> AestheticHead:
-    """From `path` (--aesthetic-head), else the cache, else LAION's repository (torch.hub, sha256
-    checked while downloading). Offline or unreachable: one line naming the file and the flag."""
+    """From `path` (--aesthetic-head), else torch.hub's cache ($TORCH_HOME/hub/checkpoints; the old
+    vargrpo cache is read too), else downloaded there from LAION's repository by torch.hub (proxies
+    honoured, sha256 checked before the file takes its name; not with HF_HUB_OFFLINE=1). A failure is
+    one line naming the file and --aesthetic-head."""
     if path and not Path(path).is_file():
         raise FileNotFoundError(f"--aesthetic-head {path}: no such file")
-    file = Path(path) if path else cache_dir() / AESTHETIC_HEAD
-    todo = f"download {AESTHETIC_HEAD_URL} yourself and pass --aesthetic-head PATH (or put it in {cache_dir()})"
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / AESTHETIC_HEAD
+    cached = [f for f in (hub_file, cache_dir() / AESTHETIC_HEAD) if f.is_file()]
+    file = Path(path) if path else (cached or [hub_file])[0]
+    todo = f"download {AESTHETIC_HEAD_URL} yourself and pass --aesthetic-head PATH"
     if not file.is_file():
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
-            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and offline mode is on; {todo}")
+        if offline_mode():
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {file.parent} and HF_HUB_OFFLINE=1 "
+                                    f"forbids downloading it; {todo}")
         file.parent.mkdir(parents=True, exist_ok=True)
         try:  # a temporary file, renamed once its sha256 is right
             torch.hub.download_url_to_file(AESTHETIC_HEAD_URL, str(file), hash_prefix=AESTHETIC_HEAD_SHA256)
         except Exception as e:
-            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and downloading it failed "
-                                    f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); {todo}") from None
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {file.parent} and downloading it failed "
+                                    f"({first_line(e)}); {todo}") from None
     elif not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
         raise RuntimeError(f"{file} does not have the sha256 of LAION's {AESTHETIC_HEAD}; delete it and retry")
     head = AestheticHead()
@@ -220,7 +208,7 @@ def load_aesthetic_head(path: str | None) -> AestheticHead:
         head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)  # saved on CUDA
     except Exception as e:  # not a checkpoint, or another network's
         raise ValueError(f"{file} is not LAION's aesthetic head {AESTHETIC_HEAD} (sha256 {AESTHETIC_HEAD_SHA256[:16]}...): "
-                         f"{str(e).splitlines()[0][:160]}") from None
+                         f"{first_line(e)}") from None
     return head.eval().requires_grad_(False)
 
 

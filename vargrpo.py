@@ -27,8 +27,9 @@ Choices and deviations from the official VAR code, cited as [C1] ...:
     only (the official one also runs the unconditional half).
  4. Temperature (absent from the official sampler) divides the logits after CFG and before
     top-k / top-p, so top-p acts on the distribution actually sampled from.
- 5. The head (adaLN + linear) always runs in fp32, also under autocast: log-probabilities
-    feed ratios.
+ 5. Under autocast the head (adaLN + linear) and all after it (logits, the sampling softmax,
+    log-probs) run in fp32: log-probabilities feed ratios. The sampler's KV cache is kept in
+    the autocast dtype (memory).
  6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its
     state_dict and parameters, so the VAR state_dict is exactly the official one.
 Choices within the papers (where they are silent):
@@ -66,8 +67,8 @@ import torch.utils.checkpoint
 
 from vargrpo_run import (
     OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
-    StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, check_depth,
-    check_sample_call, check_sampling_args, check_var_config, exit_with, find_or_download,
+    StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, autocast_dtype, check_depth,
+    check_sample_call, check_sampling_args, check_var_config, exit_with, find_or_download, groups_per_sample_call,
     load_checked, make_reward, parse_train_args, read_state_dict, reward_passes,
     run_metrics, setup_distributed, to_float32, wrap_ddp,
 )
@@ -430,6 +431,9 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
 
         if kv_cache is not None:
+            # cached in the autocast dtype (CUDA autocast's normalize returns fp32 k) [C5]
+            k = k.to(autocast_dtype(k))
+            v = v.to(autocast_dtype(v))
             if kv_cache[0] is not None:
                 k = torch.cat((kv_cache[0], k), dim=2)
                 v = torch.cat((kv_cache[1], v), dim=2)
@@ -702,13 +706,12 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
             idx_Bl = prefix_idx[:, bg:ed]
         else:
             probs_BlV = logits_BlV.softmax(dim=-1)
-            finite_Bl1 = torch.isfinite(probs_BlV).all(-1, keepdim=True)
+            finite_Bl1 = probs_BlV.sum(-1, keepdim=True).isfinite()  # no (B, l, V) temporaries
             nonfinite += (~finite_Bl1).sum()
             probs_BlV = torch.where(finite_Bl1, probs_BlV, 1.0 / V)
             idx_Bl = draw(probs_BlV, gens)
         idx_BL[:, bg:ed] = idx_Bl
-        logp_Bl = logits_BlV.log_softmax(-1)
-        logp_BL[:, bg:ed] = logp_Bl.gather(-1, idx_Bl.unsqueeze(-1))[..., 0]
+        logp_BL[:, bg:ed] = logits_BlV.log_softmax(-1).gather(-1, idx_Bl.unsqueeze(-1))[..., 0]
 
         f_hat = quant.add_scale(f_hat, quant.embed(idx_Bl), si)
         if si < K - 1:
@@ -989,8 +992,8 @@ class TrainArgs:
         " labels*G/minibatch updates per step")
     micro_batch: int = arg(0, "samples per forward/backward on each process (gradient"
         " accumulation); 0 = minibatch/processes")
-    sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 ="
-        " all of the process's rows)")
+    sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 = as"
+        " many as fit in the GPU's free memory; on the CPU all of the process's rows)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     lr: float = arg(0.0001, "AdamW learning rate [paper: 1e-4]")
     weight_decay: float = arg(0.01, "AdamW weight decay of weight matrices (torch default; the"
@@ -1042,7 +1045,7 @@ class TrainArgs:
         " pre-trained ones: benchmarks, smoke tests")
     grad_checkpointing: bool = arg(False, "recompute each transformer block in the backward"
         " pass (less activation memory)")
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 
@@ -1202,7 +1205,7 @@ def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int,
     for g in group_ids:
         seed = derive_seed(a.seed, step, STREAM_SAMPLE, g)
         gens.append(torch.Generator(labels_n.device).manual_seed(seed))
-    per_call = max(1, a.sample_batch // G) if a.sample_batch else len(group_ids)
+    per_call = groups_per_sample_call(a.sample_batch, G, len(group_ids), policy.config, labels_n.device)
 
     parts = []
     for c in range(0, len(group_ids), per_call):

@@ -133,12 +133,14 @@ def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
 
 
 def load_finetuned(ckpt: str, device, weights_dir=None):
-    """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint."""
+    """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint.
+    device None: a GPU when torch can use one; the CPU only for the digits and tiny presets."""
     saved, state, step = load_run_checkpoint(ckpt)
     known = {f.name for f in fields(TrainArgs)}
     a = TrainArgs(**{k: v for k, v in saved.items() if k in known})
     if weights_dir:
         a.weights_dir = weights_dir
+    device = vr.default_device(device, a.preset)  # before the official weights load
     vae, finetuned, pretrained = vg.build_models(a, device)
     vg.load_checked(finetuned, state, ckpt)
     return vae, finetuned, pretrained, a, step
@@ -173,11 +175,13 @@ class EvalArgs:
     aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth", type=str)
     resnet_weights: str = arg(None, "local torchvision resnet50 IMAGENET1K_V2 state_dict (else torch hub cache, else download)", type=str)
     weights_dir: str = arg(None, "folder with the pre-trained VAR files", type=str)
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
 
 
 def load_resnet50(weights, device):
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors).
+    The weights: --resnet-weights, else torch.hub's cache ($TORCH_HOME), else downloaded there by
+    torch.hub (proxies honoured; not with HF_HUB_OFFLINE=1)."""
     from torchvision.models import ResNet50_Weights, resnet50
     spec = ResNet50_Weights.IMAGENET1K_V2
     model = resnet50()
@@ -186,12 +190,17 @@ def load_resnet50(weights, device):
             raise UsageError(f"--resnet-weights {weights}: no such file")
         state = vr.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
     else:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
         import reward_models
-        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
-            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
-                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
-        state = spec.get_state_dict(progress=True, check_hash=True)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        todo = f"download {spec.url} yourself and pass --resnet-weights PATH"
+        if not cached.is_file() and reward_models.offline_mode():
+            raise CheckpointError(f"ResNet-50 weights {cached.name} are not in {cached.parent} and "
+                                  f"HF_HUB_OFFLINE=1 forbids downloading them; {todo}")
+        try:
+            state = spec.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except Exception as e:  # unreachable, proxy refused, wrong hash, unreadable cached file
+            raise CheckpointError(f"ResNet-50 weights {cached.name}: neither {cached.parent} nor "
+                                  f"{spec.url} gave them ({vr.first_line(e)}); {todo}") from None
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device), spec.transforms()
 
@@ -219,8 +228,8 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
 def evaluate(e: EvalArgs) -> dict:
     if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0:
         raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0 and --temperature > 0")
-    device = e.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, device, e.weights_dir)
+    vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, e.device, e.weights_dir)
+    device = str(finetuned.pos_1LC.device)
     preset_kw = DIGITS_CFG if a.preset in DIGITS_RECIPES else OFFICIAL_SAMPLING  # each setting not given: the preset's
     sampling = {k: preset_kw[k] if getattr(e, k) is None else getattr(e, k) for k in ("cfg", "top_k", "top_p")}
     if sampling["cfg"] < 0 or sampling["top_k"] < 0 or not 0 <= sampling["top_p"] < 1:
