@@ -12,9 +12,12 @@ Components  [GRPO-VAR 5.1-5.3]:
   brightness:region=x0,y0,x1,y1  mean luma inside a box (fractions of the image), with a region mask
   digit:bold                   stroke boldness read by the digits judge, a small CNN trained on the rendered
                                digits (vargrpo_tools.py prepare): a learned, label-independent style reward
+  digit:correct                the judge's probability of the asked digit: label-aware (reward(images, labels)),
+                               the analogue of VAR-RL's OCR word accuracy
 
-Importing this module loads nothing and touches no network; open_clip is imported when a CLIP
-reward is built, after deciding whether the Hugging Face hub may be used.
+Importing this module loads nothing and touches no network. Downloads are left to the libraries
+(open_clip through huggingface_hub, torch.hub), with their settings: HF_HUB_OFFLINE, HF_ENDPOINT,
+HF_HOME, TORCH_HOME, HTTPS_PROXY / HTTP_PROXY. HF_HUB_OFFLINE=1 also stops the torch.hub downloads.
 """
 from __future__ import annotations
 
@@ -23,10 +26,7 @@ import json
 import math
 import os
 import re
-import socket
-import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -93,31 +93,15 @@ def clip_preprocess(images_B3HW, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_S
     return (x - m) / s
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it (at its import): one switch for every download,
+    the torch.hub files (aesthetic head, ResNet-50) included."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
 
 
-@contextmanager
-def hub_offline():
-    """Inside: huggingface_hub (imported or not yet) does not use the network (no ~45 s of retries).
-    After: the process's own setting is back, so later downloads (the VAR weights) still work."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
-        if "huggingface_hub.constants" in sys.modules:  # it reads the variable once, at import
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = (before or "").upper() in ("1", "ON", "YES", "TRUE")
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def register_clip_model(name: str) -> str:
@@ -148,16 +132,11 @@ def check_clip_pair(model_name: str, pretrained: str):
 
 def load_clip(model_name: str, pretrained: str | None, weights: str | None, device):
     """(frozen open_clip model, tokenizer). `weights`: a local checkpoint file (no network used);
-    else `pretrained` is an open_clip tag ('openai') fetched through its cache, failing fast when
-    neither the cache nor the hub can serve it; pretrained None / 'none': random weights."""
-    source = weights or (None if pretrained in (None, "", "none") else pretrained)
-    # nothing to fetch, or no way to: keep huggingface_hub off the network while open_clip loads
-    with hub_offline() if weights or not source or not hub_reachable() else nullcontext():
-        return _load_clip(model_name, source, weights, device)
-
-
-def _load_clip(model_name: str, source: str | None, weights: str | None, device):
+    else `pretrained` is an open_clip tag ('openai') that open_clip fetches through huggingface_hub
+    (its cache first); pretrained None / 'none': random weights. A failure is one line naming
+    --clip-weights."""
     import open_clip
+    source = weights or (None if pretrained in (None, "", "none") else pretrained)
     name = register_clip_model(model_name)
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(f"--clip-weights {weights}: no such file")
@@ -167,13 +146,18 @@ def _load_clip(model_name: str, source: str | None, weights: str | None, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-weight models (tests, smoke runs) are reproducible
             model = open_clip.create_model(name, pretrained=source, device=device)
-    except RuntimeError as e:
-        if weights:
+    except Exception as e:  # offline, unreachable, proxy refused, not found: many types
+        if weights or not source:  # not a download
             raise
-        raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({str(e).splitlines()[0][:160]}); they are not in "
-                           f"open_clip's cache and the hub {'is off or unreachable' if os.environ.get('HF_HUB_OFFLINE') == '1' else 'failed'}; "
-                           "download the open_clip checkpoint elsewhere and pass --clip-weights PATH "
-                           "(or --clip-pretrained none for random weights)") from None
+        from huggingface_hub import constants
+        if offline_mode():
+            why = f"HF_HUB_OFFLINE=1 and they are not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+        else:
+            why = first_line(e)
+        repo = (open_clip.get_pretrained_cfg(name, source) or {}).get("hf_hub", "").rstrip("/")
+        what = f"the open_clip checkpoint of the hub repository {repo}" if repo else "the open_clip checkpoint"
+        raise RuntimeError(f"cannot load CLIP {name} weights '{source}' ({why}); download {what} "
+                           "elsewhere and pass --clip-weights PATH (or --clip-pretrained none for random weights)") from None
     model.eval().requires_grad_(False)
     return model, open_clip.get_tokenizer(name)
 
@@ -192,25 +176,31 @@ class AestheticHead(nn.Module):
 
 
 def cache_dir() -> Path:
+    """The old vargrpo cache ($VARGRPO_CACHE, default ~/.cache/vargrpo): still read, never written."""
     return Path(os.environ.get("VARGRPO_CACHE") or Path.home() / ".cache" / "vargrpo")
 
 
 def load_aesthetic_head(path: str | None) -> AestheticHead:
-    """From `path` (--aesthetic-head), else the cache, else LAION's repository (torch.hub, sha256
-    checked while downloading). Offline or unreachable: one line naming the file and the flag."""
+    """From `path` (--aesthetic-head), else torch.hub's cache ($TORCH_HOME/hub/checkpoints; the old
+    vargrpo cache is read too), else downloaded there from LAION's repository by torch.hub (proxies
+    honoured, sha256 checked before the file takes its name; not with HF_HUB_OFFLINE=1). A failure is
+    one line naming the file and --aesthetic-head."""
     if path and not Path(path).is_file():
         raise FileNotFoundError(f"--aesthetic-head {path}: no such file")
-    file = Path(path) if path else cache_dir() / AESTHETIC_HEAD
-    todo = f"download {AESTHETIC_HEAD_URL} yourself and pass --aesthetic-head PATH (or put it in {cache_dir()})"
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / AESTHETIC_HEAD
+    cached = [f for f in (hub_file, cache_dir() / AESTHETIC_HEAD) if f.is_file()]
+    file = Path(path) if path else (cached or [hub_file])[0]
+    todo = f"download {AESTHETIC_HEAD_URL} yourself and pass --aesthetic-head PATH"
     if not file.is_file():
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VARGRPO_OFFLINE") == "1":
-            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and offline mode is on; {todo}")
+        if offline_mode():
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {file.parent} and HF_HUB_OFFLINE=1 "
+                                    f"forbids downloading it; {todo}")
         file.parent.mkdir(parents=True, exist_ok=True)
         try:  # a temporary file, renamed once its sha256 is right
             torch.hub.download_url_to_file(AESTHETIC_HEAD_URL, str(file), hash_prefix=AESTHETIC_HEAD_SHA256)
         except Exception as e:
-            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {cache_dir()} and downloading it failed "
-                                    f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); {todo}") from None
+            raise FileNotFoundError(f"{AESTHETIC_HEAD} is not in {file.parent} and downloading it failed "
+                                    f"({first_line(e)}); {todo}") from None
     elif not path and hashlib.sha256(file.read_bytes()).hexdigest() != AESTHETIC_HEAD_SHA256:
         raise RuntimeError(f"{file} does not have the sha256 of LAION's {AESTHETIC_HEAD}; delete it and retry")
     head = AestheticHead()
@@ -218,7 +208,7 @@ def load_aesthetic_head(path: str | None) -> AestheticHead:
         head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)  # saved on CUDA
     except Exception as e:  # not a checkpoint, or another network's
         raise ValueError(f"{file} is not LAION's aesthetic head {AESTHETIC_HEAD} (sha256 {AESTHETIC_HEAD_SHA256[:16]}...): "
-                         f"{str(e).splitlines()[0][:160]}") from None
+                         f"{first_line(e)}") from None
     return head.eval().requires_grad_(False)
 
 
@@ -260,7 +250,7 @@ class ClipScore(nn.Module):
         return self.embedder(images_B3HW) @ self.text_D
 
     @staticmethod
-    def extra_logs(cos_B):
+    def extra_logs(cos_B, images_B3HW=None, labels_B=None):
         """CLIPScore as usually reported: 100 * max(cos, 0)."""
         return {"clipscore": 100 * cos_B.clamp_min(0)}
 
@@ -271,6 +261,7 @@ class ClipScore(nn.Module):
 # (a learned reward that does not fight the label, as "CLIP score to 'a painting'" in GRPO-VAR 5.3).
 
 DIGIT_JUDGE = Path(__file__).resolve().parent / "weights" / "judge_digits.safetensors"
+DIGIT_JUDGE2 = DIGIT_JUDGE.with_name("judge2_digits.safetensors")
 
 
 class DigitJudge(nn.Module):
@@ -335,18 +326,50 @@ class DigitJudge2(nn.Module):
         return self.mlp(self.features(self.ink(images_B3HW)))
 
 
-def load_digit_judge2(path) -> DigitJudge2:
-    """The second judge's weights (judge2_<preset>.safetensors, written by prepare), strictly."""
+def load_digit_judge2(path=None, weights_dir=None) -> DigitJudge2:
+    """The second judge's weights (judge2_digits.safetensors, written by prepare --preset digits7; it
+    serves every digits preset), strictly: `path`, else the file in `weights_dir` if it is there, else
+    weights/ beside this file."""
     from safetensors.torch import load_file
+    local = Path(weights_dir or "") / DIGIT_JUDGE2.name
+    file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE2))
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no second digits judge there; build it with "
+                                f"`python vargrpo_tools.py prepare --preset digits7`")
     judge = DigitJudge2()
-    judge.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
     return judge.eval().requires_grad_(False)
 
 
+class DigitCorrect(nn.Module):
+    """digit:correct: the judge's probability that the image shows the asked digit, p(label | image) -- a
+    reward that reads what was drawn and compares it with what was asked (the analogue of VAR-RL's OCR
+    word accuracy). Label-aware: called as part(images, labels). Logs the judge's top-1 accuracy on the
+    asked digit as digit:correct/accuracy."""
+    needs_labels = True
+
+    def __init__(self, judge: DigitJudge):
+        super().__init__()
+        self.judge = judge
+
+    def forward(self, images_B3HW, labels_B):
+        if len(labels_B) and not 0 <= int(labels_B.min()) <= int(labels_B.max()) <= 9:
+            raise ValueError(f"digit:correct reads the digits 0-9; got labels {int(labels_B.min())}..{int(labels_B.max())} "
+                             f"(use it with a digits preset)")
+        logits_BC = self.judge.heads(images_B3HW)[0].float()
+        return logits_BC.softmax(-1).gather(1, labels_B.long()[:, None]).squeeze(1)
+
+    def extra_logs(self, p_B, images_B3HW, labels_B):
+        with torch.no_grad():
+            read_B = self.judge.heads(images_B3HW)[0].argmax(-1)
+        return {"accuracy": (read_B == labels_B).float()}
+
+
 def _digit(arg, ctx):
-    if arg != "bold":
-        raise ValueError(f"digit:{arg}: the digits judge's reward is digit:bold")
-    return load_digit_judge(weights_dir=ctx.get("weights_dir")).to(ctx["device"])
+    if arg not in ("bold", "correct"):
+        raise ValueError(f"digit:{arg}: the digits judge's rewards are digit:bold and digit:correct")
+    judge = load_digit_judge(weights_dir=ctx.get("weights_dir")).to(ctx["device"])
+    return judge if arg == "bold" else DigitCorrect(judge)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,26 +452,44 @@ REGISTRY = {
 
 
 class Reward(nn.Module):
-    """sum_i w_i * component_i(images). Call: reward(images) -> (B,), or with
-    return_components=True -> ((B,), {component name: (B,)} plus CLIPScore entries). No autograd
-    graph unless built with differentiable=True (gradients then reach the images)."""
+    """sum_i w_i * component_i(images[, labels]). Call: reward(images, labels) -> (B,), or with
+    return_components=True -> ((B,), {component name: (B,)} plus logged extras such as CLIPScore).
+    Label-aware components (`needs_labels`, e.g. digit:correct) get the images' class labels (B,);
+    label-blind ones ignore them, and sums mix both. No autograd graph unless built with
+    differentiable=True (gradients then reach the images)."""
     def __init__(self, terms, differentiable: bool = False):
         super().__init__()
         self.names = [name for _, name, _ in terms]
         self.weights = [w for w, _, _ in terms]
         self.parts = nn.ModuleList([m for _, _, m in terms])
         self.differentiable = differentiable
+        self.needs_labels = any(getattr(p, "needs_labels", False) for p in self.parts)
 
-    def forward(self, images_B3HW, return_components: bool = False):
+    def check_labels(self, images_B3HW, labels_B):
+        """The labels a label-aware reward needs: one class per image, on the images' device."""
+        names = [n for n, p in zip(self.names, self.parts) if getattr(p, "needs_labels", False)]
+        if labels_B is None:
+            raise ValueError(f"{', '.join(names)} scores an image against its class label: pass labels=")
+        labels_B = torch.as_tensor(labels_B, device=images_B3HW.device)
+        if labels_B.shape != images_B3HW.shape[:1]:
+            raise ValueError(f"{', '.join(names)}: {len(images_B3HW)} images but labels of shape "
+                             f"{tuple(labels_B.shape)}; give one label per image")
+        return labels_B
+
+    def forward(self, images_B3HW, labels=None, return_components: bool = False):
+        if self.needs_labels:
+            labels = self.check_labels(images_B3HW, labels)
+        call = lambda part: part(images_B3HW, labels) if getattr(part, "needs_labels", False) else part(images_B3HW)
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            values = {name: part(images_B3HW).float() for name, part in zip(self.names, self.parts)}
+            values = {name: call(part).float() for name, part in zip(self.names, self.parts)}
             total = sum(w * values[name] for w, name in zip(self.weights, self.names))
         if not return_components:
             return total
         logs = dict(values)
         for name, part in zip(self.names, self.parts):
-            for key, v in getattr(part, "extra_logs", lambda _: {})(values[name]).items():
-                logs[f"{name}/{key}"] = v
+            if hasattr(part, "extra_logs"):
+                for key, v in part.extra_logs(values[name], images_B3HW, labels).items():
+                    logs[f"{name}/{key}"] = v
         return total, logs
 
     def region_mask(self, H: int, W: int, device=None):

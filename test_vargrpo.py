@@ -11,12 +11,10 @@ is absent.
 """
 import contextlib
 import dataclasses
-import http.server
 import inspect
 import json
 import math
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +216,30 @@ def test_SelfAttention_scale_mul_is_capped_at_100(seed):
     assert torch.equal(out[100.0], out[1e4])         # ... above it nothing changes
 
 
+def test_SelfAttention_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch):
+    """Under CUDA autocast F.normalize returns fp32 keys; the cache keeps k and v in the autocast
+    dtype (bf16) nonetheless, scale after scale, and the cached attention equals teacher forcing
+    with the block-causal mask (SDPA casts to bf16 either way). Simulated on the CPU, whose
+    autocast leaves normalize in bf16: normalize is made to return fp32 as CUDA's does."""
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda x, **kw: normalize(x.float(), **kw))
+    vae, var = random_model((1, 2, 3), depth=1, seed=0)
+    attn, C = var.blocks[0].attn, var.config.embed_dim
+    x_BLC = torch.randn(2, var.config.seq_len, C, generator=gen(0))
+    visible_LL = var.attn_bias_for_masking[0, 0] == 0
+    kv = [None, None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = attn(x_BLC, visible_LL)
+        for bg, ed in var.begin_ends:
+            part = attn(x_BLC[:, bg:ed], None, kv)
+            assert kv[0].dtype == kv[1].dtype == torch.bfloat16 and kv[0].shape[2] == ed
+            torch.testing.assert_close(part, whole[:, bg:ed], rtol=0.02, atol=0.02)
+    with torch.no_grad():  # without autocast: fp32, as computed
+        kv = [None, None]
+        attn(x_BLC[:, :1], None, kv)
+        assert kv[0].dtype == kv[1].dtype == torch.float32
+
+
 # ---- Pre-trained weights
 
 
@@ -231,26 +253,23 @@ def save_tiny_checkpoints(folder: Path, depth_name="d16", seed=0):
 
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
+    """The old vargrpo cache and the Hugging Face cache in tmp_path, huggingface_hub offline (it read
+    HF_HUB_OFFLINE and HF_HOME at import: its constants are patched). Downloads: tests/test_downloads.py."""
+    import huggingface_hub.constants
     monkeypatch.setenv("VARGRPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants  # it reads HF_HUB_OFFLINE once, at import, which another test may have done
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("VARGRPO_OFFLINE", raising=False)
-    monkeypatch.setattr(vr, "OFFICIAL_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return tmp_path
 
 
-@pytest.mark.slow
-def test_load_pretrained_missing_file_offline_says_name_url_and_flag(isolated_cache, monkeypatch):
+def test_load_pretrained_missing_file_offline_says_name_url_and_flag(isolated_cache):
     with pytest.raises(vg.CheckpointError) as e:
         vg.load_pretrained("d16", weights_dir=isolated_cache / "nowhere")
     msg = str(e.value)
-    assert "var_d16.pth" in msg and "http://127.0.0.1:9/FoundationVision/var/resolve/main/var_d16.pth" in msg
-    assert "--weights-dir" in msg
+    assert msg.startswith("var_d16.pth is not in ") and str(isolated_cache / "hf") in msg
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in msg
+    assert "/FoundationVision/var/resolve/main/var_d16.pth yourself and pass --weights-dir" in msg
     assert "\n" not in msg
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(vg.CheckpointError, match="offline mode is on.*--weights-dir"):
-        vg.load_pretrained("d16")
 
 
 def test_load_pretrained_wrong_depth_names_the_depth(isolated_cache):
@@ -283,44 +302,6 @@ def test_load_pretrained_truncated_and_non_checkpoint_files(isolated_cache):
     torch.save({"step": torch.tensor(3), "note": "hello"}, path)
     with pytest.raises(vg.CheckpointError, match="holds no model state_dict"):
         vg.read_state_dict(path)
-
-
-@pytest.mark.slow
-def test_load_pretrained_d16_end_to_end_with_download(isolated_cache, monkeypatch):
-    """A random VAR-d16 + VQVAE saved as the official files, served over HTTP, downloaded into the
-    cache, loaded strictly: the loaded model computes exactly what the saved one did."""
-    src = isolated_cache / "server"
-    src.mkdir()
-    cfg = vg.VARConfig.preset("d16")
-    vae, var = vg.build_vae_var(cfg, seed=1)
-    torch.save(var.state_dict(), src / "var_d16.pth")
-    torch.save(vae.state_dict(), src / vg.VAE_FILE)
-
-    class Hub(http.server.SimpleHTTPRequestHandler):  # /<repo>/resolve/main/<file>, with the headers the hub sends
-        def translate_path(self, path):
-            return str(src / Path(path).name)
-
-        def end_headers(self):
-            self.send_header("ETag", f'"{Path(self.path).name}-v1"')
-            self.send_header("X-Repo-Commit", "0" * 40)
-            super().end_headers()
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(vr, "OFFICIAL_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    try:
-        vae2, var2 = vg.load_pretrained("d16")
-    finally:
-        server.shutdown()
-    cached = isolated_cache / "cache"
-    assert (cached / "var_d16.pth").read_bytes() == (src / "var_d16.pth").read_bytes()
-    assert not [p for p in cached.rglob("*") if p.suffix in (".part", ".incomplete")]
-    labels, idx = torch.tensor([3]), torch.randint(0, 4096, (1, 30))
-    assert torch.equal(var2(labels, idx), var(labels, idx))
-    assert not any(p.requires_grad for p in vae2.parameters()) and var2.vae is vae2
-    vg.load_pretrained("d16")  # second call: found in the cache, no server needed
 
 
 # ---- The distribution sampled from (process_logits)
@@ -1034,6 +1015,35 @@ def test_rollout_of_a_paper_shaped_step_samples_many_rows_per_call(tmp_path, mon
     vg.main(["train", "--preset", "tiny", "--reward", "brightness", "--labels-per-step", "32", "--group-size", "16",
              "--minibatch", "512", "--steps", "1", "--image-every", "0", "--out", str(tmp_path / "run")])
     assert sum(rows) == 512 and sum(rows) / len(rows) >= 128, rows
+
+
+# ---- Step 2: reward (score)
+
+
+def test_score_passes_each_image_its_label_in_chunks():
+    """A label-aware reward gets each image's own label (chunked by --reward-batch), the MP saliency
+    too; label-blind rewards score as before."""
+    import reward_models as rm
+    seen = []
+
+    def by_label(images, labels, return_components=False):
+        seen.append(labels.clone())
+        r = images.mean((1, 2, 3)) * 0 + labels.float()
+        return (r, {"label": r}) if return_components else r
+
+    images = torch.rand(7, 3, 16, 16, requires_grad=False)
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    a = vg.TrainArgs(reward_batch=3)
+    scored = vg.score(by_label, images, labels, (1, 2, 4), a)
+    assert torch.equal(scored.rewards, labels.float()) and torch.equal(scored.components["label"], labels.float())
+    assert [len(x) for x in seen] == [3, 3, 1] and scored.mp_mask is None
+    seen.clear()
+    a = vg.TrainArgs(reward_batch=4, mask_propagation=True)
+    scored = vg.score(by_label, images, labels, (1, 2, 4), a)
+    assert scored.mp_mask.shape == (7, 1 + 4 + 16)
+    assert torch.equal(torch.cat(seen[2:]), labels)  # the saliency pass got the labels too
+    blind = rm.build_reward("brightness", "cpu")
+    torch.testing.assert_close(vg.score(blind, images, labels, (1, 2, 4), vg.TrainArgs()).rewards, rm.luma(images))
 
 
 # ---- Step 3: advantages (advantage_groups)

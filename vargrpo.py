@@ -27,8 +27,9 @@ Choices and deviations from the official VAR code, cited as [C1] ...:
     only (the official one also runs the unconditional half).
  4. Temperature (absent from the official sampler) divides the logits after CFG and before
     top-k / top-p, so top-p acts on the distribution actually sampled from.
- 5. The head (adaLN + linear) always runs in fp32, also under autocast: log-probabilities
-    feed ratios.
+ 5. Under autocast the head (adaLN + linear) and all after it (logits, the sampling softmax,
+    log-probs) run in fp32: log-probabilities feed ratios. The sampler's KV cache is kept in
+    the autocast dtype (memory).
  6. The VQVAE is frozen and held by the VAR as a plain reference (`var.vae`), outside its
     state_dict and parameters, so the VAR state_dict is exactly the official one.
 Choices within the papers (where they are silent):
@@ -65,11 +66,11 @@ import torch.utils.checkpoint
 
 from vargrpo_run import (
     OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
-    StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, check_depth,
-    check_sample_call, check_sampling_args, check_var_config, clip_grad_norm, distribute,
-    exit_with, find_or_download, grad_sync, load_checked, make_reward, parse_train_args,
-    read_state_dict, reward_passes, rows_in_chunks, run_metrics, sampling_policy,
-    setup_distributed, to_float32,
+    StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, autocast_dtype,
+    check_depth, check_sample_call, check_sampling_args, check_var_config, clip_grad_norm,
+    distribute, exit_with, find_or_download, grad_sync, groups_per_sample_call, load_checked,
+    make_reward, parse_train_args, read_state_dict, reward_passes, rows_in_chunks,
+    run_metrics, sampling_policy, setup_distributed, to_float32,
 )
 
 # ---- Config
@@ -430,6 +431,9 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
 
         if kv_cache is not None:
+            # cached in the autocast dtype (CUDA autocast's normalize returns fp32 k) [C5]
+            k = k.to(autocast_dtype(k))
+            v = v.to(autocast_dtype(v))
             if kv_cache[0] is not None:
                 k = torch.cat((kv_cache[0], k), dim=2)
                 v = torch.cat((kv_cache[1], v), dim=2)
@@ -702,13 +706,12 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
             idx_Bl = prefix_idx[:, bg:ed]
         else:
             probs_BlV = logits_BlV.softmax(dim=-1)
-            finite_Bl1 = torch.isfinite(probs_BlV).all(-1, keepdim=True)
+            finite_Bl1 = probs_BlV.sum(-1, keepdim=True).isfinite()  # no (B, l, V) temporaries
             nonfinite += (~finite_Bl1).sum()
             probs_BlV = torch.where(finite_Bl1, probs_BlV, 1.0 / V)
             idx_Bl = draw(probs_BlV, gens)
         idx_BL[:, bg:ed] = idx_Bl
-        logp_Bl = logits_BlV.log_softmax(-1)
-        logp_BL[:, bg:ed] = logp_Bl.gather(-1, idx_Bl.unsqueeze(-1))[..., 0]
+        logp_BL[:, bg:ed] = logits_BlV.log_softmax(-1).gather(-1, idx_Bl.unsqueeze(-1))[..., 0]
 
         f_hat = quant.add_scale(f_hat, quant.embed(idx_Bl), si)
         if si < K - 1:
@@ -918,7 +921,8 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
         parts.append((m_B1pp > 0).float().view(B, pn * pn))
     return torch.cat(parts, dim=1)
 
-def initial_mask(reward, images_B3HW, pn: int, keep: float):
+def initial_mask(reward, images_B3HW, pn: int, keep: float,
+                 labels_B=None):
     """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from
     [VAR-RL MP; C11].
 
@@ -926,7 +930,8 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float):
     gradient saliency |d reward / d image| summed over channels, area-pooled to the token
     grid, its top `keep` fraction of cells kept, ties kept (a flat saliency, or no gradient,
     keeps every cell). It is where the reward is most sensitive, not a proof that other
-    tokens cannot change it (the decoder mixes areas)."""
+    tokens cannot change it (the decoder mixes areas). A label-aware reward is called with
+    `labels_B`."""
     B, _, H, W = images_B3HW.shape
     device = images_B3HW.device
     region = None
@@ -938,9 +943,10 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float):
         return (pooled[:, 0] > 0).float().expand(B, pn, pn)
 
     x = images_B3HW.detach().float().requires_grad_(True)
+    inputs = (x,) if labels_B is None else (x, labels_B)
     grad = None
     with torch.enable_grad():
-        r = reward(x)
+        r = reward(*inputs)
         if r.requires_grad:
             grad = torch.autograd.grad(r.sum(), x, allow_unused=True)[0]
     # a reward without a gradient (a threshold, or not differentiable)
@@ -971,8 +977,8 @@ def derive_seed(*keys: int) -> int:
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic,"
-        " clip:PROMPT, brightness:region=x0,y0,x1,y1, or weighted sums such as"
-        " 0.5*aesthetic+clip:a painting")
+        " clip:PROMPT, brightness:region=x0,y0,x1,y1, digit:bold, digit:correct (digits"
+        " presets), or weighted sums such as 0.5*aesthetic+clip:a painting")
     preset: str = arg("d16", "model: d16 d20 d24 d30 (official weights, --weights-dir), digits"
         " (the CPU demo's, weights/) or tiny (random, tests)")
     out: str = arg("", "run directory: new, empty, or a run to replace with --overwrite")
@@ -986,8 +992,8 @@ class TrainArgs:
         " labels*G/minibatch updates per step")
     micro_batch: int = arg(0, "samples per forward/backward on each process (gradient"
         " accumulation); 0 = minibatch/processes")
-    sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 ="
-        " all of the process's rows)")
+    sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 = as"
+        " many as fit in the GPU's free memory; on the CPU all of the process's rows)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
     lr: float = arg(0.0001, "AdamW learning rate [paper: 1e-4]")
     weight_decay: float = arg(0.01, "AdamW weight decay of weight matrices (torch default; the"
@@ -1041,7 +1047,7 @@ class TrainArgs:
         " pass (less activation memory)")
     fsdp: bool = arg(False, "shard weights, gradients and AdamW state (and the reference) across"
         " the torchrun processes, FSDP2: d30 on 40 GB cards (README)")
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 
@@ -1093,7 +1099,8 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             laps("decode")
 
             # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            scored = run.retry_once(lambda: score(reward, images, pn, args), step, policy, opt)
+            scored = run.retry_once(
+                lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
             laps("reward")
 
             # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its
@@ -1199,7 +1206,7 @@ def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int,
     for g in group_ids:
         seed = derive_seed(a.seed, step, STREAM_SAMPLE, g)
         gens.append(torch.Generator(labels_n.device).manual_seed(seed))
-    per_call = max(1, a.sample_batch // G) if a.sample_batch else len(group_ids)
+    per_call = groups_per_sample_call(a.sample_batch, G, len(group_ids), policy.config, labels_n.device)
 
     parts = []
     for c in range(0, len(group_ids), per_call):
@@ -1244,13 +1251,15 @@ class Scored:
     components: dict  # {name: (N,)} the terms of a summed reward
     mp_mask: torch.Tensor | None  # (N, L) MP's token mask, or None
 
-def score(reward, images, patch_nums, a: TrainArgs) -> Scored:
-    """The rewards of the images, in --reward-batch chunks, and with --mask-propagation the
-    reward-relevant tokens [VAR-RL MP]: the finest grid's mask, propagated to every scale."""
+def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
+    """The rewards of the images (of classes `labels_N`), in --reward-batch chunks, and with
+    --mask-propagation the reward-relevant tokens [VAR-RL MP]: the finest grid's mask,
+    propagated to every scale. Label-blind rewards ignore the labels."""
     n = a.reward_batch
     chunks = [images[i:i + n] for i in range(0, len(images), n)]
+    labels = [labels_N[i:i + n] for i in range(0, len(images), n)]
     with torch.no_grad():
-        outs = [reward(c, return_components=True) for c in chunks]
+        outs = [reward(c, y, return_components=True) for c, y in zip(chunks, labels)]
 
     components = {}
     for name in outs[0][1]:
@@ -1260,7 +1269,8 @@ def score(reward, images, patch_nums, a: TrainArgs) -> Scored:
 
     mp_mask = None
     if a.mask_propagation:
-        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep) for c in chunks]
+        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep, y)
+                for c, y in zip(chunks, labels)]
         mp_mask = propagate_mask(torch.cat(fine), patch_nums)
     return Scored(rewards.to(images.device), components, mp_mask)
 

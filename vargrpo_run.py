@@ -123,6 +123,42 @@ def setup_distributed(device=None) -> Dist:
     return Dist(rank, world, local, device)
 
 
+def why_no_cuda() -> str:
+    """Why torch cannot use a CUDA GPU, in its own words: the warning torch.cuda.is_available()
+    gives (a driver too old for this wheel) or the error of torch.cuda.init()."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return ""
+
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        return first_line(e)
+    for w in caught:
+        return first_line(w.message)
+    return "torch sees no CUDA device"
+
+
+def default_device(device, preset: str) -> str:
+    """--device when given; else cuda when torch can use a GPU, else the CPU. Not silently for
+    an official preset (d16-d30, the paper's shape, fp32 on the CPU): one UsageError saying why
+    CUDA is unavailable and that --device cpu insists."""
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if preset in OFFICIAL_PRESETS:
+        raise UsageError(
+            f"--preset {preset} needs a CUDA GPU and torch cannot use one"
+            f" ({why_no_cuda()}); fix CUDA, or pass --device cpu to run it"
+            " on the CPU anyway (fp32, very slow)"
+        )
+    return "cpu"
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if torch.distributed.is_initialized():
         reduce_op = getattr(torch.distributed.ReduceOp, op.upper())
@@ -281,6 +317,7 @@ def check_train_args(a, world: int, presets: dict):
     cuda = (a.device or "").startswith("cuda")
     need(not cuda or torch.cuda.is_available(),
          f"--device {a.device}: this machine has no CUDA GPU")
+    default_device(a.device, a.preset)  # an official preset: a GPU, or --device cpu
     need(not a.fsdp or torch.distributed.is_initialized(),
          "--fsdp shards the model across torchrun's processes: launch with torchrun"
          " (bash run.sh does) or drop --fsdp")
@@ -420,20 +457,21 @@ def load_pth(path, hint: str):
 # ---- Pre-trained weights: where the files come from and what they hold.
 # vargrpo.load_pretrained loads them strictly.
 OFFICIAL_REPO = "FoundationVision/var"
-OFFICIAL_ENDPOINT = "https://huggingface.co"
 VAE_FILE = "vae_ch160v4096z32.pth"
 OFFICIAL_PRESETS = ("d16", "d20", "d24", "d30")
 OFFICIAL_FILES = [VAE_FILE] + [f"var_{p}.pth" for p in OFFICIAL_PRESETS]
 
 
 def find_or_download(filename: str, weights_dir=None) -> Path:
-    """`filename` (or the .safetensors of that name) in weights_dir, weights/ beside this file
-    or the cache; else an official file is downloaded into the cache (huggingface_hub: never
-    a partial file under the real name)."""
-    cache = os.environ.get("VARGRPO_CACHE")
-    cache = Path(cache or Path.home() / ".cache" / "vargrpo")
+    """`filename` (or the .safetensors of that name) in weights_dir, in weights/ beside this
+    file or in the old cache ($VARGRPO_CACHE, default ~/.cache/vargrpo; read, never written).
+    Else an official file comes from huggingface_hub as it is configured: its cache
+    ($HF_HOME/hub) first, then $HF_ENDPOINT through any proxy (HTTPS_PROXY), no download with
+    HF_HUB_OFFLINE=1; no partial file is left under the real name."""
+    old_cache = os.environ.get("VARGRPO_CACHE")
+    old_cache = Path(old_cache or Path.home() / ".cache" / "vargrpo")
     here = Path(__file__).resolve().parent / "weights"
-    folders = [Path(f) for f in (weights_dir, here, cache) if f]
+    folders = [Path(f) for f in (weights_dir, here, old_cache) if f]
     names = (filename, Path(filename).stem + ".safetensors")
 
     for folder in folders:
@@ -441,36 +479,29 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
             if (folder / name).is_file():
                 return folder / name
 
-    url = f"{OFFICIAL_ENDPOINT}/{OFFICIAL_REPO}/resolve/main/{filename}"
-    where = " or ".join(str(f) for f in folders)
-    todo = (
-        f"download {url} yourself and pass --weights-dir naming its"
-        f" folder (or put it in {cache})"
-    )
-
+    where = ", ".join(str(f) for f in folders)
     if filename not in OFFICIAL_FILES:
         raise CheckpointError(
             f"{filename} is not in {where}; pass --weights-dir naming"
             " the folder that holds it"
         )
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-
-    if offline or os.environ.get("VARGRPO_OFFLINE") == "1":
-        raise CheckpointError(
-            f"{filename} is not in {where} and offline mode is on; {todo}"
-        )
-
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url
 
     try:
-        return Path(hf_hub_download(OFFICIAL_REPO, filename,
-                                    local_dir=cache,
-                                    endpoint=OFFICIAL_ENDPOINT))
-    except Exception as e:  # huggingface_hub raises many types
+        return Path(hf_hub_download(OFFICIAL_REPO, filename))
+    except Exception as e:  # offline, unreachable, proxy refused, 404, disk full
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            cause = e.__cause__ or e
+            why = (f"downloading it failed ({type(cause).__name__}:"
+                   f" {first_line(cause)})")
+        url = hf_hub_url(OFFICIAL_REPO, filename)
         raise CheckpointError(
-            f"{filename} is not in {where} and downloading {url} failed"
-            f" ({first_line(e)}); {todo}"
+            f"{filename} is not in {where} or {constants.HF_HUB_CACHE}"
+            f" (the Hugging Face cache), and {why}; download {url}"
+            " yourself and pass --weights-dir naming its folder"
         ) from None
 
 
@@ -818,6 +849,81 @@ def autocast(dtype: str, device: str):
     device_type = device.split(":")[0]
     return functools.partial(torch.autocast, device_type,
                              dtype=chosen[dtype])
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on t's device while it is on, else t's own. The sampler
+    keeps its KV cache in it: under CUDA autocast F.normalize runs in fp32, so the keys come
+    out fp32 (the attention casts them to bf16 anyway; cached as fp32 they cost 1.5x)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+# ---- How many rows a sample() call can take (--sample-batch 0 on a GPU). README, "Memory:
+# what fits on one GPU", derives these counts.
+def sample_row_bytes(config, dtype_bytes: int) -> int:
+    """Peak bytes one row adds to the trainer's sample() call (no CFG / top-k / top-p), which
+    it reaches at the last scale. dtype_bytes: of the autocast dtype (2 for bf16; 4 in fp32).
+    D blocks, width C, L tokens of which l at the last scale, vocabulary V:
+      KV cache   2 D L C s                  k and v of every block and scale, in that dtype
+      then the larger of two moments of the last scale:
+      logits     4 l (C + 3 V)              fp32: the last block's output, and three (l, V)
+                                            tensors alive at once (logits, probabilities and
+                                            the draw's exponentials, or the log-probs)
+      attention  l C (20 + 7 s) + 2 L C s   a block's residual and LayerNorm (fp32), q and k
+                                            (fp32 under CUDA autocast), qkv, casts and output
+                                            (s), and the cache's new k and v while its old
+                                            ones are still referenced"""
+
+    D = config.depth
+    C = config.embed_dim
+    L = config.seq_len
+    V = config.vocab_size
+    l = config.patch_nums[-1] ** 2
+    s = dtype_bytes
+    cache = 2 * D * L * C * s
+    logits = 4 * l * (C + 3 * V)
+    attention = l * C * (20 + 7 * s) + 2 * L * C * s
+    return cache + max(logits, attention)
+
+
+SAMPLE_MEMORY_SHARE = 0.9  # of the free memory; the rest: the allocator's fragmentation
+
+
+def rows_that_fit(free_bytes: int, config, dtype_bytes: int, group_size: int) -> int:
+    """The rows of one sample() call that fit in free_bytes: whole groups, at least one
+    group. Under autocast (dtype_bytes < 4) the blocks' weights are first cast to that dtype
+    and the casts kept (18 C^2 weights per block)."""
+    C = config.embed_dim
+    fixed = 0
+    if dtype_bytes < 4:
+        fixed = 18 * config.depth * C * C * dtype_bytes
+    usable = free_bytes * SAMPLE_MEMORY_SHARE - fixed
+    rows = max(0, int(usable)) // sample_row_bytes(config, dtype_bytes)
+    groups = max(1, rows // group_size)
+    return groups * group_size
+
+
+def groups_per_sample_call(sample_batch: int, group_size: int, n_groups: int, config,
+                           device) -> int:
+    """Groups per sample() call: --sample-batch rows in whole groups (at least one); 0: on a
+    GPU as many as fit in its free memory now (torch.cuda.mem_get_info, plus what PyTorch's
+    allocator holds unused), on the CPU all of the process's groups."""
+    if sample_batch:
+        return max(1, sample_batch // group_size)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return n_groups
+
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype = torch.float32
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    rows = rows_that_fit(free, config, dtype.itemsize, group_size)
+    return min(n_groups, rows // group_size)
 
 
 

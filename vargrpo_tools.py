@@ -134,12 +134,14 @@ def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
 
 
 def load_finetuned(ckpt: str, device, weights_dir=None):
-    """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint."""
+    """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint.
+    device None: a GPU when torch can use one; the CPU only for the digits and tiny presets."""
     saved, state, step = load_run_checkpoint(ckpt)
     known = {f.name for f in fields(TrainArgs)}
     a = TrainArgs(**{k: v for k, v in saved.items() if k in known})
     if weights_dir:
         a.weights_dir = weights_dir
+    device = vr.default_device(device, a.preset)  # before the official weights load
     vae, finetuned, pretrained = vg.build_models(a, device)
     vg.load_checked(finetuned, state, ckpt)
     return vae, finetuned, pretrained, a, step
@@ -174,11 +176,13 @@ class EvalArgs:
     aesthetic_head: str = arg(None, "local sac+logos+ava1-l14-linearMSE.pth", type=str)
     resnet_weights: str = arg(None, "local torchvision resnet50 IMAGENET1K_V2 state_dict (else torch hub cache, else download)", type=str)
     weights_dir: str = arg(None, "folder with the pre-trained VAR files", type=str)
-    device: str = arg(None, "cpu or cuda (default: cuda if available)", type=str)
+    device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
 
 
 def load_resnet50(weights, device):
-    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors)."""
+    """torchvision ResNet-50 with IMAGENET1K_V2 weights, and its own preprocessing (on tensors).
+    The weights: --resnet-weights, else torch.hub's cache ($TORCH_HOME), else downloaded there by
+    torch.hub (proxies honoured; not with HF_HUB_OFFLINE=1)."""
     from torchvision.models import ResNet50_Weights, resnet50
     spec = ResNet50_Weights.IMAGENET1K_V2
     model = resnet50()
@@ -187,12 +191,17 @@ def load_resnet50(weights, device):
             raise UsageError(f"--resnet-weights {weights}: no such file")
         state = vr.load_pth(weights, "pass torchvision's resnet50 IMAGENET1K_V2 .pth file")
     else:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
         import reward_models
-        if not cached.is_file() and not reward_models.hub_reachable("download.pytorch.org"):
-            raise CheckpointError(f"ResNet-50 IMAGENET1K_V2 weights are not in {cached.parent} and download.pytorch.org "
-                                  f"cannot be reached; download {spec.url} and pass --resnet-weights PATH")
-        state = spec.get_state_dict(progress=True, check_hash=True)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+        todo = f"download {spec.url} yourself and pass --resnet-weights PATH"
+        if not cached.is_file() and reward_models.offline_mode():
+            raise CheckpointError(f"ResNet-50 weights {cached.name} are not in {cached.parent} and "
+                                  f"HF_HUB_OFFLINE=1 forbids downloading them; {todo}")
+        try:
+            state = spec.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except Exception as e:  # unreachable, proxy refused, wrong hash, unreadable cached file
+            raise CheckpointError(f"ResNet-50 weights {cached.name}: neither {cached.parent} nor "
+                                  f"{spec.url} gave them ({vr.first_line(e)}); {todo}") from None
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device), spec.transforms()
 
@@ -201,11 +210,14 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
     """{key: (column title, fn(images, labels) -> one score per image)}: the paper's aesthetic score, CLIP score and
     ResNet-50 top-5 for the official models; the run's own reward and the digits judge's class
     accuracy (the ResNet-50 top-5's stand-in) for the digits model."""
-    if a.preset == "digits":
+    if a.preset in DIGITS_RECIPES:
         import reward_models
-        reward, judge = vg.make_reward(a.reward, device, a), reward_models.load_digit_judge(weights_dir=a.weights_dir).to(device)
-        return {"reward": (f"reward `{a.reward}`", lambda images, labels: reward(images)),
-                "judge_accuracy": ("judge class accuracy", lambda images, labels: judge.heads(images)[0].argmax(1).eq(labels).float())}
+        reward = vg.make_reward(a.reward, device, a)
+        judge = reward_models.load_digit_judge(weights_dir=a.weights_dir).to(device)
+        judge2 = reward_models.load_digit_judge2(weights_dir=a.weights_dir).to(device)
+        return {"reward": (f"reward `{a.reward}`", lambda images, labels: reward(images, labels)),
+                "judge_accuracy": ("judge class accuracy", lambda images, labels: judge.heads(images)[0].argmax(1).eq(labels).float()),
+                "judge2_accuracy": ("second judge class accuracy", lambda images, labels: judge2(images).argmax(1).eq(labels).float())}
     reward = vg.make_reward(f"aesthetic+clip:{e.prompt}", device, e)
     classifier, preprocess = load_resnet50(e.resnet_weights, device)
     return {"aesthetic": ("aesthetic score", lambda images, labels: reward(images, return_components=True)[1]["aesthetic"]),
@@ -217,9 +229,9 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
 def evaluate(e: EvalArgs) -> dict:
     if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0:
         raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0 and --temperature > 0")
-    device = e.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, device, e.weights_dir)
-    preset_kw = DIGITS_CFG if a.preset == "digits" else OFFICIAL_SAMPLING  # each setting not given: the preset's
+    vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, e.device, e.weights_dir)
+    device = str(finetuned.pos_1LC.device)
+    preset_kw = DIGITS_CFG if a.preset in DIGITS_RECIPES else OFFICIAL_SAMPLING  # each setting not given: the preset's
     sampling = {k: preset_kw[k] if getattr(e, k) is None else getattr(e, k) for k in ("cfg", "top_k", "top_p")}
     if sampling["cfg"] < 0 or sampling["top_k"] < 0 or not 0 <= sampling["top_p"] < 1:
         raise UsageError("need --cfg >= 0, --top-k >= 0 and 0 <= --top-p < 1")
@@ -271,86 +283,150 @@ ABLATION_METHODS = {
     "+mp": {"mask_propagation": True},
     "nextflow (all three)": {"vmr": True, "mask_propagation": True, "panw_alpha": 1.0},
 }
-# a region reward (mask propagation's mask is its box) and a learned one (the digits judge's boldness)
-ABLATION_REWARDS = ["brightness:region=0.25,0.25,0.75,0.75", "digit:bold"]
+# the label-aware reward (the judge reads the asked digit: VAR-RL's OCR task in miniature) and a region
+# reward (mask propagation's mask is its box); their seeds
+ABLATION_REWARDS = ["digit:correct", "brightness:region=0.25,0.25,0.75,0.75"]
+ABLATION_SEEDS = ["0,1,2,3,4", "0,1,2"]
+# Student's t 0.975 quantiles by degrees of freedom: the 95% interval of a mean over n seeds is
+# mean +- T975[n - 1] * std / sqrt(n)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci95(values) -> tuple:
+    """(mean, half-width of the 95% t-interval); the half-width is nan for a single value."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    return float(v.mean()), T975[len(v) - 1] * float(v.std(ddof=1)) / math.sqrt(len(v))
+
+
+def ablation_runs(args) -> list:
+    """[(reward, method name, train flags, seeds)]: every method for each reward with its seeds, and for
+    the first reward VMR's split m at the scales of --vmr-m (the VAR-RL m sweep) with --sweep-seeds."""
+    rewards = args.reward or ABLATION_REWARDS
+    seeds = args.seeds or ABLATION_SEEDS[:len(rewards)]
+    if len(seeds) == 1:
+        seeds = seeds * len(rewards)
+    if len(seeds) != len(rewards):
+        raise UsageError(f"--seeds given {len(seeds)} times for {len(rewards)} rewards: give it once (every reward) or once per --reward")
+    K = vg.VARConfig.preset(args.preset).num_scales
+    sweep = [int(m) for m in args.vmr_m.split(",")] if args.vmr_m else []
+    if any(not 1 <= m < K for m in sweep):
+        raise UsageError(f"--vmr-m {args.vmr_m}: the split must be a scale in 1..{K - 1} of {args.preset}")
+    plan = []
+    for i, reward in enumerate(rewards):
+        ids = [int(s) for s in seeds[i].split(",")]
+        plan += [(reward, name, flags, ids) for name, flags in ABLATION_METHODS.items()]
+        if i == 0:
+            ids = [int(s) for s in args.sweep_seeds.split(",")]
+            plan += [(reward, f"+vmr m={m}", {"vmr": True, "vmr_m": m}, ids) for m in sweep]
+    return plan
+
+
+@torch.no_grad()
+def final_scores(model: vg.VAR, reward, judges, n: int, seed: int = 4) -> dict:
+    """The reward and both judges' accuracy on the asked digit of n samples at T = 1 (labels 0-9 in turn,
+    one fixed seed: every run and the pre-trained model draw the same noise)."""
+    labels = torch.arange(n) % model.config.num_classes
+    images = sample_images(model, labels, vg.derive_seed(seed, 4))
+    return {"reward": reward(images, labels).mean().item(), "judge": judge_accuracy(judges[0], images, labels),
+            "judge2": judge_accuracy(judges[1], images, labels)}
 
 
 def ablate(args):
-    """Runs every method for every seed to the same sample budget, for each reward; writes
-    ablation.md / .json / .png per reward (in a subfolder named after it) and ablation.md of all."""
-    out, seeds, tables = Path(args.out), [int(s) for s in args.seeds.split(",")], []
+    """Runs every method for every seed to the same sample budget, for each reward; then scores each final
+    policy (and the pre-trained model) with the reward and both judges. Writes ablation.md / .json / .png per
+    reward (in a subfolder named after it) and ablation.md of all."""
+    import reward_models
+    out, tables, plan = Path(args.out), [], ablation_runs(args)
     common = dict(preset=args.preset, labels_per_step=4, group_size=8, minibatch=16, lr=args.lr, beta=args.beta,
                   temperature=1.0, image_every=0, save_every=10**6, overwrite=True, weights_dir=args.weights_dir)
-    for reward in args.reward or ABLATION_REWARDS:
-        folder, runs = out / re.sub(r"[^A-Za-z0-9.]+", "_", reward).strip("_"), {}
-        for name, flags in ABLATION_METHODS.items():
+    judges = (reward_models.load_digit_judge(weights_dir=args.weights_dir),
+              reward_models.load_digit_judge2(weights_dir=args.weights_dir))
+    for reward_spec in dict.fromkeys(r for r, *_ in plan):
+        folder, runs = out / re.sub(r"[^A-Za-z0-9.]+", "_", reward_spec).strip("_"), {}
+        reward = vg.make_reward(reward_spec, "cpu", TrainArgs(**common))
+        _, _, pretrained = vg.build_models(TrainArgs(**common), "cpu")
+        runs["pre-trained", None] = dict(final=final_scores(pretrained, reward, judges, args.eval_samples))
+        for _, name, flags, seeds in [p for p in plan if p[0] == reward_spec]:
             per_step = common["labels_per_step"] * common["group_size"] * (TrainArgs.vmr_k if flags.get("vmr") else 1)
             steps = max(1, args.budget // per_step)
             for seed in seeds:
-                run = folder / f"{name.split()[0].lstrip('+')}_s{seed}"
+                a = TrainArgs(**common, **flags, reward=reward_spec, out=str(folder / f"{re.sub(r'[^a-z0-9]+', '', name)}_s{seed}"),
+                              steps=steps, seed=seed)
                 t0 = time.perf_counter()
-                vg.train(TrainArgs(**common, **flags, reward=reward, out=str(run), steps=steps, seed=seed))
-                rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-                runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0)
-        table, summary = summarise_ablation(runs, seeds, args, reward)
+                vg.train(a)
+                policy = vg.build_models(a, "cpu")[1]
+                vg.load_checked(policy, vg.read_state_dict(Path(a.out) / "checkpoints" / "last.pt"), Path(a.out))
+                rows = [json.loads(l) for l in (Path(a.out) / "metrics.jsonl").read_text().splitlines()]
+                runs[name, seed] = dict(rows=rows, wall=time.perf_counter() - t0, final=final_scores(policy, reward, judges, args.eval_samples))
+                print(f"[ablate] {reward_spec} {name} seed {seed}: {runs[name, seed]['final']}", flush=True)
+        table, summary = summarise_ablation(runs, plan, args, reward_spec)
         (folder / "ablation.md").write_text(table)
         (folder / "ablation.json").write_text(json.dumps(summary, indent=1))
-        plot_ablation(runs, seeds, folder / "ablation.png", reward, vg.VARConfig.preset(args.preset).patch_nums)
+        plot_ablation(runs, plan, folder / "ablation.png", reward_spec)
         tables.append(table)
         print(table, flush=True)
     (out / "ablation.md").write_text("\n".join(tables))
 
 
-def summarise_ablation(runs, seeds, args, reward):
-    lines = [f"Reward `{reward}`, {args.preset} preset, {len(seeds)} seed(s) ({args.seeds}), budget {args.budget} samples per run.",
+def summarise_ablation(runs, plan, args, reward_spec):
+    """The table of one reward: per method the final policy's reward and both judges' accuracy on the asked
+    digit (mean and 95% interval over seeds), the training reward at the start and at the end, the KL."""
+    lines = [f"Reward `{reward_spec}`, {args.preset} preset, budget {args.budget} samples per run; final policy: "
+             f"{args.eval_samples} samples at T = 1 (labels 0-9, one seed); mean [95% t-interval] over seeds.",
              "",
-             "| method | steps | reward at start | at 50% budget | final (last 10% of budget) | gain | wall time per run | KL per token at the end |",
-             "|---|---|---|---|---|---|---|---|"]
-    summary = {}
-    for name in ABLATION_METHODS:
-        stats = []
+             "| method | seeds | steps | final reward | judge accuracy (asked digit) | second judge | training reward: first step -> last 10% | KL per token at the end | wall time per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = runs["pre-trained", None]["final"]
+    lines.append(f"| pre-trained | - | 0 | {base['reward']:.3f} | {base['judge']:.3f} | {base['judge2']:.3f} | - | 0 | - |")
+    summary = {"pre-trained": base}
+    for _, name, _, seeds in [p for p in plan if p[0] == reward_spec]:
+        per_seed = []
         for seed in seeds:
-            rows, wall = runs[name, seed]["rows"], runs[name, seed]["wall"]
+            rows = runs[name, seed]["rows"]
             budget = [r["budget/samples"] for r in rows]
-            reward = [r["reward/mean"] for r in rows]
-            last = [r for b, r in zip(budget, reward) if b > 0.9 * budget[-1]]
-            half = min(range(len(budget)), key=lambda i: abs(budget[i] - 0.5 * budget[-1]))
-            stats.append(dict(start=reward[0], half=reward[half], final=float(np.mean(last)), wall=wall, steps=len(rows),
-                              kl=rows[-1]["policy/kl"]))
-        agg = {k: (float(np.mean([s[k] for s in stats])), float(np.std([s[k] for s in stats]))) for k in stats[0]}
-        summary[name] = {"per_seed": stats, "mean_std": agg}
-        f = lambda k, p=3: f"{agg[k][0]:.{p}f} ± {agg[k][1]:.{p}f}" if len(seeds) > 1 else f"{agg[k][0]:.{p}f}"
-        gain = [s["final"] - s["start"] for s in stats]
-        lines.append(f"| {name} | {stats[0]['steps']} | {f('start')} | {f('half')} | {f('final')} | "
-                     f"{np.mean(gain):+.3f} | {agg['wall'][0]:.0f} s | {f('kl', 4)} |")
-    lines += ["", "Rewards are the mean over the step's samples; ± is the std over seeds."]
+            last = [r["reward/mean"] for r in rows if r["budget/samples"] > 0.9 * budget[-1]]
+            per_seed.append(dict(seed=seed, steps=len(rows), start=rows[0]["reward/mean"], end=float(np.mean(last)),
+                                 kl=rows[-1]["policy/kl"], wall=runs[name, seed]["wall"], **runs[name, seed]["final"]))
+        ci = {k: mean_ci95([r[k] for r in per_seed]) for k in ("reward", "judge", "judge2", "start", "end", "kl", "wall")}
+        summary[name] = {"per_seed": per_seed, "mean_ci95": ci}
+        f = lambda k, p=3: f"{ci[k][0]:.{p}f} [{ci[k][0] - ci[k][1]:.{p}f}, {ci[k][0] + ci[k][1]:.{p}f}]"
+        lines.append(f"| {name} | {len(seeds)} | {per_seed[0]['steps']} | {f('reward')} | {f('judge')} | {f('judge2')} | "
+                     f"{ci['start'][0]:.3f} -> {ci['end'][0]:.3f} | {ci['kl'][0]:.4f} | {ci['wall'][0]:.0f} s |")
     return "\n".join(lines) + "\n", summary
 
 
-def plot_ablation(runs, seeds, path: Path, reward: str, patch_nums):
-    """Left: mean reward against the sample budget; right: each scale's KL per token at the end
-    (which scales each method moves away from the pre-trained model)."""
+def plot_ablation(runs, plan, path: Path, reward_spec: str):
+    """Left: the judge's accuracy on the asked digit of each step's samples (digit:correct) or the mean
+    reward, against the samples used (mean over seeds, 5-step running mean); right: the final policy's
+    accuracy on the asked digit by both judges (mean and 95% interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    K = len(patch_nums)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, name in enumerate(ABLATION_METHODS):
-        curves = [([r["budget/samples"] for r in runs[name, s]["rows"]], [r["reward/mean"] for r in runs[name, s]["rows"]])
-                  for s in seeds]
-        x = curves[0][0]
-        ys = np.array([c[1][:len(x)] for c in curves])
-        ax.plot(x, ys.mean(0), label=name, color=f"C{i}")
-        ax.fill_between(x, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
-        kl = np.array([[runs[name, s]["rows"][-1][f"scale/kl_s{k}"] for k in range(K)] for s in seeds]).mean(0)
-        ax2.bar(np.arange(K) + 0.16 * (i - 2), kl, width=0.16, label=name, color=f"C{i}")
+    key = "reward/digit:correct/accuracy" if "digit:correct" in reward_spec else "reward/mean"
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    methods = [(name, seeds) for r, name, _, seeds in plan if r == reward_spec]
+    for i, (name, seeds) in enumerate(methods):
+        x = np.array([r["budget/samples"] for r in runs[name, seeds[0]]["rows"]])
+        ys = np.array([[r[key] for r in runs[name, s]["rows"]][:len(x)] for s in seeds]).mean(0)
+        w = min(5, len(ys))
+        smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+        ax.plot(x[len(x) - len(smooth):], smooth, label=name, color=f"C{i}")
+        for j, judge in enumerate(("judge", "judge2")):
+            m, h = mean_ci95([runs[name, s]["final"][judge] for s in seeds])
+            ax2.errorbar(i + 0.15 * (2 * j - 1), m, yerr=0 if math.isnan(h) else h, fmt="os"[j], color=f"C{i}",
+                         label=("first judge", "second judge")[j] if i == 0 else None, capsize=3)
+    for j, judge in enumerate(("judge", "judge2")):
+        ax2.axhline(runs["pre-trained", None]["final"][judge], color="grey", ls=("-", "--")[j], lw=0.8)
     ax.set_xlabel("samples (sampled, decoded and rewarded images)")
-    ax.set_ylabel("mean reward")
-    ax.set_title(f"{reward}: mean over seeds, band = min..max", fontsize=9)
-    ax.legend(fontsize=8)
-    ax2.set_xticks(range(K), [f"scale {k} ({p}x{p})" for k, p in enumerate(patch_nums)])
-    ax2.set_ylabel("KL per token to the pre-trained model")
-    ax2.set_title("which scales moved (last step, mean over seeds)", fontsize=9)
+    ax.set_ylabel("judge accuracy on the asked digit" if key != "reward/mean" else "mean reward")
+    ax.set_title(f"{reward_spec}: each step's samples, mean over seeds, 5-step running mean", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.set_xticks(range(len(methods)), [n for n, _ in methods], fontsize=7, rotation=20)
+    ax2.set_ylabel("accuracy on the asked digit (final policy)")
+    ax2.set_title("final policy, T = 1; grey: pre-trained (solid first judge, dashed second)", fontsize=9)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1079,8 +1155,8 @@ def digits_files(r: DigitsRecipe) -> dict:
     files = {"vae": f"vae_{p}.safetensors", "var": f"var_{p}.safetensors", "judge": f"judge_{p}.safetensors"}
     if r.reuse_judge:
         files["judge"] = DIGITS_FILES["judge"]
-    if r.judge2_steps:
-        files["judge2"] = f"judge2_{p}.safetensors"
+    if r.judge2_steps:  # one second judge for every preset: it reads 28 px, whatever the image size
+        files["judge2"] = "judge2_digits.safetensors"
     return files
 
 
@@ -1170,14 +1246,16 @@ DEMO_FLAGS = dict(preset="digits", reward="brightness", out="runs/demo", steps=4
 
 
 @torch.no_grad()
-def preview(model: vg.VAR, reward, judge, labels, seed: int, temperature: float, path: Path | None = None) -> dict:
+def preview(model: vg.VAR, reward, judges, labels, seed: int, temperature: float, path: Path | None = None) -> dict:
     """Samples of fixed labels and seed (so that before and after compare): their mean reward and the
-    judge's class accuracy; a captioned grid of the first 16 at `path`."""
+    class accuracy of the two judges (the second one never a reward: a check for reward hacking); a
+    captioned grid of the first 16 at `path`."""
     images = sample_images(model, labels, seed, temperature=temperature)
-    r = reward(images)
+    r = reward(images, labels)
     if path is not None:
         captioned_grid(images[:16], [f"{l} r={v:.2f}" for l, v in zip(labels[:16].tolist(), r[:16].tolist())], path)
-    return {"reward": r.mean().item(), "class_acc": judge_accuracy(judge, images, labels)}
+    return {"reward": r.mean().item(), "class_acc": judge_accuracy(judges[0], images, labels),
+            "class_acc2": judge_accuracy(judges[1], images, labels)}
 
 
 def demo(argv) -> dict:
@@ -1196,19 +1274,25 @@ def demo(argv) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     vae, policy, pretrained = vg.build_models(a, "cpu")
     vg.load_checked(policy, vg.read_state_dict(run / "checkpoints" / "last.pt"), run)
-    reward, judge = vg.make_reward(a.reward, "cpu", a), reward_models.load_digit_judge(weights_dir=a.weights_dir)
+    reward = vg.make_reward(a.reward, "cpu", a)
+    judges = reward_models.load_digit_judge(weights_dir=a.weights_dir), reward_models.load_digit_judge2(weights_dir=a.weights_dir)
     labels, seed = torch.arange(200) % policy.config.num_classes, vg.derive_seed(a.seed, 4)
-    before = preview(pretrained, reward, judge, labels, seed, a.temperature, run / "before.png")
-    after = preview(policy, reward, judge, labels, seed, a.temperature, run / "after.png")
+    before = preview(pretrained, reward, judges, labels, seed, a.temperature, run / "before.png")
+    after = preview(policy, reward, judges, labels, seed, a.temperature, run / "after.png")
     plot_reward_curve(run)
     summary = {"reward_first": rows[0]["reward/mean"], "reward_last": float(np.mean([r["reward/mean"] for r in rows[-3:]])),
                "class_acc_before": before["class_acc"], "class_acc_after": after["class_acc"],
+               "class_acc2_before": before["class_acc2"], "class_acc2_after": after["class_acc2"],
                "reward_before": before["reward"], "reward_after": after["reward"], "kl_last": rows[-1]["policy/kl"],
                "steps": len(rows), "seconds": round(seconds, 1)}
+    for key in [k for k in rows[0] if k.startswith("reward/") and k.endswith("/accuracy")]:  # digit:correct's
+        summary["accuracy_first"] = rows[0][key]  # the judge's top-1 on the asked digit of the step's samples
+        summary["accuracy_last"] = float(np.mean([r[key] for r in rows[-3:]]))
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] mean reward: first step {summary['reward_first']:.4f} -> last 3 steps {summary['reward_last']:.4f} "
           f"({summary['reward_last'] - summary['reward_first']:+.4f}); judge's class accuracy {before['class_acc']:.3f} -> "
-          f"{after['class_acc']:.3f} (200 samples, fixed labels and seed); {seconds:.0f} s; {run}/before.png, after.png, "
+          f"{after['class_acc']:.3f}, second judge's {before['class_acc2']:.3f} -> {after['class_acc2']:.3f} (200 samples, "
+          f"fixed labels and seed); {seconds:.0f} s; {run}/before.png, after.png, "
           "reward_curve.png, summary.json")
     return summary
 
@@ -1225,10 +1309,14 @@ def main(argv=None):
     vr.add_dataclass_args(p, EvalArgs)
     p = sub.add_parser("ablate", help="VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three")
     p.add_argument("--out", default="runs/ablate", help="folder for the runs and ablation.md / .json / .png")
-    p.add_argument("--preset", default="digits", help="model of every run")
+    p.add_argument("--preset", default="digits7", help="model of every run")
     p.add_argument("--weights-dir", default=None, help="folder holding the preset's weights (default: weights/)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--budget", type=int, default=2560, help="samples per run (VMR's extra completions count)")
+    p.add_argument("--seeds", action="append", default=None,
+                   help=f"comma-separated seeds, once for every reward or once per --reward (default: {' and '.join(ABLATION_SEEDS)})")
+    p.add_argument("--vmr-m", default="2,5", help="VMR splits m for the first reward's m sweep ('' for none)")
+    p.add_argument("--sweep-seeds", default="0,1,2", help="comma-separated seeds of the m sweep")
+    p.add_argument("--eval-samples", type=int, default=500, help="samples of each final policy that the reward and both judges score")
+    p.add_argument("--budget", type=int, default=1280, help="samples per run (VMR's extra completions count)")
     p.add_argument("--lr", type=float, default=DEMO_FLAGS["lr"], help="learning rate of every run (the demo's)")
     p.add_argument("--beta", type=float, default=DEMO_FLAGS["beta"], help="KL weight of every run (the demo's)")
     p.add_argument("--reward", action="append", default=None,

@@ -104,7 +104,61 @@ def test_digits7_has_a_horizon_and_its_own_files():
     assert vt.digits_files(vt.DIGITS_RECIPES["digits"]) == vt.DIGITS_FILES
     assert vt.digits_files(vt.DIGITS_RECIPES["digits7"]) == {
         "vae": "vae_digits7.safetensors", "var": "var_digits7.safetensors",
-        "judge": "judge_digits.safetensors", "judge2": "judge2_digits7.safetensors"}
+        "judge": "judge_digits.safetensors", "judge2": "judge2_digits.safetensors"}
+
+
+# ---- digit:correct, the label-aware reward (reward(images, labels)), and the second judge
+
+
+def test_digit_correct_reads_the_asked_digit():
+    """Labels reach the reward: the judge's probability of the asked digit is high for the drawn digit and
+    low for another; its logged accuracy is the judge's top-1 on the asked digit."""
+    images_u8, labels, _ = vt.render_digits(60, seed=5, res=32)
+    images = images_u8.float() / 255
+    reward = rm.build_reward("digit:correct", "cpu")
+    right, logs = reward(images, labels, return_components=True)
+    wrong = reward(images, (labels + 1) % 10)
+    assert right.min() >= 0 and right.max() <= 1 and right.mean() > 0.9 and wrong.mean() < 0.1
+    judge = rm.load_digit_judge()
+    torch.testing.assert_close(right, judge.heads(images)[0].softmax(-1)[torch.arange(60), labels])
+    read = judge.heads(images)[0].argmax(-1)
+    assert torch.equal(logs["digit:correct/accuracy"], (read == labels).float())
+    assert reward(images, (labels + 1) % 10, return_components=True)[1]["digit:correct/accuracy"].sum() == (read == (labels + 1) % 10).sum()
+
+
+def test_sums_mix_label_aware_and_label_blind_rewards():
+    images_u8, labels, _ = vt.render_digits(8, seed=6, res=32)
+    images = images_u8.float() / 255
+    total, parts = rm.build_reward("0.5*brightness+2*digit:correct+digit:bold", "cpu")(images, labels, return_components=True)
+    expect = 0.5 * rm.luma(images) + 2 * rm.build_reward("digit:correct", "cpu")(images, labels) + rm.load_digit_judge()(images)
+    torch.testing.assert_close(total, expect)
+    assert {"brightness", "digit:correct", "digit:bold", "digit:correct/accuracy"} <= set(parts)
+    blind = rm.build_reward("brightness+digit:bold", "cpu")
+    assert not blind.needs_labels and torch.equal(blind(images), blind(images, labels))  # label-blind: labels ignored
+
+
+def test_label_aware_reward_errors_are_one_line():
+    images = torch.rand(4, 3, 32, 32)
+    reward = rm.build_reward("brightness+digit:correct", "cpu")
+    for labels, match in ((None, "scores an image against its class label: pass labels="),
+                          (torch.arange(3), "4 images but labels of shape \\(3,\\); give one label per image"),
+                          (torch.arange(8).view(4, 2), "4 images but labels of shape \\(4, 2\\)"),
+                          (torch.tensor([0, 1, 2, 10]), "reads the digits 0-9; got labels 0..10")):
+        with pytest.raises(ValueError, match=match) as e:
+            reward(images, labels)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="digit:bold and digit:correct"):
+        rm.build_reward("digit:wrong", "cpu")
+
+
+def test_shipped_second_judge_reads_both_image_sizes():
+    """judge2_digits.safetensors (built by prepare --preset digits7) serves the 32 px and the 64 px presets."""
+    judge2 = rm.load_digit_judge2()
+    for res in (32, 64):
+        held, held_y, _ = vt.render_digits(200, seed=vt.DigitsRecipe().seed + 998, res=res)
+        assert vt.judge_accuracy(judge2, held.float() / 255, held_y) >= 0.95, res
+    with pytest.raises(FileNotFoundError, match="no second digits judge there"):
+        rm.load_digit_judge2(path=WEIGHTS / "missing.safetensors")
 
 
 # The files `vargrpo_tools.py prepare` wrote and the repository ships (weights/): their hashes, so that
@@ -127,6 +181,26 @@ def test_shipped_digits_weights_are_what_the_code_expects():
     held, held_y, _ = vt.render_digits(200, seed=vt.DigitsRecipe().seed + 998)  # and they still measure so here
     assert vt.judge_accuracy(judge, held.float() / 255, held_y) >= 0.95
     assert vt.judge_accuracy(judge, vae.idx_to_img(vt.tokenize(vae, held)), held_y) >= 0.85
+
+
+def test_shipped_digits7_weights_are_what_the_code_expects():
+    """The digits7 model (a horizon for VMR: 7 scales, 155 tokens): its files' sha256 as prepare recorded
+    them, strict keys and shapes, its quality, and the shipped total under 30 MB."""
+    record = json.loads((WEIGHTS / "digits7.json").read_text())
+    files = vt.digits_files(vt.DIGITS_RECIPES["digits7"])
+    assert set(record["sha256"]) == set(files.values()) and not record["quick"]
+    for name, digest in record["sha256"].items():
+        assert hashlib.sha256((WEIGHTS / name).read_bytes()).hexdigest() == digest, name
+    assert record["recipe"] == json.loads(json.dumps(vt.asdict(vt.DIGITS_RECIPES["digits7"])))  # the recipe that built them
+    vae, var = vg.load_pretrained("digits7")  # strict: every key, every shape
+    assert var.config == vg.VARConfig.preset("digits7") == vg.VARConfig(**{**record["config"], "ch_mult": tuple(record["config"]["ch_mult"])})
+    res = record["results"]
+    assert res["reconstruction_accuracy"] >= 0.95 and 0.7 <= res["sample_accuracy_t1"] < 0.95  # room to improve
+    assert res["judge2_sample_accuracy_t1"] >= 0.7
+    held, held_y, _ = vt.render_digits(100, seed=vt.DigitsRecipe().seed + 998, res=64)
+    assert vt.judge_accuracy(rm.load_digit_judge(), vae.idx_to_img(vt.tokenize(vae, held)), held_y) >= 0.9
+    shipped = [p for p in WEIGHTS.iterdir() if p.suffix == ".safetensors"]
+    assert sum(p.stat().st_size for p in shipped) < 30e6
 
 
 # `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s

@@ -76,7 +76,7 @@ def test_local_clip_weights_and_offline_failures(tmp_path):
     torch.save(r.parts[0].embedder.clip.state_dict(), tmp_path / "clip.pt")
     code = ("import sys, torch, reward_models as rm\n"
             "r = rm.build_reward('clip:a dog', 'cpu', clip_model='tiny-random', clip_weights=sys.argv[1])\n"
-            "import os; print(os.environ.get('HF_HUB_OFFLINE'))\n"  # local weights: the hub is off while loading only
+            "import os; print(os.environ.get('HF_HUB_OFFLINE'))\n"  # local weights: the environment is left alone
             "print(r(torch.full((1, 3, 64, 64), 0.5)).item())\n")
     cwd = ROOT
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -93,7 +93,8 @@ def test_local_clip_weights_and_offline_failures(tmp_path):
     assert res.returncode == 2 and "--clip-weights PATH" in res.stderr and time.time() - t0 < 30, res.stderr[-2000:]
     res = subprocess.run([sys.executable, "vargrpo.py", "train", "--preset", "tiny", "--reward", "aesthetic",
                           "--clip-model", "tiny-random", "--out", str(tmp_path / "r2"), "--steps", "1"],
-                         cwd=cwd, env={**env, "VARGRPO_OFFLINE": "1", "VARGRPO_CACHE": str(tmp_path / "c")},
+                         cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "t"),
+                                       "VARGRPO_CACHE": str(tmp_path / "c")},
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 2 and "sac+logos+ava1-l14-linearMSE.pth" in res.stderr and "--aesthetic-head" in res.stderr
 

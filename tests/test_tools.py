@@ -100,15 +100,35 @@ def test_eval_reads_a_safetensors_export(tiny_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ablation_smoke(tmp_path):
-    tools.main(["ablate", "--preset", "tiny", "--seeds", "0", "--budget", "64", "--out", str(tmp_path),
-                "--reward", "brightness:region=0.25,0.25,0.75,0.75", "--reward", "dark"])
-    for folder in ("brightness_region_0.25_0.25_0.75_0.75", "dark"):
+    """Every method and the m sweep run for each reward (per-reward seeds), each final policy is scored
+    by the reward and both judges, and the tables hold a mean and 95% interval per method."""
+    tools.main(["ablate", "--preset", "tiny", "--seeds", "0,1", "--seeds", "0", "--budget", "64", "--vmr-m", "2",
+                "--sweep-seeds", "0", "--eval-samples", "10", "--out", str(tmp_path),
+                "--reward", "digit:correct", "--reward", "brightness:region=0.25,0.25,0.75,0.75"])
+    for folder, seeds, sweep in (("digit_correct", 2, True), ("brightness_region_0.25_0.25_0.75_0.75", 1, False)):
         table = (tmp_path / folder / "ablation.md").read_text()
         assert table in (tmp_path / "ablation.md").read_text()
-        for name in tools.ABLATION_METHODS:
-            assert f"| {name} |" in table
+        methods = [*tools.ABLATION_METHODS, *(["+vmr m=2"] if sweep else [])]
+        for name in methods:
+            assert f"| {name} | {seeds if name != '+vmr m=2' else 1} |" in table
         summary = json.loads((tmp_path / folder / "ablation.json").read_text())
-        assert (tmp_path / folder / "ablation.png").is_file() and summary.keys() == tools.ABLATION_METHODS.keys()
+        assert (tmp_path / folder / "ablation.png").is_file() and list(summary) == ["pre-trained", *methods]
+        for name in methods:
+            for row in summary[name]["per_seed"]:
+                assert 0 <= row["judge"] <= 1 and 0 <= row["judge2"] <= 1 and math.isfinite(row["reward"])
+    with pytest.raises(tools.UsageError, match="--seeds given 3 times for 2 rewards"):
+        tools.ablation_runs(tools.main.__globals__["argparse"].Namespace(
+            reward=["a", "b"], seeds=["0", "1", "2"], preset="tiny", vmr_m="", sweep_seeds="0"))
+
+
+def test_mean_ci95_is_the_t_interval():
+    m, h = tools.mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / 3 ** 0.5, rel=1e-4)  # t(0.975, 2) * s / sqrt(n)
+    assert math.isnan(tools.mean_ci95([0.5])[1])
+    for df, q in tools.T975.items():  # each quantile: Student's t CDF at q is 0.975 (numerical integration)
+        x = torch.linspace(0, q, 200001, dtype=torch.float64)
+        pdf = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        assert 0.5 + torch.trapezoid(pdf, x).item() == pytest.approx(0.975, abs=2e-5), df
 
 
 # ---- Benchmark: its rows run (a failing row prints "failed" in the table instead of stopping it)

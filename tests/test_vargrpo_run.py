@@ -257,6 +257,86 @@ def test_run_sh_aesthetic_smoke_on_cpu(tmp_path):
     assert len(m) == 2 and 3 < m[-1]["reward/aesthetic"] < 8 and m[-1]["reward/mean"] == m[-1]["reward/aesthetic"]
 
 
+# ---- The device: an official preset never falls back to the CPU silently
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+def no_weights_env(tmp_path) -> dict:
+    """Empty weight caches, huggingface_hub offline: a run that gets as far as loading the
+    official weights stops there, with its own line."""
+    return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "VARGRPO_CACHE": str(tmp_path / "old")}
+
+
+@no_gpu
+def test_official_preset_without_a_gpu_stops_before_loading_weights(tmp_path):
+    """d16 without --device on a machine torch finds no GPU on: exit 2, one line saying why (torch's
+    own reason) and --device cpu, before the weights (whose absence would be the next line) and
+    before the run folder. With --device cpu it goes on, to the missing weights."""
+    args = ["--preset", "d16", "--reward", "brightness", "--steps", "1"]
+    code, err = train_cli(*args, "--out", str(tmp_path / "gpu"), env=no_weights_env(tmp_path))
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("vargrpo: error: --preset d16 needs a CUDA GPU and torch cannot use one ("), err
+    assert f"({vr.why_no_cuda()})" in line and line.endswith("or pass --device cpu to run it on the CPU anyway (fp32, very slow)")
+    assert not (tmp_path / "gpu").exists()
+    code, err = train_cli(*args, "--device", "cpu", "--out", str(tmp_path / "cpu"), env=no_weights_env(tmp_path))
+    assert code == 2 and "var_d16.pth is not in " in one_error_line(err) and "CUDA" not in err, err
+
+
+@no_gpu
+@pytest.mark.slow
+def test_official_preset_without_a_gpu_stops_under_torchrun(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "vargrpo.py", "train", "--preset", "d30", "--reward", "brightness", "--out", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=TRAIN_TIMEOUT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **no_weights_env(tmp_path)})
+    lines = [l for l in res.stderr.splitlines() if l.startswith("vargrpo: error:")]
+    assert res.returncode != 0 and lines, res.stderr[-3000:]
+    assert all(l.startswith("vargrpo: error: --preset d30 needs a CUDA GPU") and "--device cpu" in l for l in lines)
+    assert "var_d30.pth" not in res.stderr and not (tmp_path / "r").exists()
+
+
+@no_gpu
+def test_default_device_by_preset_and_why_no_cuda(monkeypatch):
+    """The CPU for digits and tiny, as before; d16-d30 refused unless --device says so. The reason
+    is torch's: the error of torch.cuda.init(), else the warning is_available() gave."""
+    assert [vr.default_device(None, p) for p in ("digits", "tiny")] == ["cpu", "cpu"]
+    assert vr.default_device("cpu", "d30") == "cpu"
+    for preset in vr.OFFICIAL_PRESETS:
+        with pytest.raises(vr.UsageError, match=f"--preset {preset} needs a CUDA GPU .*--device cpu"):
+            vr.default_device(None, preset)
+
+    def warns():
+        import warnings
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", warns)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    assert vr.why_no_cuda() == "CUDA initialization: The NVIDIA driver on your system is too old (found version 11040)."
+
+    def fails():
+        raise RuntimeError("Found no NVIDIA driver on your system.\nsecond line")
+    monkeypatch.setattr(torch.cuda, "init", fails)
+    assert vr.why_no_cuda() == "Found no NVIDIA driver on your system."
+
+
+@no_gpu
+def test_eval_of_an_official_run_without_a_gpu_stops_before_loading_weights(tmp_path):
+    """eval reads the run's preset from its checkpoint and stops before the official weights."""
+    import vargrpo_tools as tools
+    ckpt = tmp_path / "last.pt"
+    torch.save({"model": {}, "args": {"preset": "d16", "reward": "aesthetic"}, "step": 1}, ckpt)
+    with pytest.raises(vr.UsageError, match="--preset d16 needs a CUDA GPU .*--device cpu"):
+        tools.load_finetuned(str(ckpt), None)
+    with pytest.raises(vr.CheckpointError, match="var_d16.pth is not in "):
+        with pytest.MonkeyPatch.context() as mp:
+            import huggingface_hub.constants
+            mp.setenv("VARGRPO_CACHE", str(tmp_path / "old"))
+            mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+            mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            tools.load_finetuned(str(ckpt), "cpu")
+
+
 # ---- Settings: --config, and numbers and settings that cannot be meant
 
 
@@ -375,6 +455,75 @@ def test_load_checked_reads_a_trainer_wrapper_and_names_key_mismatches(tmp_path)
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(vg.CheckpointError, match="missing \\(1\\): head.bias; unexpected \\(1\\): extra.weight"):
         vg.load_checked(fresh, sd, "ar.pth")
+
+
+# ---- How many rows a sample() call takes: sample_row_bytes, rows_that_fit, groups_per_sample_call
+
+MiB, GiB = 2**20, 2**30
+
+
+@given(free=st.integers(0, 2**40), more=st.integers(0, 2**38), G=st.integers(1, 64),
+       preset=st.sampled_from(["tiny", "digits", "d16", "d30"]), dtype_bytes=st.sampled_from([2, 4]))
+def test_rows_that_fit_are_whole_groups_at_least_one_and_grow_with_free_memory(free, more, G, preset, dtype_bytes):
+    config = vg.VARConfig.preset(preset)
+    rows = vr.rows_that_fit(free, config, dtype_bytes, G)
+    assert rows >= G and rows % G == 0
+    assert vr.rows_that_fit(free + more, config, dtype_bytes, G) >= rows
+    if rows > G:  # more than the one group it always gets: they fit
+        fixed = 18 * config.depth * config.embed_dim ** 2 * (dtype_bytes < 4) * dtype_bytes
+        assert rows * vr.sample_row_bytes(config, dtype_bytes) + fixed <= vr.SAMPLE_MEMORY_SHARE * free
+
+
+def test_sample_row_bytes_of_d16_is_the_readmes():
+    """The README's per-row column: d16 under bf16 autocast 42.5 MiB of KV cache + 13 MiB at the
+    last scale; in fp32 twice the cache."""
+    d16 = vg.VARConfig.preset("d16")
+    assert vr.sample_row_bytes(d16, 2) == 2 * 16 * 680 * 1024 * 2 + 4 * 256 * (1024 + 3 * 4096)
+    assert vr.sample_row_bytes(d16, 2) / MiB == pytest.approx(55.5)
+    assert vr.sample_row_bytes(d16, 4) / MiB == pytest.approx(85.0 + 17.3125)
+    assert vr.rows_that_fit(40 * GiB, d16, 2, 16) == 640  # 0.9 x 40 GiB - 0.56 GiB of bf16 weights: 653 rows
+
+
+def test_groups_per_sample_call_on_the_cpu_and_given():
+    tiny = vg.VARConfig.preset("tiny")
+    assert vr.groups_per_sample_call(0, 4, 7, tiny, torch.device("cpu")) == 7  # 0 on the CPU: all of them
+    assert vr.groups_per_sample_call(9, 4, 7, tiny, "cpu") == 2
+    assert vr.groups_per_sample_call(3, 4, 7, tiny, "cpu") == 1
+
+
+MEASURE = """
+import resource, sys, torch, vargrpo as vg
+torch.set_num_threads(1)
+config = vg.VARConfig.preset("tiny")
+if sys.argv[1] == "wide":
+    config = vg.VARConfig(depth=1, patch_nums=(1, 2, 3, 4), vocab_size=4096, z_channels=8, vae_ch=32, num_classes=10)
+vae, var = vg.build_vae_var(config, seed=0)
+for B in (500, 1500):
+    labels = torch.arange(B) % config.num_classes
+    vg.sample(var, labels, temperature=0.7, generator=torch.Generator().manual_seed(0), decode=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["tiny", "wide"])
+def test_sample_row_bytes_against_the_measured_cpu_peak(which):
+    """fp32 on this CPU: the peak memory (ru_maxrss) of sample() with 500 and 1,500 rows, the
+    slope per row. glibc returns freed blocks at once with a fixed mmap threshold, so the peak
+    RSS is the peak of live tensors. tiny: the attention term is the larger (measured 0.85 of the
+    formula: it counts casts fp32 does not make); 'wide' (V = 4096, C = 64): the logits term
+    (measured 1.00)."""
+    config = vg.VARConfig.preset("tiny")
+    if which == "wide":
+        config = vg.VARConfig(depth=1, patch_nums=(1, 2, 3, 4), vocab_size=4096, z_channels=8, vae_ch=32,
+                              num_classes=10)
+    res = subprocess.run([sys.executable, "-c", MEASURE, which], cwd=ROOT, capture_output=True, text=True,
+                         timeout=REFUSAL_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                       "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    small, large = map(int, res.stdout.split())
+    measured = (large - small) / 1000
+    assert 0.75 <= measured / vr.sample_row_bytes(config, 4) <= 1.05, measured
 
 
 # ---- RunFolder: a new run never touches files that are not a run's
