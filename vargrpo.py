@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from vargrpo_run import (
-    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
+    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, PeerFailed, RunFailed, RunFolder, Stopped,
     StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, autocast_dtype, check_depth,
     check_sample_call, check_sampling_args, check_var_config, exit_with, find_or_download, groups_per_sample_call,
     load_checked, make_reward, parse_train_args, read_state_dict, reward_passes,
@@ -1061,16 +1061,18 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
     model = None
     metrics = {}
     try:
-        args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
-        reward = make_reward(args.reward, d.device, args, differentiable=args.mask_propagation)
-        vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
-        opt = make_optimizer(policy, args, d.device)
-        pool = label_pool(args, policy.config.num_classes)
+        with run.starting():  # every process starts, or none does (then nothing is written)
+            args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
+            reward = make_reward(args.reward, d.device, args, args.mask_propagation)
+            vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
+            opt = make_optimizer(policy, args, d.device)
+            start = 0
+            if ckpt:
+                load_checked(policy, ckpt["model"], run.last)
+                start = run.restore(ckpt, opt)
+            run.begin()  # a new run's args.json (--overwrite: the old run's files removed)
 
-        start = 0
-        if ckpt:
-            load_checked(policy, ckpt["model"], run.last)
-            start = run.restore(ckpt, opt)
+        pool = label_pool(args, policy.config.num_classes)
 
         model = wrap_ddp(policy, d)  # the update uses `model`; saving, sampling `policy`
         amp = autocast(args.dtype, d.device)
@@ -1126,7 +1128,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
     finally:
         stop.restore()
         model = None  # the DDP wrapper holds the process group: drop it first
-        run.close()  # unlock; under torchrun, ranks leave together
+        run.close()  # unlock; leave the process group
 
 
 # ---- Setting up: models, optimizer, labels, precision.
@@ -1489,7 +1491,7 @@ def main(argv=None):
     try:
         args, given = parse_train_args(argv, TrainArgs)
         return train(args, given)
-    except (UsageError, CheckpointError, RunFailed, Stopped) as e:
+    except (UsageError, CheckpointError, RunFailed, Stopped, PeerFailed) as e:
         exit_with(e, "vargrpo")
 
 if __name__ == "__main__":
