@@ -26,7 +26,7 @@ from hypothesis import assume, given, settings, strategies as st
 import vargrpo as vg
 import vargrpo_run as vr
 from helpers import (HEAD, ROOT, TINY, copy_run, labels_for, needs_head, policy_state, random_model, read_metrics,
-                     timeout)
+                     read_only, timeout)
 
 # a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
 REFUSAL_TIMEOUT = timeout(300)
@@ -625,23 +625,6 @@ def test_resume_without_metrics_says_so(tiny_run, tmp_path, capsys):
     vg.main(["train", "--resume", str(run), "--steps", "3", "--image-every", "0"])
     assert "metrics.jsonl is missing: the log starts again at step 2" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(run)] == [2]
-
-
-@pytest.fixture
-def read_only(tmp_path):
-    """read_only(folder): that folder made read-only by a read-only bind mount (which binds root as
-    well; skipped where mounting is not allowed)."""
-    mounts = []
-
-    def make(folder):
-        for cmd in (["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,ro,bind", str(folder)]):
-            if subprocess.run(cmd, capture_output=True).returncode:
-                pytest.skip("cannot mount here")
-            mounts.append(folder)
-        return folder
-    yield make
-    for folder in mounts[:1]:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_tensorboard_folder_that_is_a_file_or_read_only(tiny_run, tmp_path, capsys, read_only):
