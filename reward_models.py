@@ -288,6 +288,26 @@ class DigitJudge(nn.Module):
         return self.heads(images_B3HW)[1] * self.boldness_std + self.boldness_mean
 
 
+def check_recorded_sha256(path):
+    """A weight file whose sha256 a record beside it holds (<preset>.json's "sha256" map, written by
+    `vargrpo_tools.py prepare`; weights/ ships them) must have that hash: one ValueError naming the file
+    otherwise (a changed byte, or a file from another preparation than its neighbours)."""
+    path = Path(path)
+    for record in sorted(path.parent.glob("*.json")):
+        try:
+            digests = json.loads(record.read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(digests, dict) or path.name not in digests:
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != digests[path.name]:
+            raise ValueError(f"{path} is not the file {record} records (sha256 {actual[:12]}..., recorded "
+                             f"{str(digests[path.name])[:12]}...): it was changed, or comes from another "
+                             f"preparation than the files beside it; restore it (git checkout weights/ for the "
+                             f"shipped files) or build them all again with `python vargrpo_tools.py prepare`")
+
+
 def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
     """The judge's weights, strictly: `path`, else judge_digits.safetensors in `weights_dir` if it is
     there (as for the model: --weights-dir first), else weights/ beside this file."""
@@ -296,6 +316,7 @@ def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
     file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE))
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no digits judge there; build it with `python vargrpo_tools.py prepare`")
+    check_recorded_sha256(file)
     judge = DigitJudge()
     judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
     return judge.eval().requires_grad_(False)
@@ -336,6 +357,7 @@ def load_digit_judge2(path=None, weights_dir=None) -> DigitJudge2:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no second digits judge there; build it with "
                                 f"`python vargrpo_tools.py prepare --preset digits7`")
+    check_recorded_sha256(file)
     judge = DigitJudge2()
     judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
     return judge.eval().requires_grad_(False)

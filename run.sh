@@ -25,13 +25,13 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.requirements-hash 2>/dev/null)" 
 fi
 PY=.venv/bin/python
 
-# torchrun with one process per visible GPU (one process on a machine without GPUs). On Ctrl-C /
-# SIGTERM each process finishes its step and saves a checkpoint: give it an hour, not torchrun's 30 s.
+# torchrun with one process per visible GPU (one process on a machine without GPUs), through
+# vargrpo_run.py's launcher: it exits as the trainers did (2 a refusal, 130 / 143 after Ctrl-C /
+# SIGTERM and a saved checkpoint) where torchrun exits 1, and gives them an hour to save, not 30 s.
 launch() {
   local n
   n=$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')
-  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-3600}
-  exec .venv/bin/torchrun --standalone --nproc_per_node="$n" vargrpo.py train "$@"
+  exec "$PY" vargrpo_run.py torchrun --standalone --nproc_per_node="$n" vargrpo.py train "$@"
 }
 
 cmd=${1:-help}

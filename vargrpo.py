@@ -65,12 +65,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from vargrpo_run import (
-    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, RunFailed, RunFolder, Stopped,
-    StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast, autocast_dtype,
-    check_depth, check_sample_call, check_sampling_args, check_var_config, clip_grad_norm,
-    distribute, exit_with, find_or_download, grad_sync, groups_per_sample_call, load_checked,
-    make_reward, parse_train_args, read_state_dict, reward_passes, rows_in_chunks,
-    run_metrics, sampling_policy, setup_distributed, to_float32,
+    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, PeerFailed, RunFailed, RunFolder,
+    Stopped, StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast,
+    autocast_dtype, check_depth, check_sample_call, check_sampling_args, check_var_config,
+    clip_grad_norm, distribute, exit_with, find_or_download, grad_sync,
+    groups_per_sample_call, load_checked, make_reward, parse_train_args, read_state_dict,
+    reward_passes, rows_in_chunks, run_metrics, sampling_policy, setup_distributed,
+    to_float32,
 )
 
 # ---- Config
@@ -1063,17 +1064,20 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
     model = None
     metrics = {}
     try:
-        args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
-        reward = make_reward(args.reward, d.device, args, differentiable=args.mask_propagation)
-        vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
-        pool = label_pool(args, policy.config.num_classes)
-        if ckpt:
-            load_checked(policy, ckpt["model"], run.last)
+        with run.starting():  # every process starts, or none does (then nothing is written)
+            args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
+            reward = make_reward(args.reward, d.device, args, args.mask_propagation)
+            vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
+            if ckpt:
+                load_checked(policy, ckpt["model"], run.last)
 
         # DDP; --fsdp shards policy and ref in place, and the optimizer holds the shards
         model = distribute(policy, ref, d, args.fsdp)  # the update uses `model`; saving `policy`
         opt = make_optimizer(policy, args, d.device)
-        start = run.restore(ckpt, opt, policy)  # 0 for a new run
+        with run.starting():  # then all go on, or none
+            start = run.restore(ckpt, opt, policy)  # 0 for a new run
+            run.begin()  # a new run's args.json (--overwrite: the old run's files removed)
+        pool = label_pool(args, policy.config.num_classes)
         amp = autocast(args.dtype, d.device)
         pn = policy.config.patch_nums
         n_local = args.labels_per_step // d.world
@@ -1099,25 +1103,21 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             laps("decode")
 
             # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            scored = run.retry_once(
-                lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
+            scored = run.retry_once(lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
             laps("reward")
 
-            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its
-            # tokens
+            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its tokens
             returns_Ng = advantage_groups(scored.rewards, stage, args, n_local)
             adv_Ng = group_advantages(returns_Ng, args.adv_eps)
 
             # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1
             batch = update_batch(roll, returns_Ng, adv_Ng, scored.mp_mask, stage, split_m, pn, args)
 
-            # 5 clipped update with the per-token KL (eq. 1), one optimizer step per
-            # minibatch
+            # 5 clipped update with the per-token KL (eq. 1), one optimizer step per minibatch
             stats = policy_update(model, ref, opt, batch, args, step, d, amp)
             laps("update")
 
-            # 6 log and save (a diverged policy stops the run; Ctrl-C / SIGTERM after
-            # saving)
+            # 6 log and save (a diverged policy stops the run; Ctrl-C / SIGTERM after saving)
             passes = reward_passes(reward, args)
             metrics = step_metrics(step, scored, adv_Ng, batch, stats, laps.times, args, stage, passes)
             run.log(metrics, step, images)
@@ -1127,7 +1127,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
     finally:
         stop.restore()
         model = None  # the DDP wrapper holds the process group: drop it first
-        run.close()  # unlock; under torchrun, ranks leave together
+        run.close()  # unlock; leave the process group
 
 
 # ---- Setting up: models, optimizer, labels, precision.
@@ -1493,7 +1493,7 @@ def main(argv=None):
     try:
         args, given = parse_train_args(argv, TrainArgs)
         return train(args, given)
-    except (UsageError, CheckpointError, RunFailed, Stopped) as e:
+    except (UsageError, CheckpointError, RunFailed, Stopped, PeerFailed) as e:
         exit_with(e, "vargrpo")
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ vargrpo.py imports this module; this module never imports vargrpo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -55,13 +56,32 @@ class Stopped(RuntimeError):
         self.signum = signum
 
 
+class PeerFailed(RuntimeError):
+    """Another process of the job failed (`message`: its reason; exit code: its code)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.everywhere = True
+
+
+def everywhere(e: BaseException) -> BaseException:
+    """Mark an error that every process of a torchrun job raises alike: process 0 alone reports
+    it."""
+    e.everywhere = True
+    return e
+
+
 def exit_code(e: BaseException) -> int:
-    """The exit code of one of the errors above."""
+    """The exit code of an error: 2 a user's mistake, 1 a failed run (or a bug), 128 + the
+    signal after a signal."""
+    if isinstance(e, PeerFailed):
+        return e.code
     if isinstance(e, Stopped):
         return 128 + e.signum
-    if isinstance(e, RunFailed):
-        return 1
-    return 2
+    if isinstance(e, (UsageError, CheckpointError)):
+        return 2
+    return 1
 
 
 def first_line(e: BaseException) -> str:
@@ -176,6 +196,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_objects(obj) -> list:
+    """One picklable object of each rank, in rank order ([obj] in a single process)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def synced_time(device) -> float:
     """time.perf_counter() once the device has done its queued work (GPU work is asynchronous)."""
     if str(device).startswith("cuda"):
@@ -225,8 +254,33 @@ def read_config(path: str, cls) -> dict:
         f"--config {path}: unknown settings {', '.join(unknown)}; it must"
         " hold train flags, as a run's args.json does",
     )
-    left_out = ("resume", "overwrite")
+    for f in fields(cls):
+        if f.name in saved:
+            check_config_value(path, f, saved[f.name])
+    # where a run goes is said on the command line: a config never replaces a folder
+    left_out = ("resume", "overwrite", "out")
     return {k: v for k, v in saved.items() if k not in left_out}
+
+
+def check_config_value(path: str, f, value):
+    """A --config value of the type (and among the choices) its flag takes: one UsageError
+    naming the key."""
+    kind = f.metadata.get("type", type(f.default))
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True  # JSON writes 1.0 as 1 at times
+    if value is None and f.default is None:
+        ok = True
+
+    choices = f.metadata.get("choices")
+    if ok and choices:
+        ok = value in choices
+    kinds = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+    want = kinds.get(kind, kind.__name__)
+    if choices:
+        want = f"one of {', '.join(choices)}"
+    need(ok, f"--config {path}: {f.name!r} is {json.dumps(value)}, not {want} (as {flag(f.name)}"
+         " takes); fix it in the file")
 
 
 def parse_train_args(argv, cls):
@@ -256,11 +310,27 @@ def parse_train_args(argv, cls):
     return cls(**{**config, **given}), set(given)
 
 
+EXIT_FILE = "VARGRPO_EXIT_FILE"  # set by `launch`: where a process records its exit code
+
+
 def exit_with(e: BaseException, prog: str):
-    """One line on stderr for one of the errors above, then its exit code."""
-    kind = "stopped" if isinstance(e, Stopped) else "error"
-    print(f"{prog}: {kind}: {e}", file=sys.stderr)
-    raise SystemExit(exit_code(e))
+    """One line on stderr for one of the errors above (under torchrun, an error every process
+    raised is reported by process 0 alone), then its exit code; under `launch` the first process
+    to fail also records its code in $VARGRPO_EXIT_FILE."""
+    code = exit_code(e)
+    quiet = getattr(e, "everywhere", False) and os.environ.get("RANK", "0") != "0"
+
+    if not quiet:
+        kind = "stopped" if isinstance(e, Stopped) else "error"
+        print(f"{prog}: {kind}: {e}", file=sys.stderr, flush=True)
+    if os.environ.get(EXIT_FILE):
+        try:  # the first process to record one wins (O_EXCL)
+            fd = os.open(os.environ[EXIT_FILE], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            os.write(fd, str(code).encode())
+            os.close(fd)
+        except OSError:
+            pass
+    raise SystemExit(code)
 
 
 # What a resumed run may change: neither the samples nor the updates depend on it.
@@ -282,10 +352,11 @@ def check_train_args(a, world: int, presets: dict):
         need(finite, f"{flag(f.name)}: not a finite number")
 
     try:
-        reward_models.parse_spec(a.reward)
+        terms = reward_models.parse_spec(a.reward)
     except ValueError as e:
         raise UsageError(f"--reward: {e}") from None
     need(a.preset in presets, f"--preset {a.preset!r}: choose one of {', '.join(presets)}")
+    check_weights_dir(a, [name for _, name, _ in terms])
 
     positive = ("steps", "labels_per_step", "minibatch", "ppo_epochs", "lr", "temperature",
                 "save_every", "keep_last", "reward_batch", "adv_eps")
@@ -321,6 +392,19 @@ def check_train_args(a, world: int, presets: dict):
     need(not a.fsdp or torch.distributed.is_initialized(),
          "--fsdp shards the model across torchrun's processes: launch with torchrun"
          " (bash run.sh does) or drop --fsdp")
+
+
+def check_weights_dir(a, reward_names):
+    """--weights-dir names a folder, and one that is read: the tiny preset and --random-init
+    start from random weights (only the digit reward's judge may come from it)."""
+    if not a.weights_dir:
+        return
+    need(Path(a.weights_dir).is_dir(), f"--weights-dir {a.weights_dir}: no such folder; name"
+         " the folder that holds the preset's weight files")
+    random = a.preset == "tiny" or a.random_init
+    need(not random or "digit" in reward_names,
+         f"--weights-dir {a.weights_dir} does nothing here: the tiny preset and --random-init"
+         " start from random weights; drop --weights-dir")
 
 
 def check_batch_sizes(a, world: int):
@@ -392,18 +476,34 @@ def resolve_args(a, given, saved: dict | None):
 # ---- The run folder. Nothing in DIR but a run's own files is ever touched; a lock keeps a
 # second trainer out; checkpoints are atomic and resume exactly.
 LOCK_NAME = ".vargrpo.lock"
-RUN_FILES = (  # what runs write
-    "args.json", "metrics.jsonl", "reward_curve.png", "summary.json",
-    "before.png", "after.png", "checkpoints/step_*",
-    "checkpoints/last.*", "checkpoints/*.tmp", "images/step_*.png",
-    "tb/events.out.tfevents.*",
+# The exact names of the files a run writes (the trainer, the demo, eval), and of their
+# temporary twins: --overwrite and --keep-last touch these and nothing else.
+STEP_FILE = re.compile(r"step_\d{6}\.(pt|safetensors)")
+RUN_FILE = re.compile(
+    r"(args\.json|metrics\.jsonl|reward_curve\.png|summary\.json|before\.png|after\.png"
+    r"|eval\.md|eval\.json|eval_(pre-trained|fine-tuned)_(all|seen|unseen)\.png"
+    r"|checkpoints/(step_\d{6}|last)\.(pt|safetensors)|images/step_\d{6}\.png"
+    r"|tb/events\.out\.tfevents\.[\w.-]+)(\.tmp)?"
 )
 
 
-def atomic_write(path: Path, write):
+def run_files(out: Path) -> list[Path]:
+    """The files of a run in DIR, found by their exact names."""
+    found = []
+    for folder in (out, out / "checkpoints", out / "images", out / "tb"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            name = p.relative_to(out).as_posix()
+            if p.is_file() and RUN_FILE.fullmatch(name):
+                found.append(p)
+    return sorted(found)
+
+
+def atomic_write(path: Path, write, advice="what was there before is intact; fix that, retry"):
     """write(file) into path.tmp, then rename it to path: a crash never leaves a torn file
     under the real name. An I/O error (disk full, read-only, ...) is one RunFailed naming
-    the path and the cause."""
+    the path, the cause and `advice`."""
     tmp = path.with_name(path.name + ".tmp")
 
     try:
@@ -413,30 +513,46 @@ def atomic_write(path: Path, write):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        # torch.save reports a short write as "unexpected pos": ask the disk
         cause = getattr(e, "strerror", None) or first_line(e)
+        # torch.save reports a short write as "unexpected pos" / "file write failed"
+        short = re.search("unexpected pos|write failed", str(e))
         if path.parent.is_dir():
-            if shutil.disk_usage(path.parent).free < 1 << 20:
-                cause = "No space left on device"
-        raise RunFailed(
-            f"cannot write {path}: {cause}; what was written before is"
-            " intact: fix that (free space, permissions) and continue"
-            " with --resume"
-        ) from None
+            free_mib = shutil.disk_usage(path.parent).free / 2**20
+            if short or free_mib < 1:
+                cause = f"No space left on device (it did not fit in {free_mib:.1f} MiB)"
+        raise RunFailed(f"cannot write {path}: {cause}; {advice}") from None
+
+
+def cannot_write(folder: Path) -> str | None:
+    """Why no file can be made in an existing folder (a read-only disk, permissions), or
+    None: one is made and removed (os.access cannot tell, e.g. for root on a read-only
+    mount)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def run_state(out: Path) -> str:
-    """'new' (absent, or empty but for our lock), 'run' (a vargrpo run's folder) or 'other'."""
+    """'new' (absent, or empty but for our lock, or a start that never got past its settings:
+    args.json alone), 'run' (a vargrpo run's folder) or 'other'."""
     if not out.exists():
         return "new"
-    if not any(p.name != LOCK_NAME for p in out.iterdir()):
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    if not names:
         return "new"
+
     try:
         saved = json.loads((out / "args.json").read_text())
     except (OSError, ValueError):
         saved = None
     settings = {"reward", "preset", "steps"}
     is_args = isinstance(saved, dict) and settings <= saved.keys()
+    if is_args and names == {"args.json"}:
+        return "new"  # a start that stopped before its first step
     if is_args or (out / "checkpoints" / "last.pt").is_file():
         return "run"
     return "other"
@@ -482,8 +598,8 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
     where = ", ".join(str(f) for f in folders)
     if filename not in OFFICIAL_FILES:
         raise CheckpointError(
-            f"{filename} is not in {where}; pass --weights-dir naming"
-            " the folder that holds it"
+            f"{names[1]} (or {filename}) is not in {where}; pass --weights-dir naming the"
+            " folder that holds it, or build it with `python vargrpo_tools.py prepare`"
         )
 
     from huggingface_hub import constants, hf_hub_download, hf_hub_url
@@ -508,7 +624,26 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
 def read_state_dict(path) -> dict:
     """The state_dict in a .safetensors or .pth file: a plain state_dict, the official training
     script's wrapper (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint
-    (ckpt['model'])."""
+    (ckpt['model']). A file whose sha256 a record beside it holds must match it (the shipped
+    weights); a non-finite weight is blamed on the file."""
+    import reward_models
+
+    try:
+        reward_models.check_recorded_sha256(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    state = read_tensors(path)
+    for k, v in state.items():
+        if k == "attn_bias_for_masking":  # the block mask: -inf by design
+            continue
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: {k} holds inf or NaN values, so the file is damaged;"
+                                  " fetch or build it again")
+    return state
+
+
+def read_tensors(path) -> dict:
+    """read_state_dict's reading."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -979,115 +1114,141 @@ class RunFolder:
         self.tb = None
         self.warned = False
         self.last = out / "checkpoints" / "last.pt"
+        self.together = False  # every process ends where this one does
+        self.created = False  # DIR made by this start
+        self.made_lock = False  # and its lock file
+        self.begun = False  # past `begin`: the run has written its settings
 
     def open(self, a, given):
-        """The run's settings and, when resuming, its checkpoint.
+        """The run's settings and, when resuming, its checkpoint; nothing is written yet.
 
-        Rank 0 applies the folder rules: refuse anything that could
-        lose a file, lock DIR, check again under the lock (a trainer
-        started at the same moment may have claimed it first);
-        --overwrite removes exactly the old run's files; a new run's
-        args.json is written."""
-        other_out = "out" in given and a.out
-
-        if a.resume and other_out:
+        Rank 0 applies the folder rules: refuse anything that could lose a file, lock DIR,
+        check again under the lock (a trainer started at the same moment may have claimed
+        it first). `begin` writes, once the reward and the weights have loaded."""
+        if a.resume and "out" in given and a.out:
             same = Path(a.out).resolve() == Path(a.resume).resolve()
-            need(
-                same,
-                f"--resume {a.resume} continues in that directory;"
-                f" drop --out {a.out}",
-            )
-
+            need(same, f"--resume {a.resume} continues in that directory; drop --out {a.out}")
         need(a.resume or a.out, "--out DIR is required (or --resume DIR)")
-        ckpt = None
 
+        ckpt = None
+        saved = None
         if a.resume:
             ckpt = self.read_checkpoint(a)
-
-        saved = None
-
-        if ckpt:
             saved = ckpt["args"]
-
         a = resolve_args(a, given, saved)
         self.args = a
         check_train_args(a, self.d.world, self.presets)
-
-        if not self.d.main:
-            return a, ckpt
-
-        self.claim(a)
-
-        if not a.resume:
-            self.start_new(a)
-
-        if a.tracker == "tensorboard":  # the curves, also in DIR/tb
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.out / "tb"))
-
+        if ckpt:
+            need(a.steps > ckpt["step"],
+                 f"--resume {a.resume}: the run is at step {ckpt['step']} already; pass"
+                 f" --steps N with N > {ckpt['step']} to train on")
+        if self.d.main:
+            self.claim(a)
         return a, ckpt
 
     def read_checkpoint(self, a) -> dict:
-        need(
-            self.last.is_file(),
-            f"--resume {a.resume}: no checkpoints/last.pt there; start a"
-            " new run with --out instead",
-        )
-        hint = (
-            "resume from another step: copy one of"
-            f" {self.last.parent}/step_*.pt to last.pt"
-        )
+        """checkpoints/last.pt of the run to resume, checked against its args.json."""
+        if not self.last.is_file():
+            need(not (self.out / "args.json").is_file(),
+                 f"--resume {a.resume}: that run stopped before its first checkpoint; start"
+                 f" it again: --config {a.resume}/args.json --out {a.resume} --overwrite")
+            need(False, f"--resume {a.resume}: no checkpoints/last.pt there; start a new run"
+                 " with --out instead")
+        hint = f"resume from another step: copy one of {self.last.parent}/step_*.pt to last.pt"
         ckpt = load_pth(self.last, hint)
         keys = {"model", "optimizer", "step", "args"}
-
         if not (isinstance(ckpt, dict) and keys <= ckpt.keys()):
-            raise CheckpointError(
-                f"{self.last} is not a vargrpo run checkpoint (it lacks"
-                " model/optimizer/step/args)"
-            )
+            raise CheckpointError(f"{self.last} is not a vargrpo run checkpoint (it lacks"
+                                  " model/optimizer/step/args)")
 
+        try:
+            recorded = json.loads((self.out / "args.json").read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict):
+            differ = sorted(k for k in ckpt["args"]
+                            if k not in RESUME_OVERRIDABLE + ("resume", "out", "overwrite")
+                            and recorded.get(k) != ckpt["args"][k])
+            need(not differ,
+                 f"{self.last} belongs to another run: its {', '.join(map(flag, differ))}"
+                 f" differ from {self.out}/args.json; put back this run's checkpoint, or"
+                 " resume the run it comes from in a folder with that run's args.json")
         return ckpt
 
     def claim(self, a):
         """Refuse a folder that holds something else; lock it."""
         out = self.out
-        need(
-            not out.exists() or out.is_dir(),
-            f"{out} is a file, not a folder; choose a folder for the run",
-        )
-
+        need(not out.exists() or out.is_dir(),
+             f"{out} is a file, not a folder; choose a folder for the run")
         for locked in (False, True):
             if locked:
                 self.lock()
             self.state = run_state(out)
             taken = self.state == "run" and not a.resume
-            need(
-                not (taken and not a.overwrite),
-                f"{out} already holds a run; continue it with --resume"
-                f" {out}, choose another --out, or pass --overwrite to"
-                " replace it",
-            )
+            need(not (taken and not a.overwrite),
+                 f"{out} already holds a run; continue it with --resume {out}, choose"
+                 " another --out, or pass --overwrite to replace it")
             if self.state == "other":
                 names = sorted(p.name for p in out.iterdir())[:3]
-                raise UsageError(
-                    f"{out} holds files that are not a vargrpo run"
-                    f" ({', '.join(names)}); choose a new or empty folder"
-                )
+                raise UsageError(f"{out} holds files that are not a vargrpo run"
+                                 f" ({', '.join(names)}); choose a new or empty folder")
 
-    def start_new(self, a):
-        """--overwrite: remove the previous run's files (and nothing
-        else); write args.json."""
-        out = self.out
-        if self.state == "run":
-            for pattern in RUN_FILES:
-                for p in out.glob(pattern):
+        tb = out / "tb"
+        if a.tracker == "tensorboard" and tb.exists():
+            need(tb.is_dir(), f"--tracker tensorboard: {tb} is a file; move it away or"
+                 " choose another --out")
+            problem = cannot_write(tb)
+            need(not problem, f"--tracker tensorboard: cannot write in {tb} ({problem}); fix"
+                 " that or choose another --out")
+
+    def begin(self):
+        """Rank 0, once everything has loaded: a new run's args.json (--overwrite: the old
+        run's files removed first, and nothing else), the TensorBoard writer."""
+        a = self.args
+        self.begun = True
+        if not self.d.main:
+            return
+        if not a.resume:
+            if self.state == "run":
+                for p in run_files(self.out):
                     p.unlink()
-        for sub in ("checkpoints", "images", "tb"):
-            if (out / sub).is_dir() and not any((out / sub).iterdir()):
-                (out / sub).rmdir()
-        text = json.dumps(asdict(a), indent=1).encode()
-        atomic_write(out / "args.json", lambda f: f.write(text))
+            for sub in ("checkpoints", "images", "tb"):
+                folder = self.out / sub
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            text = json.dumps(asdict(a), indent=1).encode()
+            atomic_write(self.out / "args.json", lambda f: f.write(text),
+                         "nothing else was written: fix that and start again")
+        if a.tracker == "tensorboard":  # the curves, also in DIR/tb
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"))
+
+    def agree(self, error: BaseException | None):
+        """Every process learns whether any process failed to start, and why: a refusal on one
+        rank alone would leave the others waiting in a collective. Re-raises `error`; a process
+        whose peer failed raises PeerFailed with the first failed process's reason and code."""
+        mine = (0, "")
+        if error is not None:
+            mine = (exit_code(error), first_line(error))
+        failed = [(rank, code, why) for rank, (code, why) in enumerate(all_gather_objects(mine))
+                  if code]
+        self.together = bool(failed)
+        if error is not None:
+            raise everywhere(error)
+        if failed:
+            rank, code, why = failed[0]
+            raise PeerFailed(code, f"process {rank}: {why}")
+
+    @contextlib.contextmanager
+    def starting(self):
+        """The start of a run (settings, folder, reward, weights) on every process, then
+        `agree`: all processes go on, or all stop with the first one's reason."""
+        try:
+            yield
+        except Exception as e:
+            self.agree(e)
+        self.agree(None)
 
     def lock(self):
         """An exclusive flock on DIR/.vargrpo.lock, held until the trainer exits (kill -9
@@ -1095,7 +1256,9 @@ class RunFolder:
         import fcntl  # POSIX
 
         try:
+            self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
+            self.made_lock = not (self.out / LOCK_NAME).exists()
             flags = os.O_RDWR | os.O_CREAT
             self.lock_fd = os.open(self.out / LOCK_NAME, flags, 0o644)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1119,14 +1282,25 @@ class RunFolder:
         os.write(self.lock_fd, note.encode())
 
     def close(self):
-        """Close the TensorBoard file and the lock; under torchrun, leave the process group
-        together (a gloo rank that exits while its peer still talks can abort at exit)."""
+        """Close the TensorBoard file and the lock; under torchrun, leave the process group.
+        When every process is here (done; stopped by a signal or a failure that all of them
+        saw) they wait for each other, as a gloo rank that exits while its peer still talks
+        can abort at exit; when one process failed alone it leaves at once, as a barrier
+        would wait for the others forever (torchrun then stops them)."""
+        together = self.together
+
         if self.tb is not None:
             self.tb.close()
+        if self.lock_fd is not None and not self.begun:  # a refused start leaves no trace
+            if self.made_lock:
+                (self.out / LOCK_NAME).unlink(missing_ok=True)
+            if self.created:
+                self.out.rmdir()
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the lock
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if together:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def restore(self, ckpt, opt, policy) -> int:
@@ -1147,8 +1321,11 @@ class RunFolder:
             ) from None
 
         path = self.out / "metrics.jsonl"
-
-        if not self.d.main or not path.exists():
+        if not self.d.main:
+            return start
+        if not path.exists():
+            print(f"[vargrpo] {path} is missing: the log starts again at step {start} (the"
+                  " checkpoint is intact)", file=sys.stderr)
             return start
 
         kept = []
@@ -1180,10 +1357,7 @@ class RunFolder:
             with open(path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         except OSError as e:
-            raise RunFailed(
-                f"cannot write {path}: {e.strerror}; the checkpoints"
-                " are intact"
-            ) from None
+            raise RunFailed(f"cannot write {path}: {e.strerror}; {self.advice()}") from None
 
         self.print_step(metrics, step)
 
@@ -1203,7 +1377,7 @@ class RunFolder:
             pick = order.T.reshape(-1)[:16]
             name = f"step_{step:06d}.png"
             path = self.out / "images" / name
-            grid = save_grid(images[pick], path)
+            grid = save_grid(images[pick], path, advice=self.advice())
             if self.tb:
                 self.tb.add_image("samples", grid, step)
 
@@ -1246,6 +1420,7 @@ class RunFolder:
         if not any(bad):
             return
 
+        self.together = True  # every process saw it
         what = []
 
         if bad[0]:
@@ -1264,11 +1439,11 @@ class RunFolder:
                 " update)"
             )
 
-        raise RunFailed(
+        raise everywhere(RunFailed(
             f"step {step}: {' and '.join(what)} went non-finite (the"
             f" policy diverged); {saved}; start again with a lower --lr"
             f" (now {self.args.lr:g}) or a --max-grad-norm"
-        )
+        ))
 
     def retry_once(self, score, step: int, policy, opt):
         """score() (step 2), retried once if it raises. If it raises again (on any process) the
@@ -1291,17 +1466,20 @@ class RunFolder:
                     file=sys.stderr,
                 )
 
-        failed = torch.tensor([float(error is not None)],
-                              device=self.d.device)
-
-        if all_reduce(failed, "max").item():
+        errors = all_gather_objects(error)  # every process's, None where it worked
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            self.together = True  # every process saw it
             path = self.save(policy, opt, step)
-            raise RunFailed(
-                f"the reward raised twice at step {step}"
-                f" ({error or 'on another process'}); saved {path} (the"
-                f" {step} steps done); fix the reward and continue with"
-                f" --resume {self.out}"
-            )
+            rank, error = failed[0]
+            where = ""
+            if self.d.world > 1:
+                where = f" on process {rank}"
+            raise everywhere(RunFailed(
+                f"the reward raised twice at step {step}{where} ({error}); saved {path}"
+                f" (the {step} steps done); fix the reward and continue with --resume"
+                f" {self.out}"
+            ))
 
         return result
 
@@ -1311,13 +1489,15 @@ class RunFolder:
         signum_1 = torch.tensor([signum], device=self.d.device)
         signum = int(all_reduce(signum_1, "max").item())  # any process's
         a = self.args
+        if signum or done == a.steps:
+            self.together = True
         if signum or done % a.save_every == 0 or done == a.steps:
             self.save(policy, opt, done)
         if signum and done < a.steps:
-            raise Stopped(
+            raise everywhere(Stopped(
                 signum,
                 f"stopped after step {done}; continue with --resume {self.out}",
-            )
+            ))
 
     def save(self, policy, opt, step: int):
         """A checkpoint after `step` completed steps (rank 0; returns its path).
@@ -1329,7 +1509,7 @@ class RunFolder:
         --fsdp they gather the whole state for rank 0."""
         model_sd, optim_sd = full_state(policy, opt)
         if not self.d.main:
-            return None
+            return self.last  # (rank 0 writes it)
 
         from safetensors.torch import save as safetensors_bytes
 
@@ -1358,15 +1538,23 @@ class RunFolder:
 
         writers = {".pt": write_pt, ".safetensors": write_safetensors}
 
+        advice = self.advice()
         for suffix, write in writers.items():
             path = folder / f"step_{step:06d}{suffix}"
-            atomic_write(path, write)
+            atomic_write(path, write, advice)
             self.link_last(path, suffix)
-            oldest_first = sorted(folder.glob(f"step_*{suffix}"))
+            steps = [p for p in folder.iterdir() if STEP_FILE.fullmatch(p.name)]
+            oldest_first = sorted(p for p in steps if p.suffix == suffix)
             for old in oldest_first[:-a.keep_last]:
                 old.unlink()
 
         return self.last
+
+    def advice(self) -> str:
+        """What to do after a write failed, by what the run has saved."""
+        if self.last.is_file():
+            return f"the checkpoints are intact: fix that and continue with --resume {self.out}"
+        return "no checkpoint was written yet: fix that and start again with --overwrite"
 
     def link_last(self, path: Path, suffix: str):
         """checkpoints/last<suffix>: a hard link to path (a copy on a filesystem without hard
@@ -1382,15 +1570,16 @@ class RunFolder:
             atomic_write(folder / f"last{suffix}", lambda f: f.write(data))
 
 
-def save_grid(images_B3HW, path: Path, nrow: int = 8) -> torch.Tensor:
-    """A PNG grid of images in [0, 1] (upscaled to >= 128 px each); returns it, (3, H, W)."""
+def save_grid(images_B3HW, path: Path, nrow: int = 8, advice="") -> torch.Tensor:
+    """A PNG grid of images in [0, 1] (upscaled to >= 128 px each); returns it, (3, H, W).
+    `advice`: what to do if it cannot be written."""
     from torchvision.utils import make_grid, save_image
 
     factor = max(1, 128 // images_B3HW.shape[-1])
     images = images_B3HW.float().cpu()
     images = F.interpolate(images, scale_factor=factor)
     grid = make_grid(images, nrow, 2, pad_value=1)
-    atomic_write(path, lambda f: save_image(grid, f, format="PNG"))
+    atomic_write(path, lambda f: save_image(grid, f, format="PNG"), advice or "fix that")
     return grid
 
 
@@ -1407,9 +1596,15 @@ class StopRequest:
             self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:  # a second Ctrl-C
-            raise KeyboardInterrupt
+        if self.signum:
+            # under torchrun a Ctrl-C reaches a process twice at once (from the terminal, and
+            # passed on by torchrun): that is one request; a later Ctrl-C aborts
+            if signum == signal.SIGINT and time.monotonic() > self.since + 1:
+                raise KeyboardInterrupt
+            return
+
         self.signum = signum
+        self.since = time.monotonic()
         print(
             f"\n[vargrpo] signal {signum}: finishing this step, saving a"
             " checkpoint, then exiting (Ctrl-C again aborts without"
@@ -1421,3 +1616,50 @@ class StopRequest:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# ---- Launching: torchrun with the processes' own exit code.
+def launch(argv) -> int:
+    """`python vargrpo_run.py torchrun [torchrun flags] vargrpo.py train ...`: torchrun, run in
+    this process, that exits as its processes did (2 a refusal, 1 a failed run, 130 / 143 after
+    a signal); torchrun itself ends any failure or signal with a traceback and exit code 1.
+
+    The first process to fail records its exit code in a file (exit_with); a process that
+    died without recording one (a crash, a kill) gives 1. Ctrl-C / SIGTERM reach this process
+    (and, from a terminal, the trainers too): torchrun passes the signal on and waits up to
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (an hour here, not 30 s) for the trainers to
+    finish their step and save."""
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
+    # torchrun's own log of a failure: our one line instead
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory() as tmp:
+        recorded = Path(tmp) / "exit_code"
+        os.environ[EXIT_FILE] = str(recorded)
+        try:
+            run(parse_args(argv))
+            return 0
+        except (ChildFailedError, SignalException) as e:
+            if recorded.is_file():
+                return int(recorded.read_text())
+            if isinstance(e, SignalException):
+                print(f"torchrun: stopped by signal {e.sigval.name}", file=sys.stderr)
+                return 128 + int(e.sigval)
+            codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            print(f"torchrun: error: processes failed (rank: exit code {codes}, a negative code"
+                  " is a signal); their messages are above", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["torchrun"]:
+        print("usage: python vargrpo_run.py torchrun [torchrun flags] vargrpo.py train ...",
+              file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(launch(sys.argv[2:]))

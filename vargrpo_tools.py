@@ -15,7 +15,9 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -109,13 +111,19 @@ def captioned_grid(images_B3HW, captions, path: Path, ncol: int = 8):
 # Reading a run's checkpoint: RUN (its last.pt), a step_N.pt, or an exported .safetensors
 
 
-def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
-    """(the run's settings, the policy's state_dict, its step) from a run folder, a vargrpo .pt
-    checkpoint or a .safetensors export (settings in its metadata)."""
+def checkpoint_path(ckpt: str) -> Path:
+    """The file --ckpt names: RUN/checkpoints/last.pt of a run folder, or the file itself."""
     path = Path(ckpt)
     path = path / "checkpoints" / "last.pt" if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"--ckpt {ckpt}: no checkpoint there (expected RUN, RUN/checkpoints/*.pt or *.safetensors)")
+    return path
+
+
+def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
+    """(the run's settings, the policy's state_dict, its step) from a run folder, a vargrpo .pt
+    checkpoint or a .safetensors export (settings in its metadata)."""
+    path = checkpoint_path(ckpt)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         try:
@@ -123,10 +131,15 @@ def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
                 meta = f.metadata() or {}
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({vr.first_line(e)})") from None
-        if "vargrpo_args" not in meta:
-            raise CheckpointError(f"{path} has no vargrpo settings in its metadata; pass a run's export "
-                                  "(RUN/checkpoints/last.safetensors) or its .pt checkpoint")
-        return json.loads(meta["vargrpo_args"]), vg.read_state_dict(path), int(meta["vargrpo_step"])
+        try:
+            settings, step = json.loads(meta["vargrpo_args"]), int(meta["vargrpo_step"])
+            if not isinstance(settings, dict):
+                raise ValueError("the settings are not a JSON object")
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path} has no readable vargrpo settings in its metadata ({type(e).__name__}: "
+                                  f"{vr.first_line(e)}); pass a run's export (RUN/checkpoints/last.safetensors) or "
+                                  "its .pt checkpoint") from None
+        return settings, vg.read_state_dict(path), step
     obj = vr.load_pth(path, "pass another vargrpo checkpoint")
     if not (isinstance(obj, dict) and {"model", "args", "step"} <= obj.keys()):
         raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks model/args/step); pass RUN/checkpoints/last.pt")
@@ -211,10 +224,8 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
     ResNet-50 top-5 for the official models; the run's own reward and the digits judge's class
     accuracy (the ResNet-50 top-5's stand-in) for the digits model."""
     if a.preset in DIGITS_RECIPES:
-        import reward_models
         reward = vg.make_reward(a.reward, device, a)
-        judge = reward_models.load_digit_judge(weights_dir=a.weights_dir).to(device)
-        judge2 = reward_models.load_digit_judge2(weights_dir=a.weights_dir).to(device)
+        judge, judge2 = (j.to(device) for j in load_judges(a.weights_dir))
         return {"reward": (f"reward `{a.reward}`", lambda images, labels: reward(images, labels)),
                 "judge_accuracy": ("judge class accuracy", lambda images, labels: judge.heads(images)[0].argmax(1).eq(labels).float()),
                 "judge2_accuracy": ("second judge class accuracy", lambda images, labels: judge2(images).argmax(1).eq(labels).float())}
@@ -226,9 +237,31 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
                                                                          == labels[:, None]).any(-1).float())}
 
 
+def eval_folder(e: EvalArgs) -> Path:
+    """Where eval writes (--out, else the run directory), checked before any work: a folder this
+    process can write in."""
+    ckpt = Path(e.ckpt)
+    out = Path(e.out) if e.out else (ckpt if ckpt.is_dir() else ckpt.parent.parent)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder for eval.md, eval.json and the grids")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot make {out} ({err.strerror}); pass --out a folder you can write to") from None
+    problem = vr.cannot_write(out)
+    if problem:
+        raise UsageError(f"cannot write in {out} ({problem}); pass --out a folder you can write to")
+    return out
+
+
 def evaluate(e: EvalArgs) -> dict:
-    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or e.temperature <= 0:
+    if min(e.samples_per_class, e.batch) < 1 or e.max_classes < 0 or not 0 < e.temperature < math.inf:
         raise UsageError("need --samples-per-class >= 1, --batch >= 1, --max-classes >= 0 and --temperature > 0")
+    for name in ("cfg", "top_p"):
+        if getattr(e, name) is not None and not math.isfinite(getattr(e, name)):
+            raise UsageError(f"--{name.replace('_', '-')}: not a finite number")
+    checkpoint_path(e.ckpt)
+    out = eval_folder(e)  # before the work
     vae, finetuned, pretrained, a, step = load_finetuned(e.ckpt, e.device, e.weights_dir)
     device = str(finetuned.pos_1LC.device)
     preset_kw = DIGITS_CFG if a.preset in DIGITS_RECIPES else OFFICIAL_SAMPLING  # each setting not given: the preset's
@@ -240,9 +273,6 @@ def evaluate(e: EvalArgs) -> dict:
     seen = vg.label_pool(a, ncls)
     subsets = {"all": seen} if a.label_subset == "all" else \
         {"seen": seen, "unseen": torch.tensor(sorted(set(range(ncls)) - set(seen.tolist())))}
-    ckpt = Path(e.ckpt)
-    out = Path(e.out) if e.out else (ckpt if ckpt.is_dir() else ckpt.parent.parent)
-    out.mkdir(parents=True, exist_ok=True)
     results = []
     for model_name, model in (("pre-trained", pretrained), ("fine-tuned", finetuned)):
         for subset, classes in subsets.items():
@@ -1172,6 +1202,14 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     files, record = digits_files(r), f"{r.preset}.json"
     reused = out / files["judge"] if r.reuse_judge else None
     same = lambda path: path.is_file() and path.read_bytes() == rm.DIGIT_JUDGE.read_bytes()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder for the weights")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make {out} ({e.strerror}); pass --out a folder you can write to") from None
+    if vr.cannot_write(out):
+        raise UsageError(f"cannot write in {out} ({vr.cannot_write(out)}); pass --out a folder you can write to")
     there = [name for name in [*files.values(), record] if (out / name).exists() and not (reused == out / name and same(reused))]
     if there and not overwrite:
         raise UsageError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace them (or --out another folder)")
@@ -1218,21 +1256,29 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
         results["judge2_sample_accuracy_t1"] = judge_accuracy(judge2, samples_t1, labels)
         results["judge2_sample_accuracy_cfg"] = judge_accuracy(judge2, samples_cfg, labels)
     lap("evaluation")
-    out.mkdir(parents=True, exist_ok=True)
     modules = {"vae": vae, "var": var, "judge": judge, "judge2": judge2}
-    for name, file in files.items():
-        if name == "judge" and r.reuse_judge:
-            if not same(out / file):
-                shutil.copyfile(rm.DIGIT_JUDGE, out / file)
-        else:
-            save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
-                       for k, v in modules[name].state_dict().items()}, str(out / file))
+    tmp = {file: out / (file + ".tmp") for file in [*files.values(), record]}
+    try:  # the model's files are replaced together: all written under temporary names first
+        for name, file in files.items():
+            if name == "judge" and r.reuse_judge:
+                shutil.copyfile(rm.DIGIT_JUDGE, tmp[file])
+            else:
+                save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
+                           for k, v in modules[name].state_dict().items()}, str(tmp[file]))
+        summary = {"config": asdict(config), "recipe": asdict(r), "quick": quick, "results": results, "seconds": times,
+                   "torch_threads": torch.get_num_threads(),
+                   "sha256": {f: hashlib.sha256(tmp[f].read_bytes()).hexdigest() for f in files.values()}}
+        tmp[record].write_text(json.dumps(summary, indent=1))
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    # then renamed, <preset>.json last: a kill between two renames leaves files whose sha256 differ from
+    # those <preset>.json records, which loading refuses (reward_models.check_recorded_sha256)
+    for file, path in tmp.items():
+        os.replace(path, out / file)
         print(f"[prepare] wrote {out / file}", flush=True)
-    summary = {"config": asdict(config), "recipe": asdict(r), "quick": quick, "results": results, "seconds": times,
-               "torch_threads": torch.get_num_threads(),
-               "sha256": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files.values()}}
-    (out / record).write_text(json.dumps(summary, indent=1))
-    print(f"[prepare] wrote {out / record}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
+    print(f"[prepare] {r.preset}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
     return summary
 
 
@@ -1258,24 +1304,36 @@ def preview(model: vg.VAR, reward, judges, labels, seed: int, temperature: float
             "class_acc2": judge_accuracy(judges[1], images, labels)}
 
 
+def load_judges(weights_dir=None):
+    """The digits judge and the second judge (reward_models.load_digit_judge, load_digit_judge2); a
+    missing or changed file is one CheckpointError."""
+    import reward_models
+    try:
+        return reward_models.load_digit_judge(weights_dir=weights_dir), reward_models.load_digit_judge2(weights_dir=weights_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
 def demo(argv) -> dict:
     """`bash run.sh demo [train flags]`: GRPO on the digits model with DEMO_FLAGS (flags given win), then
     before.png / after.png (the pre-trained and the fine-tuned model on the same labels and seed),
     reward_curve.png and summary.json in the run folder."""
-    import reward_models
     parser = argparse.ArgumentParser(prog="vargrpo_tools.py demo", add_help=False, argument_default=argparse.SUPPRESS)
     vr.add_dataclass_args(parser, TrainArgs)
     given = vars(parser.parse_args(argv))
     a = TrainArgs(**{**DEMO_FLAGS, **given})
+    load_judges(a.weights_dir)  # their files are there before the training, not after
     t0 = time.perf_counter()
-    vg.train(a, given=set(given) | set(DEMO_FLAGS))
+    vg.train(a, given=set(given))  # the flags the user gave (a resumed run keeps its own settings)
     seconds = time.perf_counter() - t0
-    run = Path(a.out)
+    run = Path(a.resume or a.out)
+    ckpt = vr.load_pth(run / "checkpoints" / "last.pt", "run the demo again")
+    a = TrainArgs(**ckpt["args"])  # the run's settings
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     vae, policy, pretrained = vg.build_models(a, "cpu")
-    vg.load_checked(policy, vg.read_state_dict(run / "checkpoints" / "last.pt"), run)
+    vg.load_checked(policy, ckpt["model"], run)
     reward = vg.make_reward(a.reward, "cpu", a)
-    judges = reward_models.load_digit_judge(weights_dir=a.weights_dir), reward_models.load_digit_judge2(weights_dir=a.weights_dir)
+    judges = load_judges(a.weights_dir)
     labels, seed = torch.arange(200) % policy.config.num_classes, vg.derive_seed(a.seed, 4)
     before = preview(pretrained, reward, judges, labels, seed, a.temperature, run / "before.png")
     after = preview(policy, reward, judges, labels, seed, a.temperature, run / "after.png")
@@ -1343,14 +1401,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few hundred steps of each part (smoke tests)")
     p.add_argument("--overwrite", action="store_true", help="replace the digits model files already in --out")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
-        try:
-            return demo(argv[1:])
-        except (UsageError, CheckpointError, vg.RunFailed) as e:
-            print(f"vargrpo_tools: error: {e}", file=sys.stderr)
-            raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)
-    args = parser.parse_args(argv)
     try:
+        if argv[:1] == ["demo"]:
+            return demo(argv[1:])
+        args = parser.parse_args(argv)
         if args.command == "eval":
             return evaluate(EvalArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
         if args.command == "bench":
@@ -1363,9 +1417,13 @@ def main(argv=None):
             return plot_reward_curve(Path(args.run))
         if args.command == "prepare":
             return prepare(Path(args.out), DIGITS_RECIPES[args.preset], quick=args.quick, overwrite=args.overwrite)
-    except (UsageError, CheckpointError, vg.RunFailed, FileNotFoundError) as e:
-        print(f"vargrpo_tools: error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, vg.RunFailed) else 2)
+    except FileNotFoundError as e:
+        vr.exit_with(UsageError(str(e)), "vargrpo_tools")
+    except (UsageError, CheckpointError, vg.RunFailed, vg.Stopped, vg.PeerFailed) as e:
+        vr.exit_with(e, "vargrpo_tools")
+    except KeyboardInterrupt:  # prepare, eval, ...: Ctrl-C (the trainer saves and raises Stopped)
+        what = "the files in --out are as they were" if argv[:1] == ["prepare"] else "nothing was saved"
+        vr.exit_with(vg.Stopped(signal.SIGINT, f"{argv[0]} interrupted by Ctrl-C; {what}"), "vargrpo_tools")
 
 
 if __name__ == "__main__":

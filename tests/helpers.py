@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip is imported: no ~45 s of hub retries
@@ -91,3 +92,21 @@ def normalise_rows(w_NL):
     """Each row divided by its sum (an all-zero row stays 0), through vg.token_weights."""
     N, L = w_NL.shape
     return vg.token_weights(torch.ones(L), torch.ones(L), w_NL, torch.ones(N))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folder): that folder made read-only by a read-only bind mount (which binds root as
+    well; skipped where mounting is not allowed)."""
+    mounts = []
+
+    def make(folder):
+        if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount here")
+        mounts.append(folder)
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount read-only here")
+        return folder
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -3,8 +3,12 @@ the VAR, the shipped weights, prepare (its quick weights shared by the tests tha
 demo on them."""
 import hashlib
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 import reward_models as rm
 import vargrpo as vg
 import vargrpo_tools as vt
-from helpers import timeout
+from helpers import TINY, copy_run, timeout
 
 ROOT = Path(vg.__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -203,6 +207,116 @@ def test_shipped_digits7_weights_are_what_the_code_expects():
     assert sum(p.stat().st_size for p in shipped) < 30e6
 
 
+def shipped_copy(folder: Path, record="digits.json") -> Path:
+    """A copy of the shipped files of a digits preset and their record, in `folder`."""
+    folder.mkdir()
+    for name in [record, *json.loads((WEIGHTS / record).read_text())["sha256"]]:
+        shutil.copy(WEIGHTS / name, folder / name)
+    return folder
+
+
+def cli(*args, timeout_s=REFUSAL_TIMEOUT, **kw):
+    """A command in a fresh process (one thread): its CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, **kw)
+
+
+def one_line(err: str, prog: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.startswith(f"{prog}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def test_weights_are_checked_against_their_record_when_they_load(tmp_path):
+    """Silent: a changed byte in a shipped weights file trained normally. Every file that a
+    <preset>.json beside it records is hashed when it loads (14 MB: cheap), naming the file."""
+    folder = shipped_copy(tmp_path / "weights")
+    for name in ("var_digits.safetensors", "judge_digits.safetensors"):
+        data = bytearray((folder / name).read_bytes())
+        data[-1] ^= 1
+        (folder / name).write_bytes(bytes(data))
+    with pytest.raises(vg.CheckpointError, match=f"{folder / 'var_digits.safetensors'} is not the file .*digits.json records"):
+        vg.load_pretrained("digits", weights_dir=folder)
+    with pytest.raises(ValueError, match="judge_digits.safetensors is not the file"):
+        rm.load_digit_judge(weights_dir=folder)
+    res = cli("vargrpo.py", "train", "--preset", "digits", "--weights-dir", str(folder), "--out", str(tmp_path / "run"))
+    assert res.returncode == 2 and "var_digits.safetensors is not the file" in one_line(res.stderr, "vargrpo")
+    assert not (tmp_path / "run").exists()
+    for record in WEIGHTS.glob("*.json"):  # the shipped files pass the same check
+        for name in json.loads(record.read_text()).get("sha256", {}):
+            rm.check_recorded_sha256(WEIGHTS / name)
+
+
+def test_a_weight_file_holding_inf_is_blamed_on_the_file(tmp_path):
+    """Fault: a weights file (without a record) holding inf: it was blamed on the learning rate."""
+    from safetensors.torch import load_file, save_file
+    folder = shipped_copy(tmp_path / "weights")
+    (folder / "digits.json").unlink()
+    state = load_file(str(folder / "var_digits.safetensors"))
+    state["head.weight"][0, 0] = float("inf")
+    save_file(state, str(folder / "var_digits.safetensors"))
+    res = cli("vargrpo.py", "train", "--preset", "digits", "--weights-dir", str(folder), "--out", str(tmp_path / "run"))
+    line = one_line(res.stderr, "vargrpo")
+    assert res.returncode == 2 and "var_digits.safetensors: head.weight holds inf or NaN" in line and "--lr" not in line
+
+
+def test_a_missing_weight_file_is_named_as_prepare_writes_it(tmp_path):
+    with pytest.raises(vg.CheckpointError, match="vae_none.safetensors \\(or vae_none.pth\\) is not in"):
+        vg.find_or_download("vae_none.pth", tmp_path)
+
+
+def test_prepare_out_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    res = cli("vargrpo_tools.py", "prepare", "--quick", "--out", str(tmp_path / "a_file"))
+    assert res.returncode == 2 and "is a file" in one_line(res.stderr, "vargrpo_tools") and "[prepare]" not in res.stdout
+
+
+def test_prepare_ctrl_c_says_one_line(tmp_path):
+    """Ctrl-C during prepare: exit 130, one line, no traceback, nothing written in --out."""
+    out = tmp_path / "weights"
+    proc = subprocess.Popen([sys.executable, "vargrpo_tools.py", "prepare", "--quick", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert "[prepare]" in proc.stdout.readline()  # at work
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=REFUSAL_TIMEOUT)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "prepare interrupted by Ctrl-C" in one_line(err, "vargrpo_tools")
+    assert list(out.iterdir()) == []
+
+
+# prepare, killed (SIGKILL) as soon as it has written its first file (the VQVAE), at 1 step of each part
+KILLED_PREPARE = ("import dataclasses, os, signal, sys, safetensors.torch, vargrpo_tools as vt\n"
+                  "vt.DIGITS_RECIPES['digits'] = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(1, 1, 1), bf16=False)\n"
+                  "real = safetensors.torch.save_file\n"
+                  "def save_then_die(*args, **kw):\n"
+                  "    real(*args, **kw)\n"
+                  "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "safetensors.torch.save_file = save_then_die\n"
+                  "vt.main(sys.argv[1:])\n")
+
+
+@pytest.mark.slow
+def test_prepare_killed_after_the_vqvae_leaves_no_mixed_model(tmp_path):
+    """Loss: `prepare --overwrite` killed right after writing the VQVAE left it beside the old VAR, judge and
+    digits.json, and that mixed model loaded (eval reported 10% accuracy). Now the files are replaced
+    together, and a mix would be refused at load by the recorded hashes."""
+    folder = shipped_copy(tmp_path / "weights")
+    res = cli("-c", KILLED_PREPARE, "prepare", "--quick", "--overwrite", "--out", str(folder), timeout_s=PREPARE_TIMEOUT)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    record = json.loads((folder / "digits.json").read_text())["sha256"]
+    consistent = all(hashlib.sha256((folder / n).read_bytes()).hexdigest() == h for n, h in record.items())
+    try:
+        vg.load_pretrained("digits", weights_dir=folder)
+        rm.load_digit_judge(weights_dir=folder)
+        loaded = True
+    except (vg.CheckpointError, ValueError):
+        loaded = False
+    assert consistent and loaded or not loaded, "a mixed model loads"
+    assert consistent  # killed before the renames: the old model, whole
+
+
 # `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s
 # instead of 927 s for the shipped recipe's --quick, on 2 cores with the other one busy; its demo's
 # reward still rises (measured 0.49 -> 0.60 in 8 steps)
@@ -258,6 +372,45 @@ def quick_demo(quick_weights, tmp_path_factory):
                          timeout=DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
+
+
+def test_demo_finds_its_judges_before_training(tmp_path, monkeypatch, capsys):
+    """Fault: the judge's file missing: the demo trained, then raised FileNotFoundError."""
+    monkeypatch.setattr(rm, "DIGIT_JUDGE", tmp_path / "gone" / "judge_digits.safetensors")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vt.main(["demo", "--out", str(tmp_path / "demo")])
+    assert e.value.code == 2 and "no digits judge there" in one_line(capsys.readouterr().err, "vargrpo_tools")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_resume_advice_names_only_flags_given(tiny_run, tmp_path, capsys):
+    """The demo's default --out (runs/demo) is no flag the user gave: resume advice never says to drop it."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        vt.main(["demo", "--resume", str(run)])
+    line = one_line(capsys.readouterr().err, "vargrpo_tools")
+    assert e.value.code == 2 and "is at step 2 already" in line and "--out" not in line
+
+
+@pytest.mark.slow
+def test_demo_sigterm_saves_and_exits_143(tmp_path):
+    run = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "vargrpo_tools.py", "demo", "--out", str(run), "--steps", "1000",
+                             "--image-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + DEMO_TIMEOUT
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=DEMO_TIMEOUT)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "stopped after step" in one_line(err, "vargrpo_tools"), err[-2000:]
+    assert (run / "checkpoints" / "last.pt").is_file()
 
 
 @pytest.mark.slow

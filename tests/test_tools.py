@@ -5,15 +5,34 @@ have their own file, tests/test_digits.py.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import vargrpo as vg
 import vargrpo_tools as tools
-from helpers import HEAD, ROOT, TINY, needs_head, random_model, timeout
+from helpers import HEAD, ROOT, TINY, copy_run, needs_head, random_model, read_only, timeout
+
+
+def tools_main(argv, capsys):
+    """tools.main in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        tools.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str, prog="vargrpo_tools") -> str:
+    lines = [l for l in err.strip().splitlines() if l.startswith(f"{prog}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
 
 
 # ---- Model helpers: img_to_idx
@@ -44,6 +63,18 @@ def test_eval_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, ca
     assert e.value.code == 2 and "missing" in err and "unexpected" in err and len(err.splitlines()) == 1
 
 
+def test_eval_of_a_safetensors_with_broken_or_missing_metadata(tiny_run, tmp_path, capsys):
+    """Faults: an export whose settings are not JSON, one without them: one line each (a JSONDecodeError
+    and a KeyError before)."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(tiny_run / "checkpoints" / "last.safetensors"))
+    for name, meta in (("broken", {"vargrpo_args": "{not json", "vargrpo_step": "2"}), ("no_step", {"vargrpo_args": "{}"}),
+                       ("none", None)):
+        save_file(weights, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        code, err = tools_main(["eval", "--ckpt", str(tmp_path / f"{name}.safetensors")], capsys)
+        assert code == 2 and "has no readable vargrpo settings in its metadata" in one_line(err), err
+
+
 # ---- Evaluation [GRPO-VAR Table 1]
 
 
@@ -51,6 +82,21 @@ def test_eval_refuses_batch_0(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tools.main(["eval", "--ckpt", str(tmp_path / "no_run"), "--batch", "0"])
     assert e.value.code == 2 and "--batch >= 1" in capsys.readouterr().err
+
+
+def test_eval_checks_its_folder_and_settings_before_sampling(tiny_run, tmp_path, capsys, read_only):
+    """Faults: --out a file, a read-only run folder (it failed after sampling), --cfg nan (it sampled
+    with NaN guidance): one line, exit 2, before any model is loaded."""
+    (tmp_path / "a_file").write_text("mine")
+    code, err = tools_main(["eval", "--ckpt", str(tiny_run), "--out", str(tmp_path / "a_file")], capsys)
+    assert code == 2 and "is a file" in one_line(err) and (tmp_path / "a_file").read_text() == "mine"
+    code, err = tools_main(["eval", "--ckpt", str(tiny_run), "--cfg", "nan"], capsys)
+    assert code == 2 and "--cfg: not a finite number" in one_line(err)
+    run = read_only(copy_run(tiny_run, tmp_path / "run"))
+    t0 = time.perf_counter()
+    code, err = tools_main(["eval", "--ckpt", str(run)], capsys)
+    assert code == 2 and f"cannot write in {run} (Read-only file system)" in one_line(err)
+    assert time.perf_counter() - t0 < timeout(60)  # said at once, not after sampling
 
 
 @needs_head

@@ -26,7 +26,7 @@ from hypothesis import assume, given, settings, strategies as st
 import vargrpo as vg
 import vargrpo_run as vr
 from helpers import (HEAD, ROOT, TINY, copy_run, labels_for, needs_head, policy_state, random_model, read_metrics,
-                     timeout)
+                     read_only, timeout)
 
 # a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
 REFUSAL_TIMEOUT = timeout(300)
@@ -337,6 +337,87 @@ def test_eval_of_an_official_run_without_a_gpu_stops_before_loading_weights(tmp_
             tools.load_finetuned(str(ckpt), "cpu")
 
 
+def torchrun(*args, launcher=False, env=None, **popen):
+    """2 gloo processes of `vargrpo.py train` under torchrun, or under vargrpo_run.py's launcher
+    (torchrun in its process, exiting with the trainers' code)."""
+    head = ["vargrpo_run.py", "torchrun"] if launcher else ["-m", "torch.distributed.run"]
+    return [sys.executable, *head, "--standalone", "--nproc-per-node=2", *args], dict(
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+
+
+@pytest.mark.slow
+def test_torchrun_refusal_reaches_every_process(tiny_run, tmp_path):
+    """Fault: `torchrun ... --out <a finished run>`: process 0 refuses, and process 1 (which would
+    wait in a collective for ever) stops too; the launcher exits 2, as the trainers do."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    for launcher in (False, True):
+        cmd, kw = torchrun("vargrpo.py", "train", *TINY, "--out", str(run), "--steps", "3", launcher=launcher)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TRAIN_TIMEOUT, **kw)
+        assert "already holds a run" in one_error_line(res.stderr), res.stderr[-3000:]
+        assert res.returncode == (2 if launcher else 1), res.stderr[-3000:]  # torchrun itself: 1
+        if launcher:
+            assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+FAIL_ON_RANK_1 = """import os, sys, torch, reward_models as rm, vargrpo as vg
+class FailOnRank1(torch.nn.Module):
+    def forward(self, images):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("reward server down on this node")
+        return rm.luma(images)
+rm.REGISTRY["flakyrank"] = lambda arg, ctx: FailOnRank1()
+vg.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_reward_failing_on_one_process(tmp_path):
+    """Fault: the reward raises on process 1 only: every process saves and stops, and the one line
+    names the process, the error and the checkpoint (it said "saved None")."""
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    cmd, kw = torchrun(str(script), "train", *TINY, "--labels-per-step", "4", "--minibatch", "8", "--reward",
+                       "flakyrank", "--out", str(tmp_path / "run"), "--steps", "3", launcher=True,
+                       env={"PYTHONPATH": str(ROOT)})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TRAIN_TIMEOUT, **kw)
+    line = one_error_line(res.stderr)
+    assert res.returncode == 1 and "the reward raised twice at step 0 on process 1" in line, res.stderr[-3000:]
+    assert "reward server down on this node" in line and "checkpoints/last.pt" in line and "None" not in line
+    assert policy_state(tmp_path / "run")["step"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["launcher, Ctrl-C", "run.sh, SIGTERM"])
+def test_signals_under_torchrun_exit_130_and_143(tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the process group: torchrun and both trainers, twice each as
+    torchrun passes it on) and a scheduler's SIGTERM to `bash run.sh brightness`: the trainers save,
+    and the command exits 130 / 143 (torchrun alone exits 1 with a SignalException)."""
+    run = tmp_path / "run"
+    flags = [*TINY, "--out", str(run), "--steps", "1000", "--image-every", "0"]
+    if how.startswith("launcher"):
+        cmd, kw = torchrun("vargrpo.py", "train", *flags, "--labels-per-step", "4", "--minibatch", "8", launcher=True)
+        sig = signal.SIGINT
+    else:
+        cmd, kw = ["bash", "run.sh", "brightness", *flags], dict(cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        sig = signal.SIGTERM
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        wait_for_first_step(proc, run)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as a terminal does
+        else:
+            proc.send_signal(sig)  # bash (exec'd into the launcher) alone
+        err = proc.communicate(timeout=TRAIN_TIMEOUT)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    step = policy_state(run)["step"]
+    assert 1 <= step < 1000 and f"stopped after step {step}" in one_error_line(err) and "Traceback" not in err
+
+
 # ---- Settings: --config, and numbers and settings that cannot be meant
 
 
@@ -351,6 +432,25 @@ def test_config_replays_a_run_and_refuses_unknown_keys(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"lr": 1e-4, "learning_rate": 3}))
     code, err = run_main(["train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")], capsys)
     assert code == 2 and "unknown settings learning_rate" in one_error_line(err)
+
+
+def test_a_config_never_supplies_out_or_resume(tiny_run, tmp_path, capsys):
+    """Loss: `train --config runA/args.json --seed 1 --overwrite` without --out replaced runA (its
+    --out came from the config)."""
+    run = copy_run(tiny_run, tmp_path / "runA")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = run_main(["train", "--config", str(run / "args.json"), "--seed", "1", "--overwrite"], capsys)
+    assert code == 2 and "--out DIR is required" in one_error_line(err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("value, shown", [('"3"', '"3"'), ("null", "null"), ("2.5", "2.5")])
+def test_config_with_a_wrong_type_names_the_key(tmp_path, capsys, value, shown):
+    (tmp_path / "c.json").write_text('{"lr": 1e-4, "steps": %s}' % value)
+    code, err = run_main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "r")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"'steps' is {shown}, not a whole number" in line and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 @given(key=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
@@ -386,6 +486,8 @@ def test_config_files_with_unknown_keys_are_refused(tmp_path_factory, key):
     (["--sample-batch", "-4"], "--sample-batch must be >= 0"),
     (["--vmr", "--vmr-k", "1"], "--vmr-k >= 2"),
     (["--fsdp"], "--fsdp shards the model across torchrun's processes: launch with torchrun"),
+    (["--weights-dir", "/nonexistent/weights"], "--weights-dir /nonexistent/weights: no such folder"),
+    (["--weights-dir", "."], "--weights-dir . does nothing here: the tiny preset"),  # it was ignored
 ])
 def test_absurd_settings_are_refused(tmp_path, capsys, flags, message):
     """A bad flag, NaN / inf or a setting that cannot be meant: one clear line, exit 2, nothing written."""
@@ -435,6 +537,8 @@ def test_run_state_classifies_folders(tmp_path_factory, files, args_is_a_run):
         (d / f).write_text(json.dumps({"reward": "x", "preset": "tiny", "steps": 1}) if f == "args.json" and args_is_a_run else "x")
     real = [f for f in files if f != ".vargrpo.lock"]
     expect = "new" if not real else "run" if (("args.json" in files and args_is_a_run) or "checkpoints/last.pt" in files) else "other"
+    if real == ["args.json"] and args_is_a_run:
+        expect = "new"  # a start that stopped before writing anything but its settings
     assert vr.run_state(d) == expect
 
 
@@ -557,6 +661,98 @@ def test_overwrite_removes_exactly_the_runs_files(tiny_run, tmp_path, capsys):
     assert sorted(p.name for p in (run / "images").iterdir()) == ["mine.png", "step_000000.png"]
 
 
+USERS_FILES = ["checkpoints/step_000003_backup_good.pt", "images/step_000000_for_paper.png",
+               "checkpoints/step_000003_keep.pt", "checkpoints/step_000001.pt.bak"]
+
+
+def test_overwrite_and_keep_last_touch_only_exact_run_names(tiny_run, tmp_path):
+    """Loss: --overwrite deleted a user's files whose names start like run files (the patterns matched
+    step_*), --keep-last rotation too; and the old run's eval results stayed beside the new run."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    for name in USERS_FILES:
+        (run / name).write_text("the user's")
+    for name in ("eval.md", "eval.json", "eval_fine-tuned_all.png", "summary.json", "after.png"):
+        (run / name).write_text("the old run's")
+    vg.main(["train", *TINY, "--out", str(run), "--steps", "1", "--overwrite", "--image-every", "0"])
+    assert all((run / name).read_text() == "the user's" for name in USERS_FILES)
+    assert not any((run / name).exists() for name in ("eval.md", "eval.json", "eval_fine-tuned_all.png", "summary.json"))
+    vg.main(["train", "--resume", str(run), "--steps", "3", "--save-every", "1", "--keep-last", "1"])
+    assert all((run / name).read_text() == "the user's" for name in USERS_FILES)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("last")) == sorted(
+        [Path(n).name for n in USERS_FILES if n.startswith("checkpoints")] + ["step_000003.pt", "step_000003.safetensors"])
+
+
+def test_a_refused_start_leaves_no_trace(tiny_run, tmp_path, capsys):
+    """Faults: a reward that cannot be built, a wrong-shaped weights file (both found after the folder
+    is locked): no folder is left, an existing one is as it was (--overwrite included: the old run
+    is removed only once the new one has loaded), and the corrected command then runs there."""
+    new = tmp_path / "new"
+    code, err = run_main(["train", *TINY, "--reward", "clip:", "--out", str(new), "--steps", "1"], capsys)
+    assert code == 2 and "clip needs a prompt" in one_error_line(err) and not new.exists()
+    wrong = tmp_path / "wrong_weights"
+    wrong.mkdir()
+    (wrong / "var_digits.safetensors").write_bytes((tiny_run / "checkpoints" / "last.safetensors").read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_main(["train", *TINY, "--preset", "digits", "--weights-dir", str(wrong), "--out", str(empty),
+                          "--steps", "1"], capsys)
+    assert code == 2 and "var_digits.safetensors" in one_error_line(err) and list(empty.iterdir()) == []
+    run = copy_run(tiny_run, tmp_path / "run")
+
+    def files():  # the lock file holds who locked it last, no data
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != vr.LOCK_NAME}
+    before = files()
+    code, err = run_main(["train", *TINY, "--reward", "clip:", "--out", str(run), "--steps", "1", "--overwrite"], capsys)
+    assert code == 2 and files() == before
+    for out in (new, empty):  # the corrected command
+        vg.main(["train", *TINY, "--out", str(out), "--steps", "1", "--image-every", "0"])
+        assert policy_state(out)["step"] == 1
+
+
+def test_resume_that_would_do_nothing_is_refused(tiny_run, tmp_path, capsys):
+    """Silent: `--resume RUN --steps 5` of a run at step 12 exited 0 without a word."""
+    run = copy_run(tiny_run, tmp_path / "run")  # at step 2 of 2
+    for extra in (["--steps", "1"], ["--steps", "2"], []):
+        code, err = run_main(["train", "--resume", str(run), *extra], capsys)
+        assert code == 2 and "is at step 2 already; pass --steps N with N > 2" in one_error_line(err)
+
+
+def test_resume_refuses_a_foreign_checkpoint(tiny_run, tmp_path, capsys):
+    """Silent: a last.pt copied in from another run trained with its own reward and seed while
+    args.json said another."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["args"] = {**ckpt["args"], "seed": 7, "reward": "dark"}
+    last.unlink()
+    torch.save(ckpt, last)
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "belongs to another run" in line and "--reward, --seed" in line, err
+
+
+def test_resume_without_metrics_says_so(tiny_run, tmp_path, capsys):
+    """Silent: metrics.jsonl deleted, then --resume: the log restarted mid-run without a word."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    vg.main(["train", "--resume", str(run), "--steps", "3", "--image-every", "0"])
+    assert "metrics.jsonl is missing: the log starts again at step 2" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(run)] == [2]
+
+
+def test_tensorboard_folder_that_is_a_file_or_read_only(tiny_run, tmp_path, capsys, read_only):
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "tb").write_text("not a folder")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3", "--tracker", "tensorboard"], capsys)
+    assert code == 2 and f"{run / 'tb'} is a file" in one_error_line(err)
+    (run / "tb").unlink()
+    read_only((run / "tb").mkdir() or run / "tb")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3", "--tracker", "tensorboard"], capsys)
+    assert code == 2 and f"cannot write in {run / 'tb'} (Read-only file system)" in one_error_line(err)
+    assert policy_state(run)["step"] == 2
+
+
 def test_run_sh_demo_refuses_an_existing_run(tiny_run, tmp_path):
     """Fault: `bash run.sh demo --out DIR` where DIR holds a real run (it used to pass --overwrite)."""
     run = copy_run(tiny_run, tmp_path / "important")
@@ -598,6 +794,26 @@ def test_disk_full_names_the_cause_and_leaves_no_tmp(tiny_run, tmp_path, capsys)
     assert not list(run.rglob("*.tmp")) and policy_state(run)["step"] == 2  # the good checkpoint is intact
     vg.main(["train", "--resume", str(run), "--steps", "3"])  # space again: it continues
     assert policy_state(run)["step"] == 3 and len(read_metrics(run)) == 3
+
+
+@pytest.fixture
+def fs_4mib(tmp_path):
+    """A 4 MiB tmpfs: room for a tiny run's settings, log and grids, not for its 7.7 MB checkpoint."""
+    mnt = tmp_path / "mnt4"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_with_space_left_before_any_checkpoint(fs_4mib, capsys):
+    """Fault: the first checkpoint does not fit, with MiBs still free: torch.save's "unexpected pos"
+    was shown, with advice about checkpoints that did not exist."""
+    code, err = run_main(["train", *TINY, "--out", str(fs_4mib / "run"), "--steps", "2", "--save-every", "1"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "step_000001.pt: No space left on device" in line and "unexpected pos" not in line, err
+    assert "no checkpoint was written yet" in line and "--resume" not in line and not list(fs_4mib.rglob("*.tmp"))
 
 
 def test_a_really_full_disk(small_fs, capsys):
@@ -716,8 +932,7 @@ def test_run_files_cover_everything_a_run_writes(tmp_path):
     run = tmp_path / "run"
     vg.main(["train", *TINY, "--out", str(run), "--steps", "2", "--save-every", "1", "--tracker", "tensorboard"])
     written = {p for p in run.rglob("*") if p.is_file() and p.name != vr.LOCK_NAME}
-    covered = {p for pattern in vr.RUN_FILES for p in run.glob(pattern)}
-    assert written and written <= covered, written - covered
+    assert written and written == set(vr.run_files(run)), written ^ set(vr.run_files(run))
 
 
 def test_tensorboard_mirrors_the_metrics_and_the_grids(tmp_path):
