@@ -271,8 +271,8 @@ def test_official_file_failures_are_one_line_naming_the_file_and_weights_dir(sta
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in offline[0]
     assert "downloading it failed (ProxyError: 403 Forbidden)" in refused[0]
     assert "downloading it failed (" in missing[0] and "404" in missing[0]
-    assert missing[1].startswith("var_mine.pth is not in ") and missing[1].endswith(
-        "pass --weights-dir naming the folder that holds it")
+    assert missing[1].startswith("var_mine.safetensors (or var_mine.pth) is not in ") and (
+        "pass --weights-dir naming the folder that holds it" in missing[1])
 
 
 def test_old_vargrpo_cache_is_still_read(tmp_path):
