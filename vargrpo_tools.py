@@ -242,8 +242,14 @@ def eval_folder(e: EvalArgs) -> Path:
     process can write in."""
     ckpt = Path(e.ckpt)
     out = Path(e.out) if e.out else (ckpt if ckpt.is_dir() else ckpt.parent.parent)
+    return output_folder(out, "eval.md, eval.json and the grids")
+
+
+def output_folder(out: Path, what: str) -> Path:
+    """`out`, made if absent, once it is known to be a folder this process can write `what` in (a
+    UsageError naming the problem otherwise)."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; name a folder for eval.md, eval.json and the grids")
+        raise UsageError(f"--out {out} is a file; name a folder for {what}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -1202,14 +1208,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     files, record = digits_files(r), f"{r.preset}.json"
     reused = out / files["judge"] if r.reuse_judge else None
     same = lambda path: path.is_file() and path.read_bytes() == rm.DIGIT_JUDGE.read_bytes()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; name a folder for the weights")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot make {out} ({e.strerror}); pass --out a folder you can write to") from None
-    if vr.cannot_write(out):
-        raise UsageError(f"cannot write in {out} ({vr.cannot_write(out)}); pass --out a folder you can write to")
+    output_folder(out, "the weights")
     there = [name for name in [*files.values(), record] if (out / name).exists() and not (reused == out / name and same(reused))]
     if there and not overwrite:
         raise UsageError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace them (or --out another folder)")

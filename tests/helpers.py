@@ -110,3 +110,24 @@ def read_only(tmp_path):
     yield make
     for folder in mounts:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def exit_and_stderr(main, argv, capsys):
+    """main(argv) in this process: (its exit code, its stderr)."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def tmpfs(folder, size: str):
+    """A tmpfs of `size` mounted at `folder` (made here), unmounted when the generator resumes; skips
+    the test where mounting is not allowed (it needs root)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -15,18 +15,12 @@ import torch
 
 import vargrpo as vg
 import vargrpo_tools as tools
-from helpers import HEAD, ROOT, TINY, copy_run, needs_head, random_model, read_only, timeout
+from helpers import HEAD, ROOT, TINY, copy_run, exit_and_stderr, needs_head, random_model, read_only, timeout
 
 
 def tools_main(argv, capsys):
     """tools.main in this process: (exit code, stderr)."""
-    capsys.readouterr()
-    try:
-        tools.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return exit_and_stderr(tools.main, argv, capsys)
 
 
 def one_line(err: str, prog="vargrpo_tools") -> str:

@@ -25,8 +25,8 @@ from hypothesis import assume, given, settings, strategies as st
 
 import vargrpo as vg
 import vargrpo_run as vr
-from helpers import (HEAD, ROOT, TINY, copy_run, labels_for, needs_head, policy_state, random_model, read_metrics,
-                     read_only, timeout)
+from helpers import (HEAD, ROOT, TINY, copy_run, exit_and_stderr, labels_for, needs_head, policy_state, random_model,
+                     read_metrics, read_only, timeout, tmpfs)
 
 # a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
 REFUSAL_TIMEOUT = timeout(300)
@@ -49,13 +49,7 @@ def one_error_line(err: str) -> str:
 
 def run_main(argv, capsys):
     """vg.main in this process: (exit code, stderr)."""
-    capsys.readouterr()
-    try:
-        vg.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return exit_and_stderr(vg.main, argv, capsys)
 
 
 def wait_for_first_step(proc, run):
@@ -775,12 +769,7 @@ def test_out_that_is_a_file_or_not_writable(tmp_path, capsys):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 96 KiB tmpfs (root and mount needed; skipped where they are not)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from tmpfs(tmp_path / "mnt", "96k")
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full device")
@@ -799,12 +788,7 @@ def test_disk_full_names_the_cause_and_leaves_no_tmp(tiny_run, tmp_path, capsys)
 @pytest.fixture
 def fs_4mib(tmp_path):
     """A 4 MiB tmpfs: room for a tiny run's settings, log and grids, not for its 7.7 MB checkpoint."""
-    mnt = tmp_path / "mnt4"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from tmpfs(tmp_path / "mnt4", "4m")
 
 
 def test_disk_full_with_space_left_before_any_checkpoint(fs_4mib, capsys):
