@@ -153,7 +153,9 @@ def load_finetuned(ckpt: str, device, weights_dir=None):
     known = {f.name for f in fields(TrainArgs)}
     a = TrainArgs(**{k: v for k, v in saved.items() if k in known})
     if weights_dir:
+        import reward_models
         a.weights_dir = weights_dir
+        vr.check_weights_dir(a, [name for _, name, _ in reward_models.parse_spec(a.reward)])  # not ignored
     device = vr.default_device(device, a.preset)  # before the official weights load
     vae, finetuned, pretrained = vg.build_models(a, device)
     vg.load_checked(finetuned, state, ckpt)
@@ -477,6 +479,8 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not (run / "metrics.jsonl").is_file():
+        raise UsageError(f"{run / 'metrics.jsonl'} does not exist: name a run folder (the --out of a training run)")
     rows = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:

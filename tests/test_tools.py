@@ -86,6 +86,8 @@ def test_eval_checks_its_folder_and_settings_before_sampling(tiny_run, tmp_path,
     assert code == 2 and "is a file" in one_line(err) and (tmp_path / "a_file").read_text() == "mine"
     code, err = tools_main(["eval", "--ckpt", str(tiny_run), "--cfg", "nan"], capsys)
     assert code == 2 and "--cfg: not a finite number" in one_line(err)
+    code, err = tools_main(["eval", "--ckpt", str(tiny_run), "--weights-dir", str(tmp_path)], capsys)
+    assert code == 2 and "does nothing here: the tiny preset" in one_line(err)  # it was ignored
     run = read_only(copy_run(tiny_run, tmp_path / "run"))
     t0 = time.perf_counter()
     code, err = tools_main(["eval", "--ckpt", str(run)], capsys)
@@ -228,3 +230,8 @@ def test_gpu_check_on_the_cpu_writes_one_json(tmp_path):
         assert 1e-5 < v["ratio_dev_first_minibatch"] < 0.1  # bf16 autocast: live, and small
     # recomputing each block in the backward pass launches more
     assert report["variants"]["grad_checkpointing"]["launches"]["update"] > report["variants"]["plain"]["launches"]["update"]
+
+
+def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
+    code, err = tools_main(["plot", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "metrics.jsonl does not exist: name a run folder" in one_line(err)
