@@ -8,7 +8,7 @@
 #   bash run.sh aesthetic            LAION aesthetic reward, VAR-d16, 40k steps (paper 5.2)
 #   bash run.sh painting             CLIP score to "a painting", VAR-d30, 10k steps (paper 5.3)
 #   bash run.sh aesthetic+painting   both rewards summed, VAR-d30, 10k steps (paper 5.3)
-#   bash run.sh ablate [args]        VAR-RL ablation on the digits model, 2 rewards x 5 methods x 3 seeds -> runs/ablate
+#   bash run.sh ablate [args]        VAR-RL ablation on digits7: digit:correct (5 methods x 5 seeds + VMR m sweep) and a region reward (x 3 seeds) -> runs/ablate
 #   bash run.sh eval --ckpt RUN      Table 1 of a run: its reward and class fidelity, pre-trained vs fine-tuned
 #   bash run.sh bench [args]         speed/memory table of the model layer and one GRPO step
 #   bash run.sh gpu-check [args]     one JSON: a random d16's step on this GPU (< 5 min), plain / checkpointing / --fsdp

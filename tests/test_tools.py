@@ -144,7 +144,7 @@ def test_eval_reads_a_safetensors_export(tiny_run, tmp_path, capsys):
 def test_ablation_smoke(tmp_path):
     """Every method and the m sweep run for each reward (per-reward seeds), each final policy is scored
     by the reward and both judges, and the tables hold a mean and 95% interval per method."""
-    tools.main(["ablate", "--preset", "tiny", "--seeds", "0,1", "--seeds", "0", "--budget", "64", "--vmr-m", "2",
+    tools.main(["ablate", "--preset", "tiny", "--seeds", "0,1", "--seeds", "0", "--budget", "32", "--vmr-m", "2",
                 "--sweep-seeds", "0", "--eval-samples", "10", "--out", str(tmp_path),
                 "--reward", "digit:correct", "--reward", "brightness:region=0.25,0.25,0.75,0.75"])
     for folder, seeds, sweep in (("digit_correct", 2, True), ("brightness_region_0.25_0.25_0.75_0.75", 1, False)):
