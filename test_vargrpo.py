@@ -1042,6 +1042,16 @@ def test_score_passes_each_image_its_label_in_chunks():
     scored = vg.score(by_label, images, labels, (1, 2, 4), a)
     assert scored.mp_mask.shape == (7, 1 + 4 + 16)
     assert torch.equal(torch.cat(seen[2:]), labels)  # the saliency pass got the labels too
+
+    def left_column(images, labels, return_components=False):  # gradient in the finest grid's column 0
+        r = images[..., :4].mean((1, 2, 3)) * (labels + 1)
+        return (r, {}) if return_components else r
+
+    a = vg.TrainArgs(reward_batch=4, mask_propagation=True, mp_keep=0.25)
+    scored = vg.score(left_column, images, labels, (1, 2, 4), a)
+    fine = vg.initial_mask(left_column, images, 4, 0.25, labels)  # the finest grid, 4 x 4
+    assert fine[:, :, 0].all() and not fine[:, :, 1:].any()
+    assert torch.equal(scored.mp_mask, vg.propagate_mask(fine, (1, 2, 4)))
     blind = rm.build_reward("brightness", "cpu")
     torch.testing.assert_close(vg.score(blind, images, labels, (1, 2, 4), vg.TrainArgs()).rewards, rm.luma(images))
 
