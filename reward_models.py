@@ -308,18 +308,22 @@ def check_recorded_sha256(path):
                              f"shipped files) or build them all again with `python vargrpo_tools.py prepare`")
 
 
-def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
-    """The judge's weights, strictly: `path`, else judge_digits.safetensors in `weights_dir` if it is
-    there (as for the model: --weights-dir first), else weights/ beside this file."""
+def load_judge_weights(judge: nn.Module, default: Path, path, weights_dir, what: str, build: str = ""):
+    """`judge` with the weights of `path`, else of the file named like `default` in `weights_dir` if it
+    is there (as for the model: --weights-dir first), else of `default`; strictly, in eval mode, frozen."""
     from safetensors.torch import load_file
-    local = Path(weights_dir or "") / DIGIT_JUDGE.name
-    file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE))
+    local = Path(weights_dir or "") / default.name
+    file = Path(path or (local if weights_dir and local.is_file() else default))
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no digits judge there; build it with `python vargrpo_tools.py prepare`")
+        raise FileNotFoundError(f"{file}: no {what} there; build it with `python vargrpo_tools.py prepare{build}`")
     check_recorded_sha256(file)
-    judge = DigitJudge()
     judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
     return judge.eval().requires_grad_(False)
+
+
+def load_digit_judge(path=None, weights_dir=None) -> DigitJudge:
+    """The judge (judge_digits.safetensors): `path`, else `weights_dir`, else weights/ beside this file."""
+    return load_judge_weights(DigitJudge(), DIGIT_JUDGE, path, weights_dir, "digits judge")
 
 
 class DigitJudge2(nn.Module):
@@ -348,19 +352,10 @@ class DigitJudge2(nn.Module):
 
 
 def load_digit_judge2(path=None, weights_dir=None) -> DigitJudge2:
-    """The second judge's weights (judge2_digits.safetensors, written by prepare --preset digits7; it
-    serves every digits preset), strictly: `path`, else the file in `weights_dir` if it is there, else
-    weights/ beside this file."""
-    from safetensors.torch import load_file
-    local = Path(weights_dir or "") / DIGIT_JUDGE2.name
-    file = Path(path or (local if weights_dir and local.is_file() else DIGIT_JUDGE2))
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no second digits judge there; build it with "
-                                f"`python vargrpo_tools.py prepare --preset digits7`")
-    check_recorded_sha256(file)
-    judge = DigitJudge2()
-    judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
-    return judge.eval().requires_grad_(False)
+    """The second judge (judge2_digits.safetensors, written by prepare --preset digits7; it serves every
+    digits preset): `path`, else `weights_dir`, else weights/ beside this file."""
+    return load_judge_weights(DigitJudge2(), DIGIT_JUDGE2, path, weights_dir, "second digits judge",
+                              build=" --preset digits7")
 
 
 class DigitCorrect(nn.Module):
