@@ -114,10 +114,12 @@ PRESETS = {
     # (weights/): 64 px, 4 scales, 30 tokens
     "digits": VARConfig(depth=3, patch_nums=(1, 2, 3, 4), vocab_size=512, z_channels=8,
                         vae_ch=32, num_classes=10),
-    # a digits model with a horizon (prepare --preset digits7): 64 px, an 8x tokenizer,
-    # 7 scales, 155 tokens
+    # digits with a horizon (prepare --preset digits7), and two-digit numbers 00-99
+    # (--preset numbers): 64 px, an 8x tokenizer, 7 scales, 155 tokens
     "digits7": VARConfig(depth=3, patch_nums=(1, 2, 3, 4, 5, 6, 8), vocab_size=512,
                          z_channels=8, vae_ch=32, num_classes=10, ch_mult=(1, 1, 2, 2)),
+    "numbers": VARConfig(depth=3, patch_nums=(1, 2, 3, 4, 5, 6, 8), vocab_size=512,
+                         z_channels=8, vae_ch=32, num_classes=100, ch_mult=(1, 1, 2, 2)),
     # CPU tests and smoke runs, random weights: 64 px, 30 tokens, 4 scales (the official
     # fixture's shape)
     "tiny": VARConfig(depth=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=64,
@@ -968,8 +970,7 @@ STREAM_ORDER = 3
 STREAM_SUBSET = 5
 
 def derive_seed(*keys: int) -> int:
-    """A seed for one explicit random stream, mixed from integers (seed, step, stream, index,
-    ...)."""
+    """A seed for one random stream, mixed from integers (seed, step, stream, ...)."""
     seq = np.random.SeedSequence([int(k) for k in keys])
     return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -1132,8 +1133,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
 
 # ---- Setting up: models, optimizer, labels, precision.
 def build_models(a: TrainArgs, device):
-    """(vae, policy, ref): the frozen tokenizer, the policy to train, the frozen pre-trained
-    VAR."""
+    """(vae, policy, ref): frozen tokenizer, policy, frozen pre-trained VAR."""
     config = VARConfig.preset(a.preset)
     if a.preset == "tiny" or a.random_init:
         vae, ref = build_vae_var(config, seed=0)

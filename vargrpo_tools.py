@@ -938,7 +938,10 @@ class DigitsRecipe:
     judge2_steps: int = 0            # the second judge (reward_models.DigitJudge2); 0: none
     judge2_images: int = 20000       # rendered with seed + 2000 (its own images)
     judge2_lr: float = 2e-3
+    reuse_judge2: bool = False       # copy the shipped second judge instead of training one
     quick_steps: tuple = (200, 100, 300)  # --quick: steps of the tokenizer, the judges, the VAR
+    digits: int = 1                  # digits per image: 1 (class = the digit) or 2 (numbers: class = "00"-"99")
+    save_every: int = 50             # steps between saves of the tokenizer's and the VAR's progress (resuming)
 
 
 # The recipe of each digits preset. digits7 (64 px, 8x tokenizer, 155 tokens) is sized for ~90 minutes on one
@@ -949,21 +952,37 @@ DIGITS_RECIPES = {
     "digits": DigitsRecipe(),
     "digits7": DigitsRecipe(preset="digits7", train_images=20000, tok_steps=1200, var_steps=1400, bf16=False,
                             reuse_judge=True, judge2_steps=400, quick_steps=(30, 30, 20)),
+    # two-digit numbers 00-99 (class = the number), judged one half at a time: the shipped judge, and
+    # a second judge trained on halves of numbers
+    "numbers": DigitsRecipe(preset="numbers", digits=2, train_images=30000, tok_steps=1200, var_steps=3000,
+                            bf16=False, reuse_judge=True, judge2_steps=400, judge2_images=10000,
+                            quick_steps=(30, 30, 20)),
 }
 
 
+# The text each rendering draws: one digit (digits, digits7), or two (numbers: "00"-"99").
+# Per digit count: font size as a fraction of the image, stroke width (x size/24; two digits
+# thinner, so that they never merge) and the largest rotation (deg).
+TEXT_LAYOUT = {1: dict(size=(0.65, 0.85), bold=(0.7, 2.0), angle=15.0),
+               2: dict(size=(0.44, 0.58), bold=(0.6, 1.3), angle=8.0)}
+
+
 @torch.no_grad()
-def render_digits(n: int, seed: int, res: int = 64):
-    """n images of the digits 0-9 (class-balanced: label i % 10, shuffled), deterministic from `seed`:
-    Pillow's scalable default font at a random size (0.65-0.85 of the image), stroke width
-    (0.7-2 x size/24: the 'boldness' the judge learns), position (the middle 30% of the free range)
-    and rotation (+-15 deg); half of
+def render_digits(n: int, seed: int, res: int = 64, digits: int = 1):
+    """n images of the numbers 0 .. 10**digits - 1 written with `digits` digits (class-balanced:
+    label i % 10**digits, shuffled; digits=2 draws "00" to "99"), deterministic from `seed`:
+    Pillow's scalable default font at a random size (TEXT_LAYOUT: 0.65-0.85 of the image for one
+    digit), stroke width (one digit: 0.7-2 x size/24, the 'boldness' the judge learns), position (the middle
+    30% of the free range) and rotation (one digit: +-15 deg); half of
     them dark digits on a light background, half the reverse, each colour slightly tinted. Drawn at
     2x and box-downsampled. Returns (uint8 (n, 3, res, res), labels (n,), boldness (n,))."""
     from PIL import Image, ImageDraw, ImageFont
     rng, R = np.random.default_rng(seed), 2 * res
-    labels = rng.permutation(np.arange(n) % 10)
-    size, bold, angle = rng.uniform(0.65, 0.85, n) * R, rng.uniform(0.7, 2.0, n), rng.uniform(-15, 15, n)
+    layout = TEXT_LAYOUT[digits]
+    labels = rng.permutation(np.arange(n) % 10 ** digits)
+    size = rng.uniform(*layout["size"], n) * R
+    bold = rng.uniform(*layout["bold"], n)
+    angle = rng.uniform(-layout["angle"], layout["angle"], n)
     light_bg = rng.random(n) < 0.5
     bg = np.clip(np.where(light_bg, rng.uniform(0.55, 1.0, n), rng.uniform(0.0, 0.45, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
     fg = np.clip(np.where(light_bg, rng.uniform(0.0, 0.3, n), rng.uniform(0.7, 1.0, n))[:, None] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
@@ -975,8 +994,14 @@ def render_digits(n: int, seed: int, res: int = 64):
         boldness[i] = stroke * 24 / s
         glyph = Image.new("L", (R, R), 0)
         draw = ImageDraw.Draw(glyph)
-        x0, y0, x1, y1 = draw.textbbox((0, 0), str(labels[i]), font=font, stroke_width=stroke)
-        draw.text(((R - x1 - x0) / 2, (R - y1 - y0) / 2), str(labels[i]), fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+        text = f"{labels[i]:0{digits}d}"
+        gap = s / 10  # between the digits of a number: apart, whatever the stroke
+        boxes = [draw.textbbox((0, 0), ch, font=font, stroke_width=stroke) for ch in text]
+        x = (R - sum(x1 - x0 for x0, _, x1, _ in boxes) - gap * (len(text) - 1)) / 2
+        _, y0, _, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
+        for ch, (x0, _, x1, _) in zip(text, boxes):  # one digit: centred, as always
+            draw.text((x - x0, (R - y1 - y0) / 2), ch, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+            x += x1 - x0 + gap
         glyph = glyph.rotate(angle[i], resample=Image.BICUBIC)
         bx0, by0, bx1, by1 = glyph.getbbox()
         margin = R // 32
@@ -1010,11 +1035,30 @@ def cosine_lr(step: int, steps: int, lr: float, warmup: int = 100, floor: float 
     return lr * min(1, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print) -> vg.VQVAE:
+def load_progress(path: Path | None):
+    """A part's saved progress (save_progress), or None where there is none."""
+    if path is None or not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_progress(path: Path | None, state: dict):
+    """Write a part's progress under a temporary name, then rename: a kill leaves the old file."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print,
+                    progress: Path | None = None) -> vg.VQVAE:
     """The official-architecture VQVAE of `config` trained on the images: L1 + MSE reconstruction,
     first as a plain autoencoder, then through the quantizer (codebook initialised from encoder
     outputs, dead codes restarted). Residual branches start at zero and Phi at the identity (the
-    weights keep the official layout; measured: other inits train several times slower)."""
+    weights keep the official layout; measured: other inits train several times slower).
+    progress: a file that holds the training's state every r.save_every steps, and that a later
+    call goes on from (bit-exact: weights, optimizer, batch generator, code usage)."""
     steps, g = steps or r.tok_steps, torch.Generator().manual_seed(r.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
@@ -1029,8 +1073,18 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
             phi.weight[:, :, 1, 1] = torch.eye(config.z_channels)
     opt = torch.optim.AdamW(vae.parameters(), r.tok_lr, betas=(0.9, 0.95), weight_decay=0.0)
     usage, quantizing, t0 = torch.zeros(config.vocab_size), False, time.perf_counter()
+    start = 0
+    state = load_progress(progress)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        usage = state["usage"]
+        quantizing = state["quantizing"]
+        start = state["step"]
+        log(f"[prepare] tokenizer: going on from step {start} ({progress})")
     from tqdm import tqdm
-    for step in tqdm(range(steps), desc="tokenizer", mininterval=10):
+    for step in tqdm(range(start, steps), desc="tokenizer", mininterval=10):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, r.tok_lr)
         x = to_m11(images_u8[torch.randint(len(images_u8), (r.tok_batch,), generator=g)])
@@ -1068,6 +1122,10 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
             usage.zero_()
         if step % 500 == 0 or step == steps - 1:
             log(f"[prepare] tokenizer step {step}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+        if (step + 1) % r.save_every == 0 or step == steps - 1:
+            state = dict(step=step + 1, model=vae.state_dict(), opt=opt.state_dict(),
+                         generator=g.get_state(), usage=usage, quantizing=quantizing)
+            save_progress(progress, state)
     return vae.eval().requires_grad_(False)
 
 
@@ -1137,18 +1195,28 @@ def tokenize(vae: vg.VQVAE, images_u8, batch: int = 200, bf16: bool = False):
                           for i in tqdm(range(0, len(images_u8), batch), desc="tokenize", mininterval=10, disable=len(images_u8) <= 1000)])
 
 
-def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print) -> vg.VAR:
+def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsRecipe, steps=None, log=print,
+              progress: Path | None = None) -> vg.VAR:
     """Class-conditional pretraining by next-scale cross-entropy on the tokenizer's codes: the same
     teacher-forced forward the RL uses, with the labels dropped to the null class 10% of the time
-    (pretraining only) so that classifier-free guidance works at inference."""
+    (pretraining only) so that classifier-free guidance works at inference. progress: as in
+    train_tokenizer (weights, optimizer, batch generator)."""
     steps, g = steps or r.var_steps, torch.Generator().manual_seed(r.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
         var = official_init_(vg.VAR(config, vae))
     opt = torch.optim.AdamW(var.parameters(), r.var_lr, betas=(0.9, 0.95), weight_decay=r.var_weight_decay)
+    start = 0
+    state = load_progress(progress)
+    if state is not None:
+        var.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        start = state["step"]
+        log(f"[prepare] VAR: going on from step {start} ({progress})")
     from tqdm import tqdm
     t0 = time.perf_counter()
-    for step in tqdm(range(steps), desc="VAR", mininterval=10):
+    for step in tqdm(range(start, steps), desc="VAR", mininterval=10):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, r.var_lr)
         i = torch.randint(len(idx_NL), (r.var_batch,), generator=g)
@@ -1162,6 +1230,9 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
         opt.step()
         if step % 1000 == 0 or step == steps - 1:
             log(f"[prepare] VAR step {step}: cross-entropy {loss.item():.3f} nats/token ({time.perf_counter() - t0:.0f} s)")
+        if (step + 1) % r.save_every == 0 or step == steps - 1:
+            state = dict(step=step + 1, model=var.state_dict(), opt=opt.state_dict(), generator=g.get_state())
+            save_progress(progress, state)
     return var.eval()
 
 
@@ -1195,9 +1266,88 @@ def digits_files(r: DigitsRecipe) -> dict:
     files = {"vae": f"vae_{p}.safetensors", "var": f"var_{p}.safetensors", "judge": f"judge_{p}.safetensors"}
     if r.reuse_judge:
         files["judge"] = DIGITS_FILES["judge"]
-    if r.judge2_steps:  # one second judge for every preset: it reads 28 px, whatever the image size
-        files["judge2"] = "judge2_digits.safetensors"
+    if r.judge2_steps or r.reuse_judge2:  # one second judge for the digits presets: it reads 28 px, whatever the size
+        files["judge2"] = "judge2_digits.safetensors" if r.digits == 1 else f"judge2_{p}.safetensors"
     return files
+
+
+def reused_files(r: DigitsRecipe) -> dict:
+    """{name: shipped file} of the judges the recipe copies instead of training."""
+    import reward_models as rm
+    shipped = {"judge": rm.DIGIT_JUDGE if r.reuse_judge else None,
+               "judge2": rm.DIGIT_JUDGE2 if r.reuse_judge2 else None}
+    return {name: path for name, path in shipped.items() if path is not None}
+
+
+@torch.no_grad()
+def halves(images_B3HW):
+    """The left and right halves of the middle 5/8 of each image's rows, each padded (edge
+    colour) to a square: what the digit judges read of a two-digit number, one digit each, at
+    the size they were trained on (measured: the first judge reads 100% of rendered numbers so)."""
+    h, w = images_B3HW.shape[-2:]
+    side = round(h * 5 / 8)
+    band = images_B3HW[..., (h - side) // 2:(h - side) // 2 + side, :]
+    pad = side - w // 2
+    pads = (pad // 2, pad - pad // 2, 0, 0)
+    return [F.pad(half, pads, mode="replicate") for half in (band[..., :w // 2], band[..., w // 2:])]
+
+
+def judge_accuracies(judge, images01, labels, r: DigitsRecipe, prefix: str) -> dict:
+    """The judge's accuracy on the images: one figure for a digit, one per half (tens, units)
+    for a two-digit number."""
+    if r.digits == 1:
+        return {prefix: judge_accuracy(judge, images01, labels)}
+    tens, units = halves(images01)
+    return {f"{prefix}_tens": judge_accuracy(judge, tens, labels // 10),
+            f"{prefix}_units": judge_accuracy(judge, units, labels % 10)}
+
+
+class PrepareWork:
+    """prepare's progress, in OUT/.prepare-<preset>/ while it runs: each finished part's result
+    and the tokenizer's and the VAR's training state, so that a prepare that was stopped (Ctrl-C,
+    a kill, a reboot) goes on where it was when run again with the same flags. Made at the first
+    save; removed when the model's files are written."""
+
+    def __init__(self, out: Path, r: DigitsRecipe, quick: bool):
+        self.folder = out / f".prepare-{r.preset}"
+        self.plan = {"recipe": json.loads(json.dumps(asdict(r))), "quick": quick}
+
+    def check(self):
+        """Refuse progress made with other flags or another recipe (one line)."""
+        plan = self.folder / "plan.json"
+        if not plan.is_file():
+            return
+        if json.loads(plan.read_text()) != self.plan:
+            raise UsageError(f"{self.folder} holds the progress of a prepare with other settings (--quick, or another"
+                             " recipe); run that command again to finish it, or delete that folder to start anew")
+
+    def path(self, name: str) -> Path:
+        """The file that holds part `name` (made with its folder on first use)."""
+        if not self.folder.is_dir():
+            self.folder.mkdir()
+            (self.folder / "plan.json").write_text(json.dumps(self.plan, indent=1))
+        return self.folder / f"{name}.pt"
+
+    def done(self) -> list:
+        """The parts saved so far."""
+        return sorted(p.stem for p in self.folder.glob("*.pt")) if self.folder.is_dir() else []
+
+    def result(self, name: str, make):
+        """Part `name`'s saved tensors (a dict), else make() saved."""
+        state = load_progress(self.folder / f"{name}.pt")
+        if state is None:
+            state = make()
+            save_progress(self.path(name), state)
+        return state
+
+    def remove(self):
+        """Delete the progress: exactly the files this class writes."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name == "plan.json" or path.suffix in (".pt", ".tmp"):
+                path.unlink()
+        self.folder.rmdir()
 
 
 def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = False) -> dict:
@@ -1205,66 +1355,84 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     `out` as the files load_pretrained(r.preset) and reward_models.load_digit_judge read, with
     <preset>.json (the recipe, the measurements, the times, the files' sha256). With r.reuse_judge the
     shipped judge is copied instead of trained; with r.judge2_steps a second judge (another architecture,
-    its own images) reports a second opinion on the class accuracies. quick: a few steps of each (smoke tests)."""
+    its own images) reports a second opinion on the class accuracies (r.reuse_judge2: the shipped one).
+    Numbers (r.digits = 2) are judged one half of the image at a time. Resumable (PrepareWork): run
+    again, it goes on where it stopped. quick: a few steps of each (smoke tests)."""
     import shutil
     import reward_models as rm
     from safetensors.torch import save_file
     files, record = digits_files(r), f"{r.preset}.json"
-    reused = out / files["judge"] if r.reuse_judge else None
-    same = lambda path: path.is_file() and path.read_bytes() == rm.DIGIT_JUDGE.read_bytes()
+    reused = {files[name]: shipped for name, shipped in reused_files(r).items()}
+    same = lambda file: (out / file).is_file() and (out / file).read_bytes() == reused[file].read_bytes()
     output_folder(out, "the weights")
-    there = [name for name in [*files.values(), record] if (out / name).exists() and not (reused == out / name and same(reused))]
+    there = [name for name in [*files.values(), record] if (out / name).exists() and not (name in reused and same(name))]
     if there and not overwrite:
         raise UsageError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace them (or --out another folder)")
-    if r.reuse_judge and not rm.DIGIT_JUDGE.is_file():
-        raise UsageError(f"{rm.DIGIT_JUDGE} is missing: the {r.preset} recipe reuses the shipped digits judge")
+    for shipped in reused.values():
+        if not shipped.is_file():
+            raise UsageError(f"{shipped} is missing: the {r.preset} recipe reuses the shipped digits judges")
+    work = PrepareWork(out, r, quick)
+    work.check()
+    if work.done():
+        print(f"[prepare] {r.preset}: going on from {work.folder} (saved: {', '.join(work.done())})", flush=True)
     config, t0, times = vg.VARConfig.preset(r.preset), time.perf_counter(), {}
     lap = lambda name: times.update({name: round(time.perf_counter() - t0 - sum(times.values()), 1)})
     log = lambda message: print(message, flush=True)
     n_train, n_held = (1024, 200) if quick else (r.train_images, r.heldout_images)
     tok_steps, judge_steps, var_steps = r.quick_steps if quick else (None, None, None)
     print(f"[prepare] {r.preset}: rendering {n_train} + {n_held} images", flush=True)
-    train_u8, train_y, train_bold = render_digits(n_train, r.seed, config.image_size)
-    held_u8, held_y, _ = render_digits(n_held, r.seed + 998, config.image_size)
+    train_u8, train_y, train_bold = render_digits(n_train, r.seed, config.image_size, r.digits)
+    held_u8, held_y, _ = render_digits(n_held, r.seed + 998, config.image_size, r.digits)
     lap("render")
-    vae = train_tokenizer(train_u8, config, r, steps=tok_steps, log=log)
+    vae = train_tokenizer(train_u8, config, r, steps=tok_steps, log=log, progress=work.path("tokenizer"))
     lap("tokenizer")
     if r.reuse_judge:
         judge = rm.load_digit_judge(path=rm.DIGIT_JUDGE)
     else:
-        judge = train_judge(train_u8, train_y, train_bold, r, steps=judge_steps)
+        judge = rm.DigitJudge()
+        make = lambda: train_judge(train_u8, train_y, train_bold, r, steps=judge_steps).state_dict()
+        judge.load_state_dict(work.result("judge", make))
+        judge.eval().requires_grad_(False)
     lap("judge")
     judge2 = None
-    if r.judge2_steps:
-        judge2_u8, judge2_y, _ = render_digits(1024 if quick else r.judge2_images, r.seed + 2000, config.image_size)
-        judge2 = train_judge2(judge2_u8, judge2_y, r, steps=judge_steps)
+    if r.reuse_judge2:
+        judge2 = rm.load_digit_judge2(path=rm.DIGIT_JUDGE2)
+    elif r.judge2_steps:
+        def make():  # numbers: a second judge of their halves (the digits' one reads them poorly)
+            n = 1024 if quick else r.judge2_images
+            judge2_u8, judge2_y, _ = render_digits(n, r.seed + 2000, config.image_size, r.digits)
+            if r.digits == 2:
+                judge2_u8 = torch.cat(halves(judge2_u8.float())).round().to(torch.uint8)
+                judge2_y = torch.cat([judge2_y // 10, judge2_y % 10])
+            return train_judge2(judge2_u8, judge2_y, r, steps=judge_steps).state_dict()
+        judge2 = rm.DigitJudge2()
+        judge2.load_state_dict(work.result("judge2", make))
+        judge2.eval().requires_grad_(False)
         lap("judge2")
-    idx = tokenize(vae, train_u8, bf16=r.bf16)
+    idx = work.result("tokens", lambda: {"idx": tokenize(vae, train_u8, bf16=r.bf16)})["idx"]
     lap("tokenize")
-    var = train_var(vae, idx, train_y, config, r, steps=var_steps, log=log)
+    var = train_var(vae, idx, train_y, config, r, steps=var_steps, log=log, progress=work.path("var"))
     lap("var")
     held01 = held_u8.float() / 255
     reconstructions = torch.cat([vae.idx_to_img(tokenize(vae, held_u8[i:i + 200])) for i in range(0, n_held, 200)])
     labels = torch.arange(200 if quick else 1000) % config.num_classes
     samples_t1 = sample_images(var, labels, seed=7)
     samples_cfg = sample_images(var, labels, seed=7, **DIGITS_CFG)
-    results = {"judge_accuracy_heldout": judge_accuracy(judge, held01, held_y),
-               "reconstruction_accuracy": judge_accuracy(judge, reconstructions, held_y),
-               "reconstruction_psnr_db": float((-10 * torch.log10((reconstructions - held01).square().mean((1, 2, 3)))).mean()),
-               "sample_accuracy_t1": judge_accuracy(judge, samples_t1, labels),
-               "sample_accuracy_cfg": judge_accuracy(judge, samples_cfg, labels)}
-    if judge2 is not None:
-        results["judge2_accuracy_heldout"] = judge_accuracy(judge2, held01, held_y)
-        results["judge2_reconstruction_accuracy"] = judge_accuracy(judge2, reconstructions, held_y)
-        results["judge2_sample_accuracy_t1"] = judge_accuracy(judge2, samples_t1, labels)
-        results["judge2_sample_accuracy_cfg"] = judge_accuracy(judge2, samples_cfg, labels)
+    results = {"reconstruction_psnr_db": float((-10 * torch.log10((reconstructions - held01).square().mean((1, 2, 3)))).mean())}
+    for prefix, j in (("", judge), ("judge2_", judge2)):  # the first judge's figures keep their shorter names
+        if j is None:
+            continue
+        results.update(judge_accuracies(j, held01, held_y, r, f"{prefix or 'judge_'}accuracy_heldout"))
+        results.update(judge_accuracies(j, reconstructions, held_y, r, f"{prefix}reconstruction_accuracy"))
+        results.update(judge_accuracies(j, samples_t1, labels, r, f"{prefix}sample_accuracy_t1"))
+        results.update(judge_accuracies(j, samples_cfg, labels, r, f"{prefix}sample_accuracy_cfg"))
     lap("evaluation")
     modules = {"vae": vae, "var": var, "judge": judge, "judge2": judge2}
     tmp = {file: out / (file + ".tmp") for file in [*files.values(), record]}
     try:  # the model's files are replaced together: all written under temporary names first
         for name, file in files.items():
-            if name == "judge" and r.reuse_judge:
-                shutil.copyfile(rm.DIGIT_JUDGE, tmp[file])
+            if file in reused:
+                shutil.copyfile(reused[file], tmp[file])
             else:
                 save_file({k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
                            for k, v in modules[name].state_dict().items()}, str(tmp[file]))
@@ -1281,6 +1449,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     for file, path in tmp.items():
         os.replace(path, out / file)
         print(f"[prepare] wrote {out / file}", flush=True)
+    work.remove()
     print(f"[prepare] {r.preset}: {json.dumps(results)}; {sum(times.values()):.0f} s", flush=True)
     return summary
 
@@ -1398,8 +1567,10 @@ def main(argv=None):
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")
     sub.add_parser("demo", help="the CPU demo: GRPO on the digits model, then before/after pictures and summary.json", add_help=False)
-    p = sub.add_parser("prepare", help="build the digits model (data, tokenizer, judge, VAR) into --out")
-    p.add_argument("--preset", default="digits", choices=list(DIGITS_RECIPES), help="the digits preset to build (its recipe)")
+    p = sub.add_parser("prepare", help="build the digits model (data, tokenizer, judge, VAR) into --out; run again"
+                       " after a stop, it goes on where it was")
+    p.add_argument("--preset", default="digits", choices=list(DIGITS_RECIPES), help="the preset to build (its recipe):"
+                   " digits, digits7, or numbers (00-99)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"), help="folder for the weights and <preset>.json")
     p.add_argument("--quick", action="store_true", help="a few hundred steps of each part (smoke tests)")
     p.add_argument("--overwrite", action="store_true", help="replace the digits model files already in --out")
@@ -1425,7 +1596,9 @@ def main(argv=None):
     except (UsageError, CheckpointError, vg.RunFailed, vg.Stopped, vg.PeerFailed) as e:
         vr.exit_with(e, "vargrpo_tools")
     except KeyboardInterrupt:  # prepare, eval, ...: Ctrl-C (the trainer saves and raises Stopped)
-        what = "the files in --out are as they were" if argv[:1] == ["prepare"] else "nothing was saved"
+        what = "nothing was saved"
+        if argv[:1] == ["prepare"]:
+            what = "the model files in --out are as they were; run the same command again to go on from the saved progress"
         vr.exit_with(vg.Stopped(signal.SIGINT, f"{argv[0]} interrupted by Ctrl-C; {what}"), "vargrpo_tools")
 
 
