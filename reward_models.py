@@ -14,6 +14,9 @@ Components  [GRPO-VAR 5.1-5.3]:
                                digits (vargrpo_tools.py prepare): a learned, label-independent style reward
   digit:correct                the judge's probability of the asked digit: label-aware (reward(images, labels)),
                                the analogue of VAR-RL's OCR word accuracy
+  ocr[:N]                      PP-OCR (rapidocr-onnxruntime) reads the image; 1 - edit distance / length
+                               to the label written with N digits (default 2, the numbers preset):
+                               label-aware, VAR-RL's text rendering reward; logs word accuracy and NED
 
 Importing this module loads nothing and touches no network. Downloads are left to the libraries
 (open_clip through huggingface_hub, torch.hub), with their settings: HF_HUB_OFFLINE, HF_ENDPOINT,
@@ -29,6 +32,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -390,6 +394,141 @@ def _digit(arg, ctx):
 
 
 # ----------------------------------------------------------------------------------------------
+# OCR [VAR-RL's text rendering task]: PaddleOCR's PP-OCRv4 (the models ship inside the
+# rapidocr-onnxruntime wheel, run by onnxruntime on the CPU) reads the number an image shows.
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions from a to b."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diagonal = row[0]
+        row[0] = i
+        for j, cb in enumerate(b, 1):
+            above = row[j]
+            row[j] = min(above + 1, row[j - 1] + 1, diagonal + (ca != cb))
+            diagonal = above
+    return row[-1]
+
+
+def ocr_score(read: str, target: str) -> float:
+    """The ocr reward of one image: 1 - min(d, |t|) / |t|, d the edit distance from the
+    text read to the target t (flow_grpo's form): 1 exactly right, 0 when nothing is read."""
+    d = min(edit_distance(read, target), len(target))
+    return 1 - d / len(target)
+
+
+def ned_similarity(read: str, target: str) -> float:
+    """1 - normalised edit distance, d / max(|read|, |t|): the NED column of text rendering
+    tables (higher is better)."""
+    longest = max(len(read), len(target), 1)
+    return 1 - edit_distance(read, target) / longest
+
+
+class OCR(nn.Module):
+    """ocr[:N]: PP-OCR reads each image; the reward is ocr_score(read, target), the target
+    the image's class label written with N digits (default 2: the numbers preset draws its
+    class 0-99 as "00"-"99"; ocr:1 for the digits presets). Label-aware. Logs word accuracy
+    (exact match) and NED, as VAR-RL's tables. The paper's own reward is not given in its
+    summary; this is flow_grpo's (1 - edit distance / target length).
+
+    The recogniser alone reads the whole image (fast); `region_masks` runs the detector
+    too, for mask propagation: the union of the detected text boxes."""
+    needs_labels = True
+
+    def __init__(self, digits: int = 2, size: int = 96):
+        super().__init__()
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError:
+            raise ValueError("ocr needs the rapidocr-onnxruntime package: "
+                             "pip install -r requirements.txt") from None
+        threads = torch.get_num_threads()
+        self.engine = RapidOCR(intra_op_num_threads=threads,
+                               inter_op_num_threads=1)
+        self.digits = digits
+        self.size = size
+        self.last = None
+
+    def targets(self, labels_B) -> list:
+        """The text each image should show: its label with `digits` digits."""
+        top = 10 ** self.digits - 1
+        if len(labels_B) and not 0 <= int(labels_B.min()) <= int(labels_B.max()) <= top:
+            raise ValueError(
+                f"ocr:{self.digits} reads the numbers 0-{top}; got labels "
+                f"{int(labels_B.min())}..{int(labels_B.max())} (use ocr with the numbers "
+                f"preset, ocr:1 with the digits presets)")
+        return [f"{int(v):0{self.digits}d}" for v in labels_B]
+
+    def pictures(self, images_B3HW) -> list:
+        """uint8 (H, W, 3) arrays at `size` px, as the OCR reads them."""
+        x = images_B3HW.detach().float().clamp(0, 1) * 255
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return [np.ascontiguousarray(a) for a in x.cpu().numpy()]
+
+    @torch.no_grad()
+    def read(self, images_B3HW) -> list:
+        """The text the recogniser reads in each image ('' for none), in one batched call."""
+        x = images_B3HW.detach()
+        if self.last is not None:  # the reward, then its logs: one reading
+            seen, texts = self.last
+            if seen.shape == x.shape and torch.equal(seen, x):
+                return texts
+        results, _ = self.engine.text_rec(self.pictures(x))
+        texts = [text.strip() for text, _ in results]
+        self.last = (x.clone(), texts)
+        return texts
+
+    def forward(self, images_B3HW, labels_B):
+        targets = self.targets(labels_B)
+        read = self.read(images_B3HW)
+        scores = [ocr_score(r, t) for r, t in zip(read, targets)]
+        return torch.tensor(scores, device=images_B3HW.device)
+
+    def extra_logs(self, values_B, images_B3HW, labels_B):
+        targets = self.targets(labels_B)
+        read = self.read(images_B3HW)
+        exact = [float(r == t) for r, t in zip(read, targets)]
+        ned = [ned_similarity(r, t) for r, t in zip(read, targets)]
+        device = images_B3HW.device
+        return {"word_accuracy": torch.tensor(exact, device=device),
+                "ned": torch.tensor(ned, device=device)}
+
+    @torch.no_grad()
+    def region_masks(self, images_B3HW, labels_B=None):
+        """(B, H, W): 1 inside the text boxes PP-OCR's detector finds in each image (the
+        image padded by a quarter of its side, as the detector wants a margin); all ones
+        where it finds none."""
+        import cv2
+        B, _, H, W = images_B3HW.shape
+        pad = self.size // 4
+        masks = []
+        for picture in self.pictures(images_B3HW):
+            framed = np.pad(picture, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+            boxes, _ = self.engine.text_det(framed)
+            mask = np.zeros((self.size, self.size), np.uint8)
+            for box in [] if boxes is None else boxes:
+                corners = np.round(np.asarray(box) - pad).astype(np.int32)
+                cv2.fillPoly(mask, [corners], 1)
+            if not mask.any():
+                mask[:] = 1
+            masks.append(torch.from_numpy(mask).float())
+        masks = torch.stack(masks)[:, None]
+        masks = F.interpolate(masks, size=(H, W), mode="area")[:, 0]
+        return (masks > 0).float().to(images_B3HW.device)
+
+
+def _ocr(arg, ctx):
+    digits = 2
+    if arg is not None:
+        if not arg.isdigit() or not 1 <= int(arg) <= 6:
+            raise ValueError(f"ocr:{arg}: give the number of digits, e.g. ocr:2 (or plain ocr)")
+        digits = int(arg)
+    return OCR(digits)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and weighted sums
 
 
@@ -465,6 +604,7 @@ REGISTRY = {
     "aesthetic": _aesthetic,
     "clip": _clip,
     "digit": _digit,
+    "ocr": _ocr,
 }
 
 
@@ -516,6 +656,22 @@ class Reward(nn.Module):
         if not all(hasattr(p, "region_mask") for p in self.parts):
             return None
         return torch.stack([p.region_mask(H, W, device) for p in self.parts]).amax(0)
+
+    def region_masks(self, images_B3HW, labels=None):
+        """Each image's region (B, H, W): the union of the components' regions, a fixed box
+        (`region_mask`) or what a component finds in the image (`region_masks`: the OCR's text
+        boxes), when every component scores one; else None, as region_mask."""
+        B, _, H, W = images_B3HW.shape
+        masks = []
+        for part in self.parts:
+            if hasattr(part, "region_masks"):
+                masks.append(part.region_masks(images_B3HW, labels))
+            elif hasattr(part, "region_mask"):
+                box = part.region_mask(H, W, images_B3HW.device)
+                masks.append(box.expand(B, H, W))
+            else:
+                return None
+        return torch.stack(masks).amax(0)
 
 
 TERM = re.compile(r"^\s*(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_]+)(?::(.*))?$")

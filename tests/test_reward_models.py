@@ -1,6 +1,7 @@
 """Tests of reward_models.py in its order: brightness, CLIP and the LAION aesthetic head (the
 preprocessing against open_clip's, model/weights pairs, local weights and offline failures), and the
-registry of reward specs and their weighted sums. (The digits judges: tests/test_digits.py.)
+registry of reward specs and their weighted sums, and the OCR reward (PP-OCR through
+rapidocr-onnxruntime). (The digits judges: tests/test_digits.py.)
 """
 import hashlib
 import os
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 import reward_models as rm
+import vargrpo_tools as vt
 from helpers import HEAD, ROOT, needs_head, timeout
 
 # a process that loads a tiny CLIP, or a trainer that refuses its reward, takes ~10-20 s on a loaded
@@ -178,3 +180,73 @@ def test_reward_input_errors(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="is not LAION's aesthetic head"):
         rm.load_aesthetic_head(str(tmp_path / "other.pth"))
+
+
+# ---- OCR [VAR-RL's text rendering task]
+
+
+@pytest.mark.parametrize("read, target, score, ned", [
+    ("42", "42", 1.0, 1.0),
+    ("43", "42", 0.5, 0.5),
+    ("4", "42", 0.5, 0.5),
+    ("", "42", 0.0, 0.0),
+    ("A42", "42", 0.5, 2 / 3),
+    ("A4299", "42", 0.0, 0.4),
+    ("24", "42", 0.0, 0.0),
+])
+def test_ocr_score_and_ned_values(read, target, score, ned):
+    """The documented values: 1 exactly right, 0 for nothing read, 1 - d/|t| clipped at 0; NED
+    divides by the longer string."""
+    assert rm.ocr_score(read, target) == pytest.approx(score)
+    assert rm.ned_similarity(read, target) == pytest.approx(ned)
+    assert rm.edit_distance(read, target) == rm.edit_distance(target, read)
+
+
+@pytest.fixture(scope="module")
+def numbers():
+    """20 rendered two-digit numbers (held-out seed of the numbers preset), in [0, 1]."""
+    images_u8, labels, _ = vt.render_digits(20, seed=999, res=64, digits=2)
+    return images_u8.float() / 255, labels
+
+
+def test_ocr_reads_rendered_numbers(numbers):
+    """PP-OCR reads clean renders: reward 1 for the asked number, word accuracy and NED logged;
+    asked for another number, the reward drops (in [0, 1] always)."""
+    images, labels = numbers
+    reward = rm.build_reward("ocr")
+    total, logs = reward(images, labels, return_components=True)
+    assert set(logs) == {"ocr", "ocr/word_accuracy", "ocr/ned"}
+    assert logs["ocr/word_accuracy"].mean() >= 0.95
+    assert total.mean() >= 0.95
+    wrong = (labels + 11) % 100  # both digits differ
+    other = reward(images, wrong)
+    assert other.max() <= 0.5
+    assert 0 <= other.min() and total.max() <= 1
+
+
+def test_ocr_label_errors_are_one_line(numbers):
+    images, labels = numbers
+    reward = rm.build_reward("ocr")
+    with pytest.raises(ValueError, match=r"ocr:2 reads the numbers 0-99; got labels .*numbers preset"):
+        reward(images[:2], torch.tensor([5, 100]))
+    with pytest.raises(ValueError, match="pass labels="):
+        reward(images)
+    with pytest.raises(ValueError, match="give the number of digits"):
+        rm.build_reward("ocr:x")
+    single = rm.build_reward("ocr:1")
+    with pytest.raises(ValueError, match="ocr:1 reads the numbers 0-9"):
+        single(images[:1], torch.tensor([12]))
+
+
+def test_ocr_boxes_land_on_the_drawn_number(numbers):
+    """MP's mask from the OCR's detected boxes covers the drawn number (the pixels away from the
+    background colour) and leaves most of the background out."""
+    images, labels = numbers
+    reward = rm.build_reward("ocr", differentiable=True)
+    masks = reward.region_masks(images[:6], labels[:6])
+    assert masks.shape == (6, 64, 64)
+    background = images[:6, :, :2, :2].mean((2, 3))[:, :, None, None]
+    ink = (images[:6] - background).abs().amax(1) > 0.25
+    covered = (masks.bool() & ink).sum((1, 2)) / ink.sum((1, 2))
+    assert covered.min() >= 0.9, covered
+    assert masks.mean((1, 2)).max() <= 0.8
