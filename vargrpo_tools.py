@@ -1400,28 +1400,15 @@ class DigitsRecipe:
 # accuracy), so the VAR gets the larger share.
 DIGITS_RECIPES = {
     "digits": DigitsRecipe(),
-    "digits7": DigitsRecipe(
-        preset="digits7",
-        train_images=20000,
-        tok_steps=1200,
-        var_steps=1400,
-        bf16=False,
-        reuse_judge=True,
-        judge2_steps=400,
-        quick_steps=(30, 30, 20)),
+    "digits7": DigitsRecipe(preset="digits7", train_images=20000, tok_steps=1200,
+                            var_steps=1400, bf16=False, reuse_judge=True,
+                            judge2_steps=400, quick_steps=(30, 30, 20)),
     # two-digit numbers 00-99 (class = the number), judged one half at a time: the shipped
     # judge, and a second judge trained on halves of numbers
-    "numbers": DigitsRecipe(
-        preset="numbers",
-        digits=2,
-        train_images=30000,
-        tok_steps=1200,
-        var_steps=3000,
-        bf16=False,
-        reuse_judge=True,
-        judge2_steps=400,
-        judge2_images=10000,
-        quick_steps=(30, 30, 20)),
+    "numbers": DigitsRecipe(preset="numbers", digits=2, train_images=30000,
+                            tok_steps=1200, var_steps=3000, bf16=False,
+                            reuse_judge=True, judge2_steps=400, judge2_images=10000,
+                            quick_steps=(30, 30, 20)),
 }
 
 
