@@ -1554,6 +1554,7 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
     quantizing = False
     t0 = time.perf_counter()
     start = 0
+
     state = load_progress(progress)
     if state is not None:
         vae.load_state_dict(state["model"])
@@ -1563,6 +1564,7 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
         quantizing = state["quantizing"]
         start = state["step"]
         log(f"[prepare] tokenizer: going on from step {start} ({progress})")
+
     from tqdm import tqdm
     for step in tqdm(range(start, steps), desc="tokenizer", mininterval=10):
         for group in opt.param_groups:
@@ -1720,6 +1722,7 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
     opt = torch.optim.AdamW(var.parameters(), r.var_lr, betas=(0.9, 0.95),
                             weight_decay=r.var_weight_decay)
     start = 0
+
     state = load_progress(progress)
     if state is not None:
         var.load_state_dict(state["model"])
@@ -1727,6 +1730,7 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
         g.set_state(state["generator"])
         start = state["step"]
         log(f"[prepare] VAR: going on from step {start} ({progress})")
+
     from tqdm import tqdm
     t0 = time.perf_counter()
     for step in tqdm(range(start, steps), desc="VAR", mininterval=10):
