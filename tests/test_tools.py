@@ -204,6 +204,31 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
     assert not (ROOT / "should_not_exist.json").exists()
 
 
+@pytest.mark.parametrize("train_ends", ["returns", "raises"])
+def test_gpu_check_variant_puts_back_what_it_patches(train_ends, monkeypatch):
+    """gpu-check wraps the trainer's parts and replaces RunFolder.save while its trainer runs
+    (here a stand-in that sees the patches); after it, returning or raising, every name is the
+    original again."""
+    import vargrpo_run as vr
+    names = ("rollout", "decode", "score", "policy_update", "sample", "step_metrics")
+    originals = {name: getattr(vg, name) for name in names}
+    save = vr.RunFolder.save
+    seen = []
+
+    def stand_in(a):
+        seen.append({name: getattr(vg, name) is originals[name] for name in names})
+        seen.append(vr.RunFolder.save is save)
+        if train_ends == "raises":
+            raise RuntimeError("the trainer failed")
+
+    monkeypatch.setattr(vg, "train", stand_in)
+    with pytest.raises((RuntimeError, IndexError)):  # IndexError: no step's metrics
+        tools.gpu_check_variant("tiny", "cpu", "plain")
+    assert seen == [dict.fromkeys(names, False), False]  # patched while it ran
+    assert all(getattr(vg, name) is originals[name] for name in names)
+    assert vr.RunFolder.save is save
+
+
 @pytest.mark.slow
 def test_gpu_check_on_the_cpu_writes_one_json(tmp_path):
     """`gpu-check --device cpu --preset tiny`: the three variants run (each in its own process,
