@@ -939,6 +939,9 @@ def bench_reward(name: str, batch: int, device: str) -> dict:
     weights (the same work as the real ones)."""
     import reward_models as rm
     from torch.utils.flop_counter import FlopCounterMode
+    if name.startswith("ocr"):
+        return bench_ocr(name, batch)
+
     if name == "brightness":
         fn_reward = rm.Brightness()
     else:
@@ -960,6 +963,27 @@ def bench_reward(name: str, batch: int, device: str) -> dict:
     seconds = time_call(fn, device)
     return dict(seconds=seconds, throughput=batch / seconds, unit="img/s",
                 flops=counter.get_total_flops(), peak_mem=peak_memory(device))
+
+
+def bench_ocr(name: str, batch: int) -> dict:
+    """The ocr reward on `batch` rendered numbers (64 px, as the numbers preset draws): the
+    recogniser alone ('ocr', the reward), or the detector's text boxes too ('ocr boxes', mask
+    propagation's mask). onnxruntime runs it on the CPU: no FLOP count."""
+    import reward_models as rm
+    images_u8, labels, _ = render_digits(batch, seed=0, digits=2)
+    images = images_u8.float() / 255
+    reward = rm.build_reward("ocr")
+
+    def fn():
+        reward.parts[0].last = None  # read again: no cached reading
+        if name == "ocr boxes":
+            return reward.region_masks(images, labels)
+        return reward(images, labels)
+
+    seconds = time_call(fn, "cpu")
+    what = f"reward {name} ({1000 * seconds / batch:.0f} ms/img)"
+    return dict(seconds=seconds, throughput=batch / seconds, unit="img/s",
+                flops=None, peak_mem=peak_memory("cpu"), what=what)
 
 
 def saved_bytes(fn, weights) -> int:
@@ -1124,12 +1148,17 @@ def bench(args):
             r = bench_child(f"{preset}:{what}:{batch}", device, extra)
             print_bench_row(preset, what, batch, r, peak)
 
-    for name in ("brightness", "aesthetic", "clip"):
-        r = bench_child(f"-:reward {name}:32", device)
+    for name in ("brightness", "aesthetic", "clip", "ocr", "ocr boxes"):
+        n = 32
         preset = "256 px"
+        if name.startswith("ocr"):
+            preset = "64 px"
+        if name == "ocr boxes":  # the detector: ~0.5 s an image
+            n = 8
+        r = bench_child(f"-:reward {name}:{n}", device)
         if isinstance(r, str):
             preset = "-"
-        print_bench_row(preset, f"reward {name}", 32, r, peak)
+        print_bench_row(preset, f"reward {name}", n, r, peak)
     if on_gpu:
         memory = "max CUDA memory allocated"
     else:
