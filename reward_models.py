@@ -362,6 +362,14 @@ def load_digit_judge2(path=None, weights_dir=None) -> DigitJudge2:
                               build=" --preset digits7")
 
 
+def load_numbers_judge2(path=None, weights_dir=None) -> DigitJudge2:
+    """The numbers preset's second judge (judge2_numbers.safetensors, written by prepare
+    --preset numbers): a DigitJudge2 trained on the halves of rendered numbers."""
+    default = DIGIT_JUDGE.with_name("judge2_numbers.safetensors")
+    return load_judge_weights(DigitJudge2(), default, path, weights_dir,
+                              "second judge of the numbers", build=" --preset numbers")
+
+
 class DigitCorrect(nn.Module):
     """digit:correct: the judge's probability that the image shows the asked digit, p(label | image) -- a
     reward that reads what was drawn and compares it with what was asked (the analogue of VAR-RL's OCR

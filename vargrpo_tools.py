@@ -491,6 +491,20 @@ ABLATION_METHODS = {
 # a region reward (mask propagation's mask is its box); their seeds
 ABLATION_REWARDS = ["digit:correct", "brightness:region=0.25,0.25,0.75,0.75"]
 ABLATION_SEEDS = ["0,1,2,3,4", "0,1,2"]
+# VAR-RL's own ablation on the numbers model (ablate --preset numbers): the OCR reward, paper
+# B's PANW alpha sweep and fine vs coarse alternation; each method (train flags, seeds) at the
+# same sample budget, nothing tuned per method
+NUMBERS_REWARD = "ocr"
+NUMBERS_METHODS = {
+    "grpo": ({}, 5),
+    "+panw a=0.6": ({"panw_alpha": 0.6}, 3),
+    "+panw a=0.8": ({"panw_alpha": 0.8}, 3),
+    "+panw a=1.0": ({"panw_alpha": 1.0}, 3),
+    "+vmr": ({"vmr": True}, 5),
+    "+vmr coarse 12:4": ({"vmr": True, "vmr_schedule": "12:4"}, 3),
+    "+mp": ({"mask_propagation": True}, 5),
+    "nextflow (all three)": ({"vmr": True, "mask_propagation": True, "panw_alpha": 1.0}, 5),
+}
 # Student's t 0.975 quantiles by degrees of freedom: the 95% interval of a mean over n seeds is
 # mean +- T975[n - 1] * std / sqrt(n)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -510,6 +524,9 @@ def ablation_runs(args) -> list:
     """[(reward, method name, train flags, seeds)]: every method for each reward with its
     seeds, and for the first reward VMR's split m at the scales of --vmr-m (the VAR-RL m sweep)
     with --sweep-seeds."""
+    if args.preset == "numbers":
+        return numbers_ablation_runs(args)
+
     rewards = args.reward or ABLATION_REWARDS
     seeds = args.seeds or ABLATION_SEEDS[:len(rewards)]
     if len(seeds) == 1:
@@ -518,14 +535,7 @@ def ablation_runs(args) -> list:
         raise UsageError(f"--seeds given {len(seeds)} times for {len(rewards)} rewards: give it"
                          " once (every reward) or once per --reward")
 
-    K = vg.VARConfig.preset(args.preset).num_scales
-    sweep = []
-    if args.vmr_m:
-        sweep = [int(m) for m in args.vmr_m.split(",")]
-    if any(not 1 <= m < K for m in sweep):
-        raise UsageError(f"--vmr-m {args.vmr_m}: the split must be a scale in 1..{K - 1} of"
-                         f" {args.preset}")
-
+    sweep = vmr_sweep(args)
     plan = []
     for i, reward in enumerate(rewards):
         ids = [int(s) for s in seeds[i].split(",")]
@@ -536,15 +546,58 @@ def ablation_runs(args) -> list:
     return plan
 
 
+def vmr_sweep(args) -> list:
+    """The splits m of --vmr-m, each checked against the preset's scales."""
+    K = vg.VARConfig.preset(args.preset).num_scales
+    sweep = []
+    if args.vmr_m:
+        sweep = [int(m) for m in args.vmr_m.split(",")]
+    if any(not 1 <= m < K for m in sweep):
+        raise UsageError(f"--vmr-m {args.vmr_m}: the split must be a scale in 1..{K - 1} of"
+                         f" {args.preset}")
+    return sweep
+
+
+def numbers_ablation_runs(args) -> list:
+    """The plan of ablate --preset numbers: NUMBERS_METHODS with their seeds (--seeds: the
+    same seeds for every method), then the VMR m sweep with --sweep-seeds."""
+    rewards = args.reward or [NUMBERS_REWARD]
+    plan = []
+    for reward in rewards:
+        for name, (flags, n_seeds) in NUMBERS_METHODS.items():
+            ids = list(range(n_seeds))
+            if args.seeds:
+                ids = [int(s) for s in args.seeds[0].split(",")]
+            plan.append((reward, name, flags, ids))
+
+    ids = [int(s) for s in args.sweep_seeds.split(",")]
+    for m in vmr_sweep(args):
+        plan.append((rewards[0], f"+vmr m={m}", {"vmr": True, "vmr_m": m}, ids))
+    return plan
+
+
 @torch.no_grad()
 def final_scores(model: vg.VAR, reward, judges, n: int, seed: int = 4) -> dict:
     """The reward and both judges' accuracy on the asked digit of n samples at T = 1 (labels
-    0-9 in turn, one fixed seed: every run and the pre-trained model draw the same noise)."""
-    labels = torch.arange(n) % model.config.num_classes
+    in turn, one fixed seed: every run and the pre-trained model draw the same noise); a
+    number's digits are judged one half of the image each, and the OCR's word accuracy and
+    NED are kept where the reward logs them."""
+    classes = model.config.num_classes
+    labels = torch.arange(n) % classes
     images = sample_images(model, labels, vg.derive_seed(seed, 4))
-    return {"reward": reward(images, labels).mean().item(),
-            "judge": judge_accuracy(judges[0], images, labels),
-            "judge2": judge_accuracy(judges[1], images, labels)}
+    total, logs = reward(images, labels, return_components=True)
+    scores = {"reward": total.mean().item()}
+    for key, values in logs.items():
+        name = key.rsplit("/", 1)[-1]
+        if name in ("word_accuracy", "ned"):
+            scores[name] = values.float().mean().item()
+
+    digits = 1
+    if classes == 100:
+        digits = 2
+    for prefix, judge in zip(("judge", "judge2"), judges):
+        scores.update(judge_accuracies(judge, images, labels, digits, prefix))
+    return scores
 
 
 def folder_name(text: str) -> str:
@@ -564,8 +617,7 @@ def ablate(args):
     common = dict(preset=args.preset, labels_per_step=4, group_size=8, minibatch=16,
                   lr=args.lr, beta=args.beta, temperature=1.0, image_every=0,
                   save_every=10**6, overwrite=True, weights_dir=args.weights_dir)
-    judges = (reward_models.load_digit_judge(weights_dir=args.weights_dir),
-              reward_models.load_digit_judge2(weights_dir=args.weights_dir))
+    judges = load_judges(args.weights_dir, args.preset)
 
     for reward_spec in dict.fromkeys(r for r, *_ in plan):
         folder = out / folder_name(reward_spec)
@@ -611,26 +663,44 @@ def ablation_run(a: TrainArgs, reward, judges, eval_samples: int) -> dict:
     return dict(rows=rows, wall=wall, final=final)
 
 
+# The columns of an ablation table (key of final_scores, title), where final_scores has them:
+# the OCR's figures for the ocr reward, the judges per half for two-digit numbers
+SCORE_COLUMNS = [
+    ("reward", "final reward"),
+    ("word_accuracy", "OCR word accuracy"),
+    ("ned", "OCR NED"),
+    ("judge", "judge accuracy (asked digit)"),
+    ("judge2", "second judge"),
+    ("judge_tens", "judge: tens (left half)"),
+    ("judge_units", "judge: units (right half)"),
+    ("judge2_tens", "second judge: tens"),
+    ("judge2_units", "second judge: units"),
+]
+
+
 def summarise_ablation(runs, plan, args, reward_spec):
-    """The table of one reward: per method the final policy's reward and both judges' accuracy
-    on the asked digit (mean and 95% interval over seeds), the training reward at the start and
-    at the end, the KL."""
-    lines = [f"Reward `{reward_spec}`, {args.preset} preset, budget {args.budget} samples per"
-             f" run; final policy: {args.eval_samples} samples at T = 1 (labels 0-9, one seed);"
-             " mean [95% t-interval] over seeds.",
-             "",
-             "| method | seeds | steps | final reward | judge accuracy (asked digit)"
-             " | second judge | training reward: first step -> last 10%"
-             " | KL per token at the end | wall time per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The table of one reward: per method the final policy's reward, the OCR's figures and
+    both judges' accuracy on the asked digit (mean and 95% interval over seeds), the training
+    reward at the start and at the end, the KL."""
     base = runs["pre-trained", None]["final"]
-    lines.append(f"| pre-trained | - | 0 | {base['reward']:.3f} | {base['judge']:.3f}"
-                 f" | {base['judge2']:.3f} | - | 0 | - |")
+    columns = [(key, title) for key, title in SCORE_COLUMNS if key in base]
+    classes = vg.VARConfig.preset(args.preset).num_classes
+    titles = " | ".join(title for _, title in columns)
+    lines = [f"Reward `{reward_spec}`, {args.preset} preset, budget {args.budget} samples per"
+             f" run; final policy: {args.eval_samples} samples at T = 1 (labels"
+             f" 0-{classes - 1}, one seed); mean [95% t-interval] over seeds.",
+             "",
+             f"| method | seeds | steps | {titles}"
+             " | training reward: first step -> last 10%"
+             " | KL per token at the end | wall time per run |",
+             "|---" * (len(columns) + 6) + "|"]
+    values = " | ".join(f"{base[key]:.3f}" for key, _ in columns)
+    lines.append(f"| pre-trained | - | 0 | {values} | - | 0 | - |")
     summary = {"pre-trained": base}
 
     for _, name, _, seeds in [p for p in plan if p[0] == reward_spec]:
         per_seed = [seed_summary(runs[name, seed], seed) for seed in seeds]
-        keys = ("reward", "judge", "judge2", "start", "end", "kl", "wall")
+        keys = [key for key, _ in columns] + ["start", "end", "kl", "wall"]
         ci = {k: mean_ci95([r[k] for r in per_seed]) for k in keys}
         summary[name] = {"per_seed": per_seed, "mean_ci95": ci}
 
@@ -638,8 +708,8 @@ def summarise_ablation(runs, plan, args, reward_spec):
             mean, half = ci[k]
             return f"{mean:.{p}f} [{mean - half:.{p}f}, {mean + half:.{p}f}]"
 
-        lines.append(f"| {name} | {len(seeds)} | {per_seed[0]['steps']} | {f('reward')}"
-                     f" | {f('judge')} | {f('judge2')}"
+        values = " | ".join(f(key) for key, _ in columns)
+        lines.append(f"| {name} | {len(seeds)} | {per_seed[0]['steps']} | {values}"
                      f" | {ci['start'][0]:.3f} -> {ci['end'][0]:.3f}"
                      f" | {ci['kl'][0]:.4f} | {ci['wall'][0]:.0f} s |")
     return "\n".join(lines) + "\n", summary
@@ -666,6 +736,13 @@ def plot_ablation(runs, plan, path: Path, reward_spec: str):
     key = "reward/mean"
     if "digit:correct" in reward_spec:
         key = "reward/digit:correct/accuracy"
+    if reward_spec.startswith("ocr"):
+        key = f"reward/{reward_spec}/word_accuracy"
+    finals = ("judge", "judge2")
+    names = ("first judge", "second judge")
+    if "word_accuracy" in runs["pre-trained", None]["final"]:
+        finals = ("word_accuracy", "ned")
+        names = ("OCR word accuracy", "OCR NED")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     methods = [(name, seeds) for r, name, _, seeds in plan if r == reward_spec]
 
@@ -676,32 +753,33 @@ def plot_ablation(runs, plan, path: Path, reward_spec: str):
         w = min(5, len(ys))
         smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
         ax.plot(x[len(x) - len(smooth):], smooth, label=name, color=f"C{i}")
-        for j, judge in enumerate(("judge", "judge2")):
+        for j, judge in enumerate(finals):
             m, h = mean_ci95([runs[name, s]["final"][judge] for s in seeds])
             if math.isnan(h):
                 h = 0
             label = None
             if i == 0:
-                label = ("first judge", "second judge")[j]
+                label = names[j]
             ax2.errorbar(i + 0.15 * (2 * j - 1), m, yerr=h, fmt="os"[j], color=f"C{i}",
                          label=label, capsize=3)
 
-    for j, judge in enumerate(("judge", "judge2")):
+    for j, judge in enumerate(finals):
         base = runs["pre-trained", None]["final"][judge]
         ax2.axhline(base, color="grey", ls=("-", "--")[j], lw=0.8)
     ax.set_xlabel("samples (sampled, decoded and rewarded images)")
-    if key != "reward/mean":
+    ax.set_ylabel("mean reward")
+    if key.endswith("/accuracy"):
         ax.set_ylabel("judge accuracy on the asked digit")
-    else:
-        ax.set_ylabel("mean reward")
+    if key.endswith("/word_accuracy"):
+        ax.set_ylabel("OCR word accuracy")
     ax.set_title(f"{reward_spec}: each step's samples, mean over seeds, 5-step running mean",
                  fontsize=9)
     ax.legend(fontsize=7)
 
     ax2.set_xticks(range(len(methods)), [n for n, _ in methods], fontsize=7, rotation=20)
-    ax2.set_ylabel("accuracy on the asked digit (final policy)")
-    ax2.set_title("final policy, T = 1; grey: pre-trained (solid first judge, dashed second)",
-                  fontsize=9)
+    ax2.set_ylabel(f"{names[0]}, {names[1]} (final policy)")
+    ax2.set_title(f"final policy, T = 1; grey: pre-trained (solid {names[0]}, dashed"
+                  f" {names[1]})", fontsize=9)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1860,10 +1938,10 @@ def halves(images_B3HW):
     return [F.pad(half, pads, mode="replicate") for half in (left, right)]
 
 
-def judge_accuracies(judge, images01, labels, r: DigitsRecipe, prefix: str) -> dict:
+def judge_accuracies(judge, images01, labels, digits: int, prefix: str) -> dict:
     """The judge's accuracy on the images: one figure for a digit, one per half (tens, units)
     for a two-digit number."""
-    if r.digits == 1:
+    if digits == 1:
         return {prefix: judge_accuracy(judge, images01, labels)}
     tens, units = halves(images01)
     return {f"{prefix}_tens": judge_accuracy(judge, tens, labels // 10),
@@ -2077,12 +2155,12 @@ def prepare_results(vae, var, judges, held, r: DigitsRecipe, quick: bool) -> dic
         if j is None:
             continue
         heldout = f"{prefix or 'judge_'}accuracy_heldout"
-        results.update(judge_accuracies(j, held01, held_y, r, heldout))
-        results.update(judge_accuracies(j, reconstructions, held_y, r,
+        results.update(judge_accuracies(j, held01, held_y, r.digits, heldout))
+        results.update(judge_accuracies(j, reconstructions, held_y, r.digits,
                                         f"{prefix}reconstruction_accuracy"))
-        results.update(judge_accuracies(j, samples_t1, labels, r,
+        results.update(judge_accuracies(j, samples_t1, labels, r.digits,
                                         f"{prefix}sample_accuracy_t1"))
-        results.update(judge_accuracies(j, samples_cfg, labels, r,
+        results.update(judge_accuracies(j, samples_cfg, labels, r.digits,
                                         f"{prefix}sample_accuracy_cfg"))
     return results
 
@@ -2150,13 +2228,17 @@ def preview(model: vg.VAR, reward, judges, labels, seed: int, temperature: float
             "class_acc2": judge_accuracy(judges[1], images, labels)}
 
 
-def load_judges(weights_dir=None):
+def load_judges(weights_dir=None, preset: str = "digits"):
     """The digits judge and the second judge (reward_models.load_digit_judge,
-    load_digit_judge2); a missing or changed file is one CheckpointError."""
+    load_digit_judge2; the numbers preset: load_numbers_judge2, the second judge of its
+    halves); a missing or changed file is one CheckpointError."""
     import reward_models
+    second = reward_models.load_digit_judge2
+    if preset == "numbers":
+        second = reward_models.load_numbers_judge2
     try:
         return (reward_models.load_digit_judge(weights_dir=weights_dir),
-                reward_models.load_digit_judge2(weights_dir=weights_dir))
+                second(weights_dir=weights_dir))
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(str(e)) from None
 
