@@ -723,3 +723,32 @@ def build_reward(spec: str, device="cpu", differentiable: bool = False, clip_mod
         label = name if arg is None else f"{name}:{arg}"
         terms.append((weight, label, REGISTRY[name](arg, ctx)))
     return Reward(terms, differentiable).to(device)
+
+
+class FunctionReward(nn.Module):
+    """A reward given as a plain function fn(images (B, 3, H, W) in [0, 1], labels (B,)) -> (B,)
+    (see register)."""
+    needs_labels = True
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, images_B3HW, labels_B):
+        return self.fn(images_B3HW, labels_B)
+
+
+def register(name: str, fn):
+    """Adds fn(images, labels) -> (B,) rewards to REGISTRY as `name`, in this process: then
+    `--reward name`, build_reward("name") and sums such as "0.5*name+brightness" call it."""
+    if not re.fullmatch(r"[a-z_]+", name):
+        raise ValueError(f"reward name {name!r}: use lower-case letters and '_' only")
+    if name in REGISTRY:
+        raise ValueError(f"a reward named {name!r} exists already; choose another name")
+
+    def make(arg, ctx):
+        if arg is not None:
+            raise ValueError(f"{name} takes no argument, got {arg!r}")
+        return FunctionReward(fn)
+
+    REGISTRY[name] = make
