@@ -2217,15 +2217,42 @@ def preview(model: vg.VAR, reward, judges, labels, seed: int, temperature: float
             path: Path | None = None) -> dict:
     """Samples of fixed labels and seed (so that before and after compare): their mean reward
     and the class accuracy of the two judges (the second one never a reward: a check for reward
-    hacking); a captioned grid of the first 16 at `path`."""
+    hacking; a number counts when both its halves are read right), the OCR's word accuracy
+    where the reward logs it; a grid of the first 16 at `path`, each under the asked label."""
+    digits = len(str(model.config.num_classes - 1))
     images = sample_images(model, labels, seed, temperature=temperature)
-    r = reward(images, labels)
+    r, logs = reward(images, labels, return_components=True)
     if path is not None:
         pairs = zip(labels[:16].tolist(), r[:16].tolist())
-        captioned_grid(images[:16], [f"{l} r={v:.2f}" for l, v in pairs], path)
-    return {"reward": r.mean().item(),
-            "class_acc": judge_accuracy(judges[0], images, labels),
-            "class_acc2": judge_accuracy(judges[1], images, labels)}
+        captions = [f"{l:0{digits}d} r={v:.2f}" for l, v in pairs]
+        captioned_grid(images[:16], captions, path)
+
+    scores = {"reward": r.mean().item(),
+              "class_acc": number_accuracy(judges[0], images, labels, digits),
+              "class_acc2": number_accuracy(judges[1], images, labels, digits)}
+    for key, values in logs.items():
+        if key.endswith("/word_accuracy"):
+            scores["word_accuracy"] = values.float().mean().item()
+    return scores
+
+
+def number_accuracy(judge, images01, labels, digits: int) -> float:
+    """The judge's class accuracy: a digit read right, or a number (digits = 2) whose halves
+    are both read right."""
+    if digits == 1:
+        return judge_accuracy(judge, images01, labels)
+    tens, units = halves(images01)
+    classify = judge
+    if hasattr(judge, "heads"):
+        classify = judge.heads
+    with torch.no_grad():
+        read_tens = classify(tens)
+        read_units = classify(units)
+    if isinstance(read_tens, tuple):  # DigitJudge.heads: (class logits, boldness)
+        read_tens = read_tens[0]
+        read_units = read_units[0]
+    right = (read_tens.argmax(1) == labels // 10) & (read_units.argmax(1) == labels % 10)
+    return right.float().mean().item()
 
 
 def load_judges(weights_dir=None, preset: str = "digits"):
@@ -2252,7 +2279,7 @@ def demo(argv) -> dict:
     vr.add_dataclass_args(parser, TrainArgs)
     given = vars(parser.parse_args(argv))
     a = TrainArgs(**{**DEMO_FLAGS, **given})
-    load_judges(a.weights_dir)  # their files are there before the training, not after
+    load_judges(a.weights_dir, a.preset)  # their files are there before the training, not after
     t0 = time.perf_counter()
     vg.train(a, given=set(given))  # the flags the user gave (a resumed run keeps its own settings)
     seconds = time.perf_counter() - t0
@@ -2264,7 +2291,7 @@ def demo(argv) -> dict:
     vae, policy, pretrained = vg.build_models(a, "cpu")
     vg.load_checked(policy, ckpt["model"], run)
     reward = vg.make_reward(a.reward, "cpu", a)
-    judges = load_judges(a.weights_dir)
+    judges = load_judges(a.weights_dir, a.preset)
 
     labels = torch.arange(200) % policy.config.num_classes
     seed = vg.derive_seed(a.seed, 4)
@@ -2281,6 +2308,9 @@ def demo(argv) -> dict:
           f" {before['class_acc2']:.3f} -> {after['class_acc2']:.3f} (200 samples, "
           f"fixed labels and seed); {seconds:.0f} s; {run}/before.png, after.png, "
           "reward_curve.png, summary.json")
+    if "word_accuracy_before" in summary:
+        print(f"[demo] OCR word accuracy: {summary['word_accuracy_before']:.3f} ->"
+              f" {summary['word_accuracy_after']:.3f} (the same 200 samples)")
     return summary
 
 
@@ -2299,6 +2329,12 @@ def demo_summary(rows: list, before: dict, after: dict, seconds: float) -> dict:
     for key in [k for k in rows[0] if k.startswith("reward/") and k.endswith("/accuracy")]:
         summary["accuracy_first"] = rows[0][key]
         summary["accuracy_last"] = float(np.mean([r[key] for r in rows[-3:]]))
+    # ocr's: the word accuracy of the step's samples, and of the 200 fixed samples
+    for key in [k for k in rows[0] if k.endswith("/word_accuracy")]:
+        summary["word_accuracy_first"] = rows[0][key]
+        summary["word_accuracy_last"] = float(np.mean([r[key] for r in rows[-3:]]))
+        summary["word_accuracy_before"] = before["word_accuracy"]
+        summary["word_accuracy_after"] = after["word_accuracy"]
     return summary
 
 
