@@ -321,22 +321,33 @@ def eval_scorers(e: EvalArgs, a: TrainArgs, device) -> dict:
 
 
 def digits_scorers(a: TrainArgs, device) -> dict:
-    """eval_scorers of the digits model: the run's reward, both judges' class accuracy."""
+    """eval_scorers of the digits models: the run's reward, both judges' class accuracy (a
+    number's: both halves read right), and the OCR's word accuracy where the reward reads
+    text (ocr)."""
     reward = vg.make_reward(a.reward, device, a)
-    judge, judge2 = (j.to(device) for j in load_judges(a.weights_dir))
+    judge, judge2 = (j.to(device) for j in load_judges(a.weights_dir, a.preset))
+    classes = vg.VARConfig.preset(a.preset).num_classes
+    digits = len(str(classes - 1))
 
     def run_reward(images, labels):
         return reward(images, labels)
 
     def judge_correct(images, labels):
-        return judge.heads(images)[0].argmax(1).eq(labels).float()
+        return number_correct(judge, images, labels, digits)
 
     def judge2_correct(images, labels):
-        return judge2(images).argmax(1).eq(labels).float()
+        return number_correct(judge2, images, labels, digits)
 
-    return {"reward": (f"reward `{a.reward}`", run_reward),
-            "judge_accuracy": ("judge class accuracy", judge_correct),
-            "judge2_accuracy": ("second judge class accuracy", judge2_correct)}
+    def word_accuracy(images, labels):
+        logs = reward(images, labels, return_components=True)[1]
+        return next(v for k, v in logs.items() if k.endswith("/word_accuracy"))
+
+    scorers = {"reward": (f"reward `{a.reward}`", run_reward),
+               "judge_accuracy": ("judge class accuracy", judge_correct),
+               "judge2_accuracy": ("second judge class accuracy", judge2_correct)}
+    if "ocr" in a.reward:
+        scorers["word_accuracy"] = ("OCR word accuracy", word_accuracy)
+    return scorers
 
 
 def eval_folder(e: EvalArgs) -> Path:
@@ -2241,18 +2252,23 @@ def number_accuracy(judge, images01, labels, digits: int) -> float:
     are both read right."""
     if digits == 1:
         return judge_accuracy(judge, images01, labels)
+    return number_correct(judge, images01, labels, digits).mean().item()
+
+
+@torch.no_grad()
+def number_correct(judge, images01, labels, digits: int):
+    """(B,) 1.0 where the judge reads the image's label: its digit, or each half of a
+    two-digit number."""
+    def read(x):
+        if hasattr(judge, "heads"):  # DigitJudge: (class logits, boldness)
+            return judge.heads(x)[0].argmax(1)
+        return judge(x).argmax(1)
+
+    if digits == 1:
+        return read(images01).eq(labels).float()
     tens, units = halves(images01)
-    classify = judge
-    if hasattr(judge, "heads"):
-        classify = judge.heads
-    with torch.no_grad():
-        read_tens = classify(tens)
-        read_units = classify(units)
-    if isinstance(read_tens, tuple):  # DigitJudge.heads: (class logits, boldness)
-        read_tens = read_tens[0]
-        read_units = read_units[0]
-    right = (read_tens.argmax(1) == labels // 10) & (read_units.argmax(1) == labels % 10)
-    return right.float().mean().item()
+    right = read(tens).eq(labels // 10) & read(units).eq(labels % 10)
+    return right.float()
 
 
 def load_judges(weights_dir=None, preset: str = "digits"):
