@@ -206,6 +206,9 @@ def load_finetuned(ckpt: str, device, weights_dir=None):
         names = [name for _, name, _ in reward_models.parse_spec(a.reward)]
         vr.check_weights_dir(a, names)  # not ignored
 
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch cannot use a CUDA GPU here"
+                         f" ({vr.why_no_cuda()}); pass --device cpu, or fix CUDA")
     device = vr.default_device(device, a.preset)  # before the official weights load
     vae, finetuned, pretrained = vg.build_models(a, device)
     vg.load_checked(finetuned, state, ckpt)
@@ -350,17 +353,42 @@ def digits_scorers(a: TrainArgs, device) -> dict:
     return scorers
 
 
+def checkpoint_home(ckpt: str) -> Path:
+    """The folder a checkpoint belongs to: a run folder given as such, the run of a file in
+    its checkpoints/ folder, else the folder the file is in."""
+    path = Path(ckpt)
+    if path.is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path.parent
+
+
 def eval_folder(e: EvalArgs) -> Path:
-    """Where eval writes (--out, else the run directory), checked before any work: a folder this
-    process can write in."""
-    ckpt = Path(e.ckpt)
+    """Where eval writes (--out, else beside the checkpoint: its run folder), checked before
+    any work: a folder this process can write in, whose eval.md (if any) is this checkpoint's
+    own earlier evaluation, never another run's or a file of the user's."""
+    out = checkpoint_home(e.ckpt)
     if e.out:
         out = Path(e.out)
-    elif ckpt.is_dir():
-        out = ckpt
-    else:
-        out = ckpt.parent.parent
-    return output_folder(out, "eval.md, eval.json and the grids")
+    output_folder(out, "eval.md, eval.json and the grids")
+
+    table = out / "eval.md"
+    if table.exists() and evaluated_home(out) != checkpoint_home(e.ckpt).resolve():
+        raise UsageError(f"{table} is not an evaluation of {e.ckpt}; pass --out a folder of its"
+                         " own (eval never replaces another run's tables or a file of yours)")
+    return out
+
+
+def evaluated_home(out: Path) -> Path | None:
+    """The folder of the checkpoint that out/eval.json records (None if none is recorded)."""
+    try:
+        record = json.loads((out / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "run" not in record:
+        return None
+    return Path(record["run"]).resolve()
 
 
 def output_folder(out: Path, what: str) -> Path:
@@ -480,7 +508,7 @@ def evaluate(e: EvalArgs) -> dict:
     keys = ("samples_per_class", "temperature", "prompt", "seed")
     settings = {k: getattr(e, k) for k in keys} | sampling
     record = {"checkpoint": str(e.ckpt), "step": step, "settings": settings,
-              "results": results}
+              "results": results, "run": str(checkpoint_home(e.ckpt).resolve())}
     (out / "eval.json").write_text(json.dumps(record, indent=1))
     (out / "eval.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
@@ -621,13 +649,16 @@ def ablate(args):
     each final policy (and the pre-trained model) with the reward and both judges. Writes
     ablation.md / .json / .png per reward (in a subfolder named after it) and ablation.md of
     all."""
-    import reward_models
     out = Path(args.out)
     tables = []
     plan = ablation_runs(args)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out {out} holds an earlier ablation (or other files); pass"
+                         " --overwrite to replace its runs and tables, or --out another folder")
+    output_folder(out, "the ablation's runs and tables")
     common = dict(preset=args.preset, labels_per_step=4, group_size=8, minibatch=16,
                   lr=args.lr, beta=args.beta, temperature=1.0, image_every=0,
-                  save_every=10**6, overwrite=True, weights_dir=args.weights_dir)
+                  save_every=10**6, overwrite=args.overwrite, weights_dir=args.weights_dir)
     judges = load_judges(args.weights_dir, args.preset)
 
     for reward_spec in dict.fromkeys(r for r, *_ in plan):
@@ -810,6 +841,10 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
     if not (run / "metrics.jsonl").is_file():
         raise UsageError(f"{run / 'metrics.jsonl'} does not exist: name a run folder (the --out"
                          " of a training run)")
+    out_path = out_path or run / "reward_curve.png"
+    problem = vr.cannot_write(out_path.parent)
+    if problem:
+        raise UsageError(f"cannot write {out_path} ({problem})")
     rows = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:
@@ -832,14 +867,22 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
     ax2.plot(steps, kl, color="C3", label="KL to pre-trained (per token)")
     ax2.set_ylabel("KL", color="C3")
     if title is None:
-        a = json.loads((run / "args.json").read_text())
-        title = f"{a['preset']}, reward {a['reward']}"
+        title = run_title(run)
     ax.set_title(title, fontsize=9)
     handles = ax.get_lines() + ax2.get_lines()
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path or run / "reward_curve.png", dpi=120)
+    fig.savefig(out_path, dpi=120)
     plt.close(fig)
+
+
+def run_title(run: Path) -> str:
+    """'preset, reward spec' from the run's args.json, else the folder's name."""
+    try:
+        a = json.loads((run / "args.json").read_text())
+        return f"{a['preset']}, reward {a['reward']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return run.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1191,6 +1234,32 @@ def print_bench_row(preset: str, what: str, batch: int, r: dict | str, peak: flo
           f"{flop_cols} | {mem} |", flush=True)
 
 
+def preset_list(text: str) -> str:
+    """argparse type of --presets: comma-separated names of vargrpo's presets."""
+    unknown = [p for p in text.split(",") if p not in vg.PRESETS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown preset {','.join(unknown) or text!r}; choose"
+                                         f" from {', '.join(vg.PRESETS)}")
+    return text
+
+
+def int_list(text: str) -> str:
+    """argparse type of a comma-separated list of whole numbers ('' for none)."""
+    try:
+        [int(v) for v in text.split(",") if text]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas,"
+                                         " e.g. 0,1,2") from None
+    return text
+
+
+def seed_list(text: str) -> str:
+    """argparse type of --seeds / --sweep-seeds: at least one whole number, comma-separated."""
+    if not text:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0,1,2")
+    return int_list(text)
+
+
 def bench(args):
     device = args.device
     if not device:
@@ -1417,6 +1486,11 @@ def gpu_check(args) -> dict:
             print(json.dumps(result))
         return result
 
+    out = Path(args.out)  # checked before the minutes of measuring
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the JSON file gpu-check writes")
+    output_folder(out.parent, "the gpu-check JSON")
+
     t0 = time.perf_counter()
     device_name = "cpu"
     if device.startswith("cuda"):
@@ -1432,7 +1506,6 @@ def gpu_check(args) -> dict:
         print(f"[gpu-check] {name}: {json.dumps(report['variants'][name])}", flush=True)
 
     report["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out)
     text = json.dumps(report, indent=1).encode()
 
     def write(f):
@@ -2095,10 +2168,30 @@ def check_prepare_out(out: Path, r: DigitsRecipe, files: dict, reused: dict, ove
     if there and not overwrite:
         raise UsageError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace"
                          " them (or --out another folder)")
+    for record in sorted(out.glob("*.json")):
+        if record.name == f"{r.preset}.json":
+            continue
+        listed = recorded_files(record)
+        shared = [name for name in there if name in listed]
+        if shared:
+            raise UsageError(f"{out / shared[0]} is part of the model {record} records; prepare"
+                             f" --preset {r.preset} would change it under that model: pass --out"
+                             " another folder")
     for shipped in reused.values():
         if not shipped.is_file():
             raise UsageError(f"{shipped} is missing: the {r.preset} recipe reuses the shipped"
                              " digits judges")
+
+
+def recorded_files(record: Path) -> dict:
+    """{file: sha256} that a <preset>.json lists ({} for another JSON file)."""
+    try:
+        listed = json.loads(record.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(listed, dict):
+        return {}
+    return listed
 
 
 def prepare_judge(work: PrepareWork, r: DigitsRecipe, train_u8, train_y, train_bold,
@@ -2362,15 +2455,20 @@ def add_ablate_parser(sub):
     p = sub.add_parser("ablate", help="VAR-RL ablation: GRPO, +PANW, +VMR, +MP, all three")
     p.add_argument("--out", default="runs/ablate",
                    help="folder for the runs and ablation.md / .json / .png")
-    p.add_argument("--preset", default="digits7", help="model of every run")
+    p.add_argument("--preset", default="digits7", choices=("tiny", "digits", "digits7", "numbers"),
+                   help="model of every run: digits7 (digit:correct and a region reward), or"
+                   " numbers (VAR-RL's own: the ocr reward, its PANW and VMR sweeps)")
     p.add_argument("--weights-dir", default=None,
                    help="folder holding the preset's weights (default: weights/)")
-    p.add_argument("--seeds", action="append", default=None,
+    p.add_argument("--seeds", action="append", default=None, type=seed_list,
                    help="comma-separated seeds, once for every reward or once per --reward"
-                   f" (default: {' and '.join(ABLATION_SEEDS)})")
-    p.add_argument("--vmr-m", default="2,5",
+                   f" (default: {' and '.join(ABLATION_SEEDS)}; numbers: 5 or 3 per method)")
+    p.add_argument("--vmr-m", default="2,5", type=int_list,
                    help="VMR splits m for the first reward's m sweep ('' for none)")
-    p.add_argument("--sweep-seeds", default="0,1,2", help="comma-separated seeds of the m sweep")
+    p.add_argument("--sweep-seeds", default="0,1,2", type=seed_list,
+                   help="comma-separated seeds of the m sweep")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs and tables of an earlier ablation in --out")
     p.add_argument("--eval-samples", type=int, default=500,
                    help="samples of each final policy that the reward and both judges score")
     p.add_argument("--budget", type=int, default=1280,
@@ -2386,7 +2484,8 @@ def add_ablate_parser(sub):
 
 def add_bench_parser(sub):
     p = sub.add_parser("bench", help="speed and memory table of the model layer on this machine")
-    p.add_argument("--presets", default="tiny,d16", help="comma-separated presets to measure")
+    p.add_argument("--presets", default="tiny,d16", type=preset_list,
+                   help="comma-separated presets to measure")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--official-var", default=None, metavar="DIR",
                    help="a checkout of FoundationVision/VAR: also time its sampler on the same"

@@ -260,3 +260,108 @@ def test_gpu_check_on_the_cpu_writes_one_json(tmp_path):
 def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
     code, err = tools_main(["plot", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "metrics.jsonl does not exist: name a run folder" in one_line(err)
+
+
+# ---- What the tools never overwrite, and the one line they say first
+
+
+def test_ablate_refuses_an_earlier_ablation_without_overwrite(tmp_path, capsys):
+    """ablate into a folder that holds an earlier ablation replaced its runs and tables; now
+    it is refused, in one line, before any work, unless --overwrite."""
+    (tmp_path / "ablation.md").write_text("the earlier table")
+    argv = ["ablate", "--preset", "tiny", "--out", str(tmp_path), "--budget", "32", "--vmr-m", "2"]
+    code, err = tools_main(argv, capsys)
+    assert code == 2 and "pass --overwrite" in one_line(err)
+    assert (tmp_path / "ablation.md").read_text() == "the earlier table"
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "a,b"], ["--seeds", ""], ["--sweep-seeds", "x"],
+                                   ["--vmr-m", "two"], ["--preset", "d99"]])
+def test_ablate_flags_are_parsed_with_their_types(tmp_path, capsys, flags):
+    code, err = exit_and_stderr(tools.main, ["ablate", "--out", str(tmp_path), *flags], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "error: argument" in err.strip().splitlines()[-1]
+
+
+def test_bench_refuses_an_unknown_preset_before_measuring(capsys):
+    code, err = exit_and_stderr(tools.main, ["bench", "--presets", "tiny,foo"], capsys)
+    assert code == 2 and "unknown preset 'foo'" in err and "Traceback" not in err
+    assert "device:" not in capsys.readouterr().out
+
+
+def test_gpu_check_checks_its_out_before_measuring(tmp_path, capsys, read_only):
+    """--out an existing folder, or in a read-only folder: one line at once, not after the
+    minutes of measuring."""
+    t0 = time.perf_counter()
+    argv = ["gpu-check", "--device", "cpu", "--preset", "tiny", "--out", str(tmp_path)]
+    code, err = tools_main(argv, capsys)
+    assert code == 2 and "is a folder; name the JSON file" in one_line(err)
+    (tmp_path / "locked").mkdir()
+    locked = read_only(tmp_path / "locked")
+    code, err = tools_main([*argv[:-1], str(locked / "check.json")], capsys)
+    assert code == 2 and "cannot write in" in one_line(err)
+    assert time.perf_counter() - t0 < 30  # nothing was measured (a variant takes ~20 s)
+
+
+@pytest.fixture(scope="module")
+def quick_eval(tmp_path_factory):
+    """eval flags for a tiny run: 2 classes, 1 sample each, a tiny random CLIP, the LAION head
+    and random ResNet-50 weights."""
+    import torchvision
+    r50 = tmp_path_factory.mktemp("r50") / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), r50)
+    return ["--samples-per-class", "1", "--max-classes", "2", "--clip-model", "tiny-random",
+            "--aesthetic-head", str(HEAD), "--resnet-weights", str(r50)]
+
+
+@needs_head
+def test_eval_writes_beside_a_checkpoint_outside_a_run(tiny_run, tmp_path, quick_eval):
+    """eval --ckpt a/b/ck.pt wrote its tables into a/ (replacing a user's a/eval.md); now beside
+    the checkpoint, in a/b/."""
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    (folder / "ck.pt").write_bytes((tiny_run / "checkpoints" / "last.pt").read_bytes())
+    (tmp_path / "a" / "eval.md").write_text("mine")
+    tools.main(["eval", "--ckpt", str(folder / "ck.pt"), *quick_eval])
+    assert (tmp_path / "a" / "eval.md").read_text() == "mine"
+    assert "| fine-tuned (tiny) |" in (folder / "eval.md").read_text()
+    record = json.loads((folder / "eval.json").read_text())
+    assert record["run"] == str(folder.resolve())
+
+
+@needs_head
+def test_eval_never_replaces_another_runs_tables(tiny_run, tmp_path, capsys, quick_eval):
+    """eval --ckpt runA --out runB replaced runB's own eval.md; now refused in one line. The
+    same run evaluated again replaces its own tables."""
+    run_a = copy_run(tiny_run, tmp_path / "run_a")
+    run_b = copy_run(tiny_run, tmp_path / "run_b")
+    quick = quick_eval
+    tools.main(["eval", "--ckpt", str(run_b), *quick])
+    before = (run_b / "eval.md").read_text()
+    code, err = tools_main(["eval", "--ckpt", str(run_a), "--out", str(run_b), *quick], capsys)
+    assert code == 2 and "is not an evaluation of" in one_line(err)
+    assert (run_b / "eval.md").read_text() == before
+    (run_a / "eval.md").write_text("a note of the user's")
+    code, err = tools_main(["eval", "--ckpt", str(run_a), *quick], capsys)
+    assert code == 2 and "a file of yours" in one_line(err)
+    tools.main(["eval", "--ckpt", str(run_b), *quick])  # its own: replaced
+
+
+def test_eval_device_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here")
+    code, err = tools_main(["eval", "--ckpt", str(tiny_run), "--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda: torch cannot use a CUDA GPU" in one_line(err)
+
+
+def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, capsys, read_only):
+    """plot of a run without args.json printed a raw [Errno 2]; into a read-only run folder
+    a traceback. Now the curve is titled by the folder, and the read-only folder is one line."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "args.json").unlink()
+    (run / "reward_curve.png").unlink(missing_ok=True)
+    tools.main(["plot", str(run)])
+    assert (run / "reward_curve.png").is_file()
+    locked = read_only(copy_run(tiny_run, tmp_path / "locked"))
+    code, err = tools_main(["plot", str(locked)], capsys)
+    assert code == 2 and "cannot write" in one_line(err)
