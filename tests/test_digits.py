@@ -1,6 +1,12 @@
 """The digits model (issue 10): the rendered data, the training steps of the tokenizer, the judges and
 the VAR, the shipped weights, prepare (its quick weights shared by the tests that follow it), and the
-demo on them."""
+demo on them.
+
+A test of a learned outcome (a training that lowers a loss, a judge that beats chance, a demo that
+raises a reward) holds on any CPU: its settings learn robustly and it checks a statistic with a
+margin. Its seed is helpers.outcome_seed(its own): VARGRPO_TEST_SEED=N runs it on another seed, a
+stand-in for another CPU's last bits; so does forcing the kernels down with
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2."""
 import hashlib
 import json
 import os
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 import reward_models as rm
 import vargrpo as vg
 import vargrpo_tools as vt
-from helpers import TINY, copy_run, timeout
+from helpers import TINY, copy_run, outcome_seed, timeout
 
 ROOT = Path(vg.__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -52,39 +58,45 @@ def test_dataset_is_deterministic_balanced_and_varied():
 
 @pytest.mark.slow
 def test_tokenizer_training_reduces_reconstruction_error():
-    images, _, _ = vt.render_digits(128, seed=2)
-    held, _, _ = vt.render_digits(32, seed=3)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, _, _ = vt.render_digits(128, seed=seed)
+    held, _, _ = vt.render_digits(32, seed=seed + 1)
     x = vt.to_m11(held)
 
     def error(vae):
         with torch.no_grad():
             return F.mse_loss(vae.idx_to_img(vt.tokenize(vae, held)) * 2 - 1, x).item()
-    start = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
-    trained = vt.train_tokenizer(images, CONFIG, SMALL, steps=60, log=lambda s: None)
+    start = vt.train_tokenizer(images, CONFIG, r, steps=1, log=lambda s: None)
+    trained = vt.train_tokenizer(images, CONFIG, r, steps=60, log=lambda s: None)
     assert error(trained) < 0.6 * error(start), (error(start), error(trained))
     assert not any(p.requires_grad for p in trained.parameters())
 
 
 @pytest.mark.slow
 def test_var_training_reduces_cross_entropy():
-    images, labels, _ = vt.render_digits(200, seed=2)
-    vae = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, _ = vt.render_digits(200, seed=seed)
+    vae = vt.train_tokenizer(images, CONFIG, r, steps=1, log=lambda s: None)
     idx_NL = vt.tokenize(vae, images)
     assert idx_NL.shape == (200, CONFIG.seq_len) and idx_NL.max() < CONFIG.vocab_size
 
     def ce(var):
         with torch.no_grad():
             return F.cross_entropy(var(labels[:64], idx_NL[:64]).flatten(0, 1), idx_NL[:64].flatten()).item()
-    start = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=1, log=lambda s: None)
-    trained = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=40, log=lambda s: None)
+    start = vt.train_var(vae, idx_NL, labels, CONFIG, r, steps=1, log=lambda s: None)
+    trained = vt.train_var(vae, idx_NL, labels, CONFIG, r, steps=40, log=lambda s: None)
     assert ce(trained) < ce(start) - 0.5, (ce(start), ce(trained))
 
 
 @pytest.mark.slow
 def test_judge_beats_chance_on_held_out_digits():
-    images, labels, boldness = vt.render_digits(2000, seed=2)
-    held, held_y, held_bold = vt.render_digits(300, seed=2 + 998)
-    judge = vt.train_judge(images, labels, boldness, SMALL, steps=150)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, boldness = vt.render_digits(2000, seed=seed)
+    held, held_y, held_bold = vt.render_digits(300, seed=seed + 998)
+    judge = vt.train_judge(images, labels, boldness, r, steps=150)
     acc = vt.judge_accuracy(judge, held.float() / 255, held_y)
     assert acc > 0.5, acc  # chance: 0.1
     bold = judge(held.float() / 255)  # the reward: boldness in the training set's units
@@ -93,9 +105,11 @@ def test_judge_beats_chance_on_held_out_digits():
 
 @pytest.mark.slow
 def test_second_judge_is_another_model_and_beats_chance():
-    images, labels, _ = vt.render_digits(2000, seed=2 + 2000)
-    held, held_y, _ = vt.render_digits(300, seed=2 + 998)
-    judge2 = vt.train_judge2(images, labels, SMALL, steps=150)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, _ = vt.render_digits(2000, seed=seed + 2000)
+    held, held_y, _ = vt.render_digits(300, seed=seed + 998)
+    judge2 = vt.train_judge2(images, labels, r, steps=150)
     assert not isinstance(judge2, rm.DigitJudge) and vt.judge_accuracy(judge2, held.float() / 255, held_y) > 0.5
 
 
@@ -458,7 +472,8 @@ def test_demo_on_the_shipped_digits_model(tmp_path):
     """Acceptance of `bash run.sh demo` on a seed the README does not report: the mean reward of the
     last 3 steps is >= 0.15 above the first step's, and the judge still reads >= 80% of the digits."""
     run = tmp_path / "demo"
-    res = subprocess.run(["bash", "run.sh", "demo", "--seed", "3", "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
+    seed = str(outcome_seed(3))
+    res = subprocess.run(["bash", "run.sh", "demo", "--seed", seed, "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
                          timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -475,8 +490,9 @@ def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
     last 3 steps, and both judges read more of the asked digits after than before (200 fixed
     samples). 20 steps: on seed 0 the step accuracy went 0.875 -> 0.990 at step 17-19 (README)."""
     run = tmp_path / "demo"
+    seed = str(outcome_seed(0))
     res = subprocess.run(["bash", "run.sh", "demo", "--preset", "digits7", "--reward", "digit:correct", "--steps", "20",
-                          "--out", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=SHIPPED_DEMO_TIMEOUT)
+                          "--seed", seed, "--out", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["accuracy_last"] > summary["accuracy_first"], summary
