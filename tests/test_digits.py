@@ -336,7 +336,7 @@ def test_prepare_killed_after_the_vqvae_leaves_no_mixed_model(tmp_path):
 
 # `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s
 # instead of 927 s for the shipped recipe's --quick, on 2 cores with the other one busy; its demo's
-# reward still rises (measured 0.49 -> 0.60 in 8 steps)
+# reward still rises (test_demo_on_quick_weights_raises_the_reward)
 QUICK_PREPARE = ("import dataclasses, sys, vargrpo_tools as vt\n"
                  "quick = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(100, 100, 300), bf16=False)\n"
                  "vt.DIGITS_RECIPES['digits'] = quick\n"
@@ -381,11 +381,12 @@ def test_prepare_refuses_a_folder_that_holds_its_files(tmp_path):
 
 @pytest.fixture(scope="session")
 def quick_demo(quick_weights, tmp_path_factory):
-    """The demo (8 steps) on the quick weights, through --weights-dir: its run folder."""
+    """The demo (8 steps, its own lr) on the quick weights, through --weights-dir: its run folder."""
     out, _ = quick_weights
     run = tmp_path_factory.mktemp("demo") / "demo"
+    seed = str(outcome_seed(0))
     res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", "--weights-dir", str(out), "--out", str(run),
-                          "--steps", "8", "--lr", "1e-3", "--save-every", "4"], cwd=ROOT, capture_output=True, text=True,
+                          "--steps", "8", "--seed", seed, "--save-every", "4"], cwd=ROOT, capture_output=True, text=True,
                          timeout=DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
@@ -432,9 +433,19 @@ def test_demo_sigterm_saves_and_exits_143(tmp_path):
 
 @pytest.mark.slow
 def test_demo_on_quick_weights_raises_the_reward(quick_demo):
+    """8 steps at the demo's lr (1e-4), read on its 200 fixed samples (the
+    same labels and seed before and after): the reward rises by >= 0.025
+    and the judge's class accuracy drops by <= 0.1. Measured on seeds
+    0-3 and with the kernels forced down to AVX2: a rise of +0.050 to
+    +0.068, a drop of 0.005 to 0.030. At lr 1e-3 the accuracy collapsed
+    on some CPUs (0.35 -> 0.15), and one step's 32 samples are too few
+    to compare the first step with the last."""
     summary = json.loads((quick_demo / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["reward_last"] > summary["reward_first"], summary
-    assert summary["class_acc_after"] >= summary["class_acc_before"] - 0.1, summary
+    assert summary["steps"] == 8, summary
+    rise = summary["reward_after"] - summary["reward_before"]
+    assert rise >= 0.025, summary
+    drop = summary["class_acc_before"] - summary["class_acc_after"]
+    assert drop <= 0.1, summary
     assert all((quick_demo / f).is_file() for f in ("before.png", "after.png", "reward_curve.png"))
 
 
