@@ -2,11 +2,13 @@
 the VAR, the shipped weights, prepare (its quick weights shared by the tests that follow it), and the
 demo on them.
 
-A test of a learned outcome (a training that lowers a loss, a judge that beats chance, a demo that
-raises a reward) holds on any CPU: its settings learn robustly and it checks a statistic with a
-margin. Its seed is helpers.outcome_seed(its own): VARGRPO_TEST_SEED=N runs it on another seed, a
-stand-in for another CPU's last bits; so does forcing the kernels down with
-ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2."""
+A test of a learned outcome (a training that lowers a loss, a judge
+that beats chance, a demo that raises a reward) holds on any CPU: its
+settings learn robustly and it checks a statistic with a margin. Its
+seed is helpers.outcome_seed(its own): VARGRPO_TEST_SEED=N runs it on
+another seed, a stand-in for another CPU's last bits; so does forcing
+the kernels down with ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2."""
 import hashlib
 import json
 import os
@@ -385,8 +387,10 @@ def quick_demo(quick_weights, tmp_path_factory):
     out, _ = quick_weights
     run = tmp_path_factory.mktemp("demo") / "demo"
     seed = str(outcome_seed(0))
-    res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", "--weights-dir", str(out), "--out", str(run),
-                          "--steps", "8", "--seed", seed, "--save-every", "4"], cwd=ROOT, capture_output=True, text=True,
+    flags = ["--weights-dir", str(out), "--out", str(run),
+             "--steps", "8", "--seed", seed, "--save-every", "4"]
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", *flags],
+                         cwd=ROOT, capture_output=True, text=True,
                          timeout=DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
@@ -484,7 +488,9 @@ def test_demo_on_the_shipped_digits_model(tmp_path):
     last 3 steps is >= 0.15 above the first step's, and the judge still reads >= 80% of the digits."""
     run = tmp_path / "demo"
     seed = str(outcome_seed(3))
-    res = subprocess.run(["bash", "run.sh", "demo", "--seed", seed, "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
+    flags = ["--seed", seed, "--out", str(run)]
+    res = subprocess.run(["bash", "run.sh", "demo", *flags], cwd=ROOT,
+                         capture_output=True, text=True,
                          timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -502,8 +508,11 @@ def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
     samples). 20 steps: on seed 0 the step accuracy went 0.875 -> 0.990 at step 17-19 (README)."""
     run = tmp_path / "demo"
     seed = str(outcome_seed(0))
-    res = subprocess.run(["bash", "run.sh", "demo", "--preset", "digits7", "--reward", "digit:correct", "--steps", "20",
-                          "--seed", seed, "--out", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=SHIPPED_DEMO_TIMEOUT)
+    flags = ["--preset", "digits7", "--reward", "digit:correct",
+             "--steps", "20", "--seed", seed, "--out", str(run)]
+    res = subprocess.run(["bash", "run.sh", "demo", *flags], cwd=ROOT,
+                         capture_output=True, text=True,
+                         timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["accuracy_last"] > summary["accuracy_first"], summary
