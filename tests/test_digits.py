@@ -440,7 +440,7 @@ def test_demo_on_quick_weights_raises_the_reward(quick_demo):
     """8 steps at the demo's lr (1e-4), read on its 200 fixed samples (the
     same labels and seed before and after): the reward rises by >= 0.025
     and the judge's class accuracy drops by <= 0.1. Measured on seeds
-    0-3 and with the kernels forced down to AVX2: a rise of +0.050 to
+    0-3 (on an AVX2 CPU, one thread): a rise of +0.050 to
     +0.068, a drop of 0.005 to 0.030. At lr 1e-3 the accuracy collapsed
     on some CPUs (0.35 -> 0.15), and one step's 32 samples are too few
     to compare the first step with the last."""
@@ -502,10 +502,15 @@ def test_demo_on_the_shipped_digits_model(tmp_path):
 
 @pytest.mark.slow
 def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
-    """Issue 17's acceptance, on the model with room above its 86.5% T=1 accuracy: `demo --reward
-    digit:correct` raises the judge's top-1 accuracy on the asked digit from the first step to the
-    last 3 steps, and both judges read more of the asked digits after than before (200 fixed
-    samples). 20 steps: on seed 0 the step accuracy went 0.875 -> 0.990 at step 17-19 (README)."""
+    """On the model with room above its 86.5% T=1 accuracy, 20 steps of
+    `demo --reward digit:correct`, read on the demo's 200 fixed samples
+    (the same labels and seed before and after): the reward rises by
+    >= 0.04 and both judges read more of the asked digits. Measured on
+    seeds 0-3 (on an AVX2 CPU, one thread): the reward
+    +0.083 to +0.117, the judge +0.065 to +0.125, the second judge
+    +0.040 to +0.135. One step's 32 samples are too few to compare the
+    first step with the last (0.875 -> 0.990 on seed 0, 0.781 -> 0.917
+    on seed 3)."""
     run = tmp_path / "demo"
     seed = str(outcome_seed(0))
     flags = ["--preset", "digits7", "--reward", "digit:correct",
@@ -515,6 +520,7 @@ def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
                          timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["accuracy_last"] > summary["accuracy_first"], summary
+    rise = summary["reward_after"] - summary["reward_before"]
+    assert rise >= 0.04, summary
     assert summary["class_acc_after"] > summary["class_acc_before"], summary
     assert summary["class_acc2_after"] > summary["class_acc2_before"], summary
