@@ -88,6 +88,13 @@ def timeout(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+def outcome_seed(default: int) -> int:
+    """The seed of a test of a learned outcome: its own (default), or
+    VARGRPO_TEST_SEED, to re-run it on other trajectories (a stand-in for
+    another CPU's last bits)."""
+    return int(os.environ.get("VARGRPO_TEST_SEED", default))
+
+
 def normalise_rows(w_NL):
     """Each row divided by its sum (an all-zero row stays 0), through vg.token_weights."""
     N, L = w_NL.shape

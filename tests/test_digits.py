@@ -1,6 +1,14 @@
 """The digits model (issue 10): the rendered data, the training steps of the tokenizer, the judges and
 the VAR, the shipped weights, prepare (its quick weights shared by the tests that follow it), and the
-demo on them."""
+demo on them.
+
+A test of a learned outcome (a training that lowers a loss, a judge
+that beats chance, a demo that raises a reward) holds on any CPU: its
+settings learn robustly and it checks a statistic with a margin. Its
+seed is helpers.outcome_seed(its own): VARGRPO_TEST_SEED=N runs it on
+another seed, a stand-in for another CPU's last bits; so does forcing
+the kernels down with ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2."""
 import hashlib
 import json
 import os
@@ -19,7 +27,7 @@ import torch.nn.functional as F
 import reward_models as rm
 import vargrpo as vg
 import vargrpo_tools as vt
-from helpers import TINY, copy_run, timeout
+from helpers import TINY, copy_run, outcome_seed, timeout
 
 ROOT = Path(vg.__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -52,39 +60,45 @@ def test_dataset_is_deterministic_balanced_and_varied():
 
 @pytest.mark.slow
 def test_tokenizer_training_reduces_reconstruction_error():
-    images, _, _ = vt.render_digits(128, seed=2)
-    held, _, _ = vt.render_digits(32, seed=3)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, _, _ = vt.render_digits(128, seed=seed)
+    held, _, _ = vt.render_digits(32, seed=seed + 1)
     x = vt.to_m11(held)
 
     def error(vae):
         with torch.no_grad():
             return F.mse_loss(vae.idx_to_img(vt.tokenize(vae, held)) * 2 - 1, x).item()
-    start = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
-    trained = vt.train_tokenizer(images, CONFIG, SMALL, steps=60, log=lambda s: None)
+    start = vt.train_tokenizer(images, CONFIG, r, steps=1, log=lambda s: None)
+    trained = vt.train_tokenizer(images, CONFIG, r, steps=60, log=lambda s: None)
     assert error(trained) < 0.6 * error(start), (error(start), error(trained))
     assert not any(p.requires_grad for p in trained.parameters())
 
 
 @pytest.mark.slow
 def test_var_training_reduces_cross_entropy():
-    images, labels, _ = vt.render_digits(200, seed=2)
-    vae = vt.train_tokenizer(images, CONFIG, SMALL, steps=1, log=lambda s: None)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, _ = vt.render_digits(200, seed=seed)
+    vae = vt.train_tokenizer(images, CONFIG, r, steps=1, log=lambda s: None)
     idx_NL = vt.tokenize(vae, images)
     assert idx_NL.shape == (200, CONFIG.seq_len) and idx_NL.max() < CONFIG.vocab_size
 
     def ce(var):
         with torch.no_grad():
             return F.cross_entropy(var(labels[:64], idx_NL[:64]).flatten(0, 1), idx_NL[:64].flatten()).item()
-    start = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=1, log=lambda s: None)
-    trained = vt.train_var(vae, idx_NL, labels, CONFIG, SMALL, steps=40, log=lambda s: None)
+    start = vt.train_var(vae, idx_NL, labels, CONFIG, r, steps=1, log=lambda s: None)
+    trained = vt.train_var(vae, idx_NL, labels, CONFIG, r, steps=40, log=lambda s: None)
     assert ce(trained) < ce(start) - 0.5, (ce(start), ce(trained))
 
 
 @pytest.mark.slow
 def test_judge_beats_chance_on_held_out_digits():
-    images, labels, boldness = vt.render_digits(2000, seed=2)
-    held, held_y, held_bold = vt.render_digits(300, seed=2 + 998)
-    judge = vt.train_judge(images, labels, boldness, SMALL, steps=150)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, boldness = vt.render_digits(2000, seed=seed)
+    held, held_y, held_bold = vt.render_digits(300, seed=seed + 998)
+    judge = vt.train_judge(images, labels, boldness, r, steps=150)
     acc = vt.judge_accuracy(judge, held.float() / 255, held_y)
     assert acc > 0.5, acc  # chance: 0.1
     bold = judge(held.float() / 255)  # the reward: boldness in the training set's units
@@ -93,9 +107,11 @@ def test_judge_beats_chance_on_held_out_digits():
 
 @pytest.mark.slow
 def test_second_judge_is_another_model_and_beats_chance():
-    images, labels, _ = vt.render_digits(2000, seed=2 + 2000)
-    held, held_y, _ = vt.render_digits(300, seed=2 + 998)
-    judge2 = vt.train_judge2(images, labels, SMALL, steps=150)
+    seed = outcome_seed(2)
+    r = replace(SMALL, seed=seed - 1)
+    images, labels, _ = vt.render_digits(2000, seed=seed + 2000)
+    held, held_y, _ = vt.render_digits(300, seed=seed + 998)
+    judge2 = vt.train_judge2(images, labels, r, steps=150)
     assert not isinstance(judge2, rm.DigitJudge) and vt.judge_accuracy(judge2, held.float() / 255, held_y) > 0.5
 
 
@@ -322,7 +338,7 @@ def test_prepare_killed_after_the_vqvae_leaves_no_mixed_model(tmp_path):
 
 # `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s
 # instead of 927 s for the shipped recipe's --quick, on 2 cores with the other one busy; its demo's
-# reward still rises (measured 0.49 -> 0.60 in 8 steps)
+# reward still rises (test_demo_on_quick_weights_raises_the_reward)
 QUICK_PREPARE = ("import dataclasses, sys, vargrpo_tools as vt\n"
                  "quick = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(100, 100, 300), bf16=False)\n"
                  "vt.DIGITS_RECIPES['digits'] = quick\n"
@@ -367,11 +383,14 @@ def test_prepare_refuses_a_folder_that_holds_its_files(tmp_path):
 
 @pytest.fixture(scope="session")
 def quick_demo(quick_weights, tmp_path_factory):
-    """The demo (8 steps) on the quick weights, through --weights-dir: its run folder."""
+    """The demo (8 steps, its own lr) on the quick weights, through --weights-dir: its run folder."""
     out, _ = quick_weights
     run = tmp_path_factory.mktemp("demo") / "demo"
-    res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", "--weights-dir", str(out), "--out", str(run),
-                          "--steps", "8", "--lr", "1e-3", "--save-every", "4"], cwd=ROOT, capture_output=True, text=True,
+    seed = str(outcome_seed(0))
+    flags = ["--weights-dir", str(out), "--out", str(run),
+             "--steps", "8", "--seed", seed, "--save-every", "4"]
+    res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", *flags],
+                         cwd=ROOT, capture_output=True, text=True,
                          timeout=DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     return run
@@ -418,9 +437,19 @@ def test_demo_sigterm_saves_and_exits_143(tmp_path):
 
 @pytest.mark.slow
 def test_demo_on_quick_weights_raises_the_reward(quick_demo):
+    """8 steps at the demo's lr (1e-4), read on its 200 fixed samples (the
+    same labels and seed before and after): the reward rises by >= 0.025
+    and the judge's class accuracy drops by <= 0.1. Measured on seeds
+    0-3 (on an AVX2 CPU, one thread): a rise of +0.050 to
+    +0.068, a drop of 0.005 to 0.030. At lr 1e-3 the accuracy collapsed
+    on some CPUs (0.35 -> 0.15), and one step's 32 samples are too few
+    to compare the first step with the last."""
     summary = json.loads((quick_demo / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["reward_last"] > summary["reward_first"], summary
-    assert summary["class_acc_after"] >= summary["class_acc_before"] - 0.1, summary
+    assert summary["steps"] == 8, summary
+    rise = summary["reward_after"] - summary["reward_before"]
+    assert rise >= 0.025, summary
+    drop = summary["class_acc_before"] - summary["class_acc_after"]
+    assert drop <= 0.1, summary
     assert all((quick_demo / f).is_file() for f in ("before.png", "after.png", "reward_curve.png"))
 
 
@@ -458,7 +487,10 @@ def test_demo_on_the_shipped_digits_model(tmp_path):
     """Acceptance of `bash run.sh demo` on a seed the README does not report: the mean reward of the
     last 3 steps is >= 0.15 above the first step's, and the judge still reads >= 80% of the digits."""
     run = tmp_path / "demo"
-    res = subprocess.run(["bash", "run.sh", "demo", "--seed", "3", "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
+    seed = str(outcome_seed(3))
+    flags = ["--seed", seed, "--out", str(run)]
+    res = subprocess.run(["bash", "run.sh", "demo", *flags], cwd=ROOT,
+                         capture_output=True, text=True,
                          timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -470,15 +502,25 @@ def test_demo_on_the_shipped_digits_model(tmp_path):
 
 @pytest.mark.slow
 def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
-    """Issue 17's acceptance, on the model with room above its 86.5% T=1 accuracy: `demo --reward
-    digit:correct` raises the judge's top-1 accuracy on the asked digit from the first step to the
-    last 3 steps, and both judges read more of the asked digits after than before (200 fixed
-    samples). 20 steps: on seed 0 the step accuracy went 0.875 -> 0.990 at step 17-19 (README)."""
+    """On the model with room above its 86.5% T=1 accuracy, 20 steps of
+    `demo --reward digit:correct`, read on the demo's 200 fixed samples
+    (the same labels and seed before and after): the reward rises by
+    >= 0.04 and both judges read more of the asked digits. Measured on
+    seeds 0-3 (on an AVX2 CPU, one thread): the reward
+    +0.083 to +0.117, the judge +0.065 to +0.125, the second judge
+    +0.040 to +0.135. One step's 32 samples are too few to compare the
+    first step with the last (0.875 -> 0.990 on seed 0, 0.781 -> 0.917
+    on seed 3)."""
     run = tmp_path / "demo"
-    res = subprocess.run(["bash", "run.sh", "demo", "--preset", "digits7", "--reward", "digit:correct", "--steps", "20",
-                          "--out", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=SHIPPED_DEMO_TIMEOUT)
+    seed = str(outcome_seed(0))
+    flags = ["--preset", "digits7", "--reward", "digit:correct",
+             "--steps", "20", "--seed", seed, "--out", str(run)]
+    res = subprocess.run(["bash", "run.sh", "demo", *flags], cwd=ROOT,
+                         capture_output=True, text=True,
+                         timeout=SHIPPED_DEMO_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["accuracy_last"] > summary["accuracy_first"], summary
+    rise = summary["reward_after"] - summary["reward_before"]
+    assert rise >= 0.04, summary
     assert summary["class_acc_after"] > summary["class_acc_before"], summary
     assert summary["class_acc2_after"] > summary["class_acc2_before"], summary
