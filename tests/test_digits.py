@@ -291,7 +291,8 @@ def test_prepare_out_a_file_is_refused_before_any_work(tmp_path):
 
 
 def test_prepare_ctrl_c_says_one_line(tmp_path):
-    """Ctrl-C during prepare: exit 130, one line, no traceback, nothing written in --out."""
+    """Ctrl-C during prepare: exit 130, one line, no traceback, no model file written in --out
+    (at most the progress it goes on from when run again)."""
     out = tmp_path / "weights"
     proc = subprocess.Popen([sys.executable, "vargrpo_tools.py", "prepare", "--quick", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -302,7 +303,7 @@ def test_prepare_ctrl_c_says_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and "prepare interrupted by Ctrl-C" in one_line(err, "vargrpo_tools")
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] in ([], [".prepare-digits"])
 
 
 # prepare, killed (SIGKILL) as soon as it has written its first file (the VQVAE), at 1 step of each part
@@ -524,3 +525,20 @@ def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
     assert rise >= 0.04, summary
     assert summary["class_acc_after"] > summary["class_acc_before"], summary
     assert summary["class_acc2_after"] > summary["class_acc2_before"], summary
+
+
+def test_prepare_never_replaces_a_file_another_record_lists(tmp_path):
+    """prepare --preset digits --overwrite into a folder that also holds digits7 replaced
+    judge_digits.safetensors, which digits7.json records too (digits7 was then refused, blaming
+    its judge). Now refused before any work, in one line naming the file and the record."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    record = json.loads((WEIGHTS / "digits7.json").read_text())
+    for name in ["digits7.json", *record["sha256"]]:
+        shutil.copy(WEIGHTS / name, folder / name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    res = cli("vargrpo_tools.py", "prepare", "--quick", "--overwrite", "--out", str(folder))
+    line = one_line(res.stderr, "vargrpo_tools")
+    assert res.returncode == 2 and "judge_digits.safetensors is part of the model" in line
+    assert "digits7.json" in line and "[prepare]" not in res.stdout
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
