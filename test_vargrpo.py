@@ -11,6 +11,7 @@ is absent.
 """
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -936,6 +937,35 @@ def test_train_nextflow_trains_and_counts_its_budget(tmp_path):
     assert read_metrics(tmp_path / "sal")[0]["budget/reward_images"] == 2 * 8  # saliency rewards each image again
     assert all(0 < r["mp/kept_fraction"] <= 1 for r in rows)
     assert rows[0]["scale/kl_s3"] == 0 and rows[-1]["scale/kl_s0"] == 0  # each stage's loss covers its own scales
+
+
+def weights_sha256(state) -> str:
+    """The sha256 of a state dict's names and fp32 bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# recorded before the trainer's step was restructured into train() with its parts beside it
+PINNED_WEIGHTS = {
+    "plain": "877d102505b74be890da9b34c6cf7f3232245a4c9343a86483b7d647d1ab1599",
+    "vmr_mp": "477049dac01bfcc54fc57f13c2c3579b52e83f43c69c5c05b1def155d3d24255",
+}
+
+
+@pytest.mark.parametrize("name", ["plain", "vmr_mp"])
+def test_train_three_steps_give_the_pinned_weights(tmp_path, name):
+    """A regression pin: 3 steps of the TINY run in fp32 on one process (plain GRPO, and VMR with
+    a 1:1 schedule plus mask propagation) end on weights bit-identical to those recorded before
+    the trainer was restructured (the hashes above; two runs here gave the same bits). It holds on
+    any CPU whose fp32 kernels round as the one it was recorded on: on another (AVX2 vs AVX-512,
+    another BLAS) record the hashes anew from the commit before the restructuring."""
+    extra = {"plain": [], "vmr_mp": ["--vmr", "--vmr-schedule", "1:1", "--mask-propagation"]}[name]
+    run = tmp_path / "run"
+    vg.main(["train", *TINY, "--image-every", "0", "--out", str(run), "--steps", "3", "--dtype", "fp32", *extra])
+    assert weights_sha256(policy_state(run)["model"]) == PINNED_WEIGHTS[name]
 
 
 # ---- Setting up: models, optimizer, labels (make_optimizer, label_pool)
