@@ -55,7 +55,7 @@ Choices within the papers (where they are silent):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +64,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import vargrpo_run
 from vargrpo_run import (
-    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, PeerFailed, RunFailed, RunFolder,
-    Stopped, StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast,
-    autocast_dtype, check_depth, check_sample_call, check_sampling_args, check_var_config,
-    clip_grad_norm, distribute, exit_with, find_or_download, grad_sync,
-    groups_per_sample_call, load_checked, make_reward, parse_train_args, read_state_dict,
-    reward_passes, rows_in_chunks, run_metrics, sampling_policy, setup_distributed,
-    to_float32,
+    RUN_ERRORS, Run, all_gather_cat, arg, clip_grad_norm, exit_with,
+    groups_per_sample_call, load_weight_files, my_micro_batches, parse_train_args,
+    timed,
 )
 
 # ---- Config
@@ -91,7 +88,7 @@ class VARConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-        check_var_config(self)  # one ValueError naming what is wrong
+        check_config(self)  # one ValueError naming what is wrong
 
     embed_dim = property(lambda self: 64 * self.depth)  # C (official: 64 * depth)
     num_heads = property(lambda self: self.depth)  # head_dim is always 64
@@ -104,6 +101,21 @@ class VARConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
+
+def check_config(c: VARConfig):
+    """A VARConfig's sizes: one ValueError naming what is wrong."""
+    pn = c.patch_nums
+    rising = all(b > a for a, b in zip(pn, pn[1:]))
+    if len(pn) < 2 or not rising or pn[0] < 1:
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
+
+    sizes = (c.depth, c.z_channels, c.num_classes)
+    if min(sizes) < 1 or c.vocab_size < 2 or c.vae_ch % 32:
+        raise ValueError(
+            f"invalid VARConfig {c}: depth, vocab_size, z_channels, num_classes must be"
+            " positive and vae_ch a multiple of 32 (GroupNorm with 32 groups)"
+        )
+
 
 PRESETS = {
     "d16": VARConfig(depth=16),
@@ -131,8 +143,12 @@ PRESETS = {
 def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
     """[(begin, end)] of each scale's tokens in the flattened sequence (row-major within a
     scale)."""
-    ends = np.cumsum([pn * pn for pn in patch_nums]).tolist()
-    return list(zip([0] + ends[:-1], ends))
+    begin_ends = []
+    end = 0
+    for pn in patch_nums:
+        begin_ends.append((end, end + pn * pn))
+        end += pn * pn
+    return begin_ends
 
 def scale_ids(patch_nums) -> torch.Tensor:
     """si_L: (L,) long, the scale index of every token."""
@@ -302,8 +318,11 @@ def phi_index(si: int, num_scales: int, num_phi: int = 4) -> int:
     convs sit at ticks linspace(1/12, 11/12, 4); scale si uses the tick nearest to si/(K-1),
     the first one on a tie (in float64 exactly as numpy does: ties occur, e.g. K=10, si=2)."""
     third = 1 / 3 / num_phi
-    ticks = np.linspace(third, 1 - third, num_phi)
-    return int(np.argmin(np.abs(ticks - si / (num_scales - 1))))
+    step = (1 - third - third) / (num_phi - 1)
+    ticks = [i * step + third for i in range(num_phi - 1)]
+    ticks.append(1 - third)  # np.linspace's ticks, bit for bit
+    gaps = [abs(t - si / (num_scales - 1)) for t in ticks]
+    return gaps.index(min(gaps))
 
 class VectorQuantizer(nn.Module):
     """Multi-scale residual quantizer: f_hat = sum_k Phi_k(up(h_k)),
@@ -448,6 +467,14 @@ class SelfAttention(nn.Module):
         )  # (B, H, l, hd)
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on t's device while it is on, else t's own."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 class FFN(nn.Module):
     def __init__(self, C: int, hidden: int):
         super().__init__()
@@ -589,25 +616,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 # ---- Pre-trained weights. The files (.pth or .safetensors) are found or downloaded by
-# vargrpo_run.find_or_download and load with strict key matching into the classes above.
+# vargrpo_run.load_weight_files and load with strict key matching into the classes above.
 def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu"):
     """The pre-trained (VQVAE, VAR) of a preset ('d16' .. 'd30': the official files; 'digits':
     the CPU demo's, shipped in weights/), loaded strictly, on `device`."""
     config = VARConfig.preset(preset)
-    vae_file = VAE_FILE if preset in OFFICIAL_PRESETS else f"vae_{preset}.pth"
-    var_path = find_or_download(f"var_{preset}.pth", weights_dir)
-    vae_path = find_or_download(vae_file, weights_dir)
-    var_sd = to_float32(read_state_dict(var_path))
-    vae_sd = to_float32(read_state_dict(vae_path))
-
-    check_depth(var_sd, config.depth, var_path)  # a wrong file: one line saying which preset
-
     # no random init of billions of weights that are overwritten anyway
     with torch.device("meta"):
         vae = VQVAE(config)
         var = VAR(config, vae)
-    load_checked(var, var_sd, var_path, assign=True)
-    load_checked(vae, vae_sd, vae_path, assign=True)
+
+    # found or downloaded, read, checked, loaded with strict key matching
+    load_weight_files(var, vae, preset, weights_dir)
     vae.to(device).eval().requires_grad_(False)
     return vae, var.to(device)
 
@@ -646,6 +666,17 @@ def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0,
         logits_BlV = logits_BlV.masked_fill(drop_BlV, -torch.inf)
     return logits_BlV
 
+def check_sampling(temperature, cfg, top_k, top_p):
+    """One ValueError for settings no distribution has."""
+    ok = 0 < temperature < math.inf and 0 <= cfg < math.inf
+    if not (ok and top_k >= 0 and 0 <= top_p < 1):
+        raise ValueError(
+            "need temperature > 0, cfg >= 0, top_k >= 0 and"
+            f" 0 <= top_p < 1; got temperature={temperature},"
+            f" cfg={cfg}, top_k={top_k}, top_p={top_p}"
+        )
+
+
 # ---- Sampling (KV cache, one scale per step) and teacher-forced log-probs (one pass).
 @dataclass
 class Rollout:
@@ -668,7 +699,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     group then draws exactly as a call with its rows alone would. prefix_idx (B, l): the
     first scales are taken from it (no RNG used). A non-finite distribution (a diverged
     policy) is replaced by the uniform one and counted."""
-    check_sampling_args(temperature, cfg, top_k, top_p)
+    check_sampling(temperature, cfg, top_k, top_p)
     model = unwrap(var)
     config = model.config
     quant = model.vae.quantize
@@ -676,9 +707,18 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     B = labels_B.shape[0]
     K = config.num_scales
     V = config.vocab_size
-    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    check_sample_call(model, B, len(gens), prefix_idx)
-    n_prefix = 0 if prefix_idx is None else prefix_idx.shape[1]
+    gens = [generator]
+    if isinstance(generator, (list, tuple)):
+        gens = list(generator)
+    if B % len(gens):
+        raise ValueError(f"{B} rows cannot be split among {len(gens)} generators")
+
+    n_prefix = 0
+    if prefix_idx is not None:  # it must end at a scale boundary
+        split_scales(prefix_idx, config.patch_nums)
+        n_prefix = prefix_idx.shape[1]
+        if len(prefix_idx) != B:
+            raise ValueError(f"prefix_idx has {len(prefix_idx)} rows for {B} labels")
 
     # [C3]: no unconditional half without CFG
     guided = cfg != 0
@@ -746,30 +786,30 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0,
     `sample` draws from with these settings, in one teacher-forced pass (differentiable;
     with CFG, conditional and null class as one batch). return_logits: also the processed
     logits, as (logp_BL, logits_BLV) (the trainer's entropy and exact KL)."""
-    check_sampling_args(temperature, cfg, top_k, top_p)
+    check_sampling(temperature, cfg, top_k, top_p)
     config = unwrap(var).config
-    l = idx_BL.shape[1]
-    uncond_BlV = None
+    L = idx_BL.shape[1]
+    uncond_BLV = None
     if cfg == 0:
-        logits_BlV = var(labels_B, idx_BL)
+        logits_BLV = var(labels_B, idx_BL)
     else:
         null_B = torch.full_like(labels_B, config.num_classes)
-        both_BlV = var(torch.cat((labels_B, null_B)), idx_BL.repeat(2, 1))
-        logits_BlV, uncond_BlV = both_BlV.chunk(2)
+        both_BLV = var(torch.cat((labels_B, null_B)), idx_BL.repeat(2, 1))
+        logits_BLV, uncond_BLV = both_BLV.chunk(2)
 
-    si_l = scale_ids(config.patch_nums)[:l].to(logits_BlV.device)
-    ramp_l = si_l.double() / (config.num_scales - 1)
-    cfg_t = (cfg * ramp_l).float().view(1, l, 1)
-    logits_BlV = process_logits(
-        logits_BlV, uncond_BlV, cfg_t=cfg_t, temperature=temperature,
+    si_L = scale_ids(config.patch_nums)[:L].to(logits_BLV.device)
+    ramp_L = si_L.double() / (config.num_scales - 1)
+    cfg_t = (cfg * ramp_L).float().view(1, L, 1)
+    logits_BLV = process_logits(
+        logits_BLV, uncond_BLV, cfg_t=cfg_t, temperature=temperature,
         top_k=top_k, top_p=top_p,
     )
 
-    chosen_Bl = logits_BlV.gather(-1, idx_BL.unsqueeze(-1))[..., 0]
-    logp_Bl = chosen_Bl - logits_BlV.logsumexp(-1)
+    chosen_BL = logits_BLV.gather(-1, idx_BL.unsqueeze(-1))[..., 0]
+    logp_BL = chosen_BL - logits_BLV.logsumexp(-1)
     if return_logits:
-        return logp_Bl, logits_BlV
-    return logp_Bl
+        return logp_BL, logits_BLV
+    return logp_BL
 
 # ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one
 # runs pasted alone into a file that imports math, torch and torch.nn.functional as F. Sign
@@ -1053,99 +1093,131 @@ class TrainArgs:
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 
-# ---- The trainer [GRPO-VAR 4]: `train` holds the loop, one step numbered 1 sample, 2
-# reward, 3 advantages, 4 token weights, 5 clipped update with the per-token KL, 6 log and
-# save. Its parts follow it, in step order.
+# ---- The trainer [GRPO-VAR 4]: `train` holds the loop and one step, numbered 1 sample, 2
+# reward, 3 advantages, 4 token weights, 5 the clipped update with the per-token KL
+# (policy_update, below it), 6 log and save. The run machinery (folder, processes, retries,
+# metrics, timing) sits behind `run`; the step's other parts follow, in step order.
 def train(args: TrainArgs, given=frozenset()) -> dict:
     """GRPO fine-tuning of a VAR [GRPO-VAR 4], with VMR / PANW / MP [VAR-RL] when switched on.
     `given`: the flags set on the command line. Returns the last step's metrics."""
-    d = setup_distributed(args.device)
-    stop = StopRequest()
-    run = RunFolder(Path(args.resume or args.out), d, PRESETS)
-    model = None
     metrics = {}
-    try:
-        with run.starting():  # every process starts, or none does (then nothing is written)
-            args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
-            reward = make_reward(args.reward, d.device, args, args.mask_propagation)
-            vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
-            if ckpt:
-                load_checked(policy, ckpt["model"], run.last)
+    with Run(args, given, PRESETS) as run:  # processes, signals; leaving it unlocks DIR
+        with run.starting():  # every process starts, or none does (nothing is written)
+            args, reward = run.open(args, given)  # new / overwritten / resumed
+            vae, policy, ref = build_models(args, run.device)  # tokenizer, pi_theta, pi_ref
+            run.load_checkpoint(policy)  # resumed: the checkpoint's weights
 
-        # DDP; --fsdp shards policy and ref in place, and the optimizer holds the shards
-        model = distribute(policy, ref, d, args.fsdp)  # the update uses `model`; saving `policy`
-        opt = make_optimizer(policy, args, d.device)
-        with run.starting():  # then all go on, or none
-            start = run.restore(ckpt, opt, policy)  # 0 for a new run
-            run.begin()  # a new run's args.json (--overwrite: the old run's files removed)
+        # DDP or --fsdp (the update trains run.model; saving uses `policy`); AdamW
+        opt, start = run.distribute(policy, ref, make_optimizer)
         pool = label_pool(args, policy.config.num_classes)
-        amp = autocast(args.dtype, d.device)
-        pn = policy.config.patch_nums
-        n_local = args.labels_per_step // d.world
-        group_ids = list(range(d.rank * n_local, (d.rank + 1) * n_local))  # global indices
-
-        split_m = 0
-        prefix_len = None
-        if args.vmr:  # VMR's middle scale m, and the number of tokens before it
-            split_m = args.vmr_m or default_vmr_split(pn)
-            prefix_len = policy.begin_ends[split_m - 1][1]
+        patch_nums = policy.config.patch_nums
+        n_local = args.labels_per_step // run.d.world
+        first_group = run.d.rank * n_local
+        group_ids = list(range(first_group, first_group + n_local))  # global indices
 
         for step in range(start, args.steps):
-            stage = vmr_stage(step, args)
-            laps = Laps(d.device)
+            # VMR [VAR-RL]: None (plain GRPO), or this step's stage, split and prefix
+            vmr = vmr_plan(step, args, policy)
 
-            # 1 sample: G images per label from the current policy (pi_old), their log-probs
-            #   recorded; VMR: K - 1 more completions of each sample's prefix
-            labels_n = step_labels(pool, args, step)[group_ids].to(d.device)
-            with amp():
-                roll = rollout(sampling_policy(policy), labels_n, group_ids, args, step, prefix_len)
-            laps("sample")
-            images = decode(vae, roll.idx, args.reward_batch, d.device)
-            laps("decode")
+            # 1 sample: G images per label from the current policy (pi_old), their
+            #   log-probs recorded; VMR: K - 1 more completions of each sample's prefix
+            labels_n = step_labels(pool, args, step)[group_ids].to(run.device)
+            sampler, per_call = run.sampling_policy(policy)  # the step's clock starts
+            with run.amp():
+                roll = rollout(sampler, labels_n, group_ids, args, step, per_call, vmr)
+            images = decode(vae, roll.idx, args.reward_batch, run.device)
 
-            # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            scored = run.retry_once(lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
-            laps("reward")
+            # 2 reward (retried once if it raises); MP [VAR-RL]: the tokens it depends on
+            scored = run.retry(step, score, reward, images, roll.labels, patch_nums, args)
 
-            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its tokens
-            returns_Ng = advantage_groups(scored.rewards, stage, args, n_local)
-            adv_Ng = group_advantages(returns_Ng, args.adv_eps)
+            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for its tokens
+            returns_NG = advantage_groups(scored.rewards, vmr, args, n_local)
+            adv_NG = group_advantages(returns_NG, args.adv_eps)
 
-            # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1
-            batch = update_batch(roll, returns_Ng, adv_Ng, scored.mp_mask, stage, split_m, pn, args)
+            # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1; pi_ref
+            batch = update_batch(roll, returns_NG, adv_NG, scored.mp_mask, vmr, ref, args,
+                                 run.amp)
 
-            # 5 clipped update with the per-token KL (eq. 1), one optimizer step per minibatch
-            stats = policy_update(model, ref, opt, batch, args, step, d, amp)
-            laps("update")
+            # 5 the clipped update with the per-token KL (eq. 1), per minibatch
+            update = policy_update(run.model, opt, ref, batch, args, step, run.amp)
 
-            # 6 log and save (a diverged policy stops the run; Ctrl-C / SIGTERM after saving)
-            passes = reward_passes(reward, args)
-            metrics = step_metrics(step, scored, adv_Ng, batch, stats, laps.times, args, stage, passes)
-            run.log(metrics, step, images)
-            run.halt_if_nonfinite(roll.nonfinite, stats, step, policy, opt)
-            run.save_or_stop(stop.signum, policy, opt, step + 1)
-        return metrics
-    finally:
-        stop.restore()
-        model = None  # the DDP wrapper holds the process group: drop it first
-        run.close()  # unlock; leave the process group
+            # 6 metrics, logged; a diverged policy stops the run; saved every
+            #   --save-every steps, and on Ctrl-C / SIGTERM (then stopped)
+            metrics = run.after_step(step, vmr, images, roll, scored, adv_NG, batch, update)
+    return metrics
 
 
-# ---- Setting up: models, optimizer, labels, precision.
-def build_models(a: TrainArgs, device):
+@timed("update")
+def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
+                  step: int, amp) -> Update:
+    """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch
+    [GRPO-VAR eq. 1], pi_theta and pi_ref tempered as sampled [C8].
+
+    One seeded global order makes the minibatches the same whatever the number of processes
+    [C9]; each process trains its share of each, and DDP averages the shares. A non-finite
+    gradient stops the updates, untaken."""
+    config = unwrap(model).config
+    device = batch.idx.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    update = Update(scale_ids(config.patch_nums).to(device), config.num_scales)
+    n_minibatches = len(batch.idx) // args.minibatch
+
+    for epoch in range(args.ppo_epochs):
+        seed = derive_seed(args.seed, step, STREAM_ORDER, epoch)
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(batch.idx), generator=gen)
+
+        for mb in range(n_minibatches):
+            opt.zero_grad(set_to_none=True)
+            # this process's share, in micro-batches whose gradients add up
+            micro_batches = my_micro_batches(model, order, mb, args, device)
+            for ids, part, sync in micro_batches:
+                labels = batch.labels[ids]
+                idx = batch.idx[ids]
+                with sync:  # DDP: the last micro-batch all-reduces the sum
+                    with amp():
+                        logp, logits = token_logprobs(model, labels, idx, args.temperature,
+                                                      return_logits=True)
+                    surrogate = clipped_surrogate(logp, batch.old_logp[ids],
+                                                  batch.adv[ids], args.clip_eps)
+                    if args.kl == "k3":
+                        kl = kl_k3(logp, batch.ref_logp[ids])
+                    else:  # the whole vocabulary of pi_ref, per micro-batch
+                        ref_logits = reference_logits(ref, labels, idx, args, amp)
+                        kl = kl_exact(logits, ref_logits)
+                    loss = grpo_loss(surrogate, kl, batch.pg_w[ids], args.beta,
+                                     batch.kl_w[ids])
+                    loss = loss * part
+                    loss.backward()
+                is_first = epoch == 0 and mb == 0
+                update.add(ids, logp, logits, kl, surrogate, loss, is_first)
+
+            norm = clip_grad_norm(params, args.max_grad_norm)
+            if not torch.isfinite(norm):  # the one host read of an update
+                update.nonfinite = (f"the loss gradient (update {mb + 1} of epoch"
+                                    f" {epoch + 1})")
+                return update
+            opt.step()
+            update.grad_norms.append(norm)
+    return update
+
+
+# ---- Setting up: models, optimizer, labels.
+def build_models(args: TrainArgs, device):
     """(vae, policy, ref): frozen tokenizer, policy, frozen pre-trained VAR."""
-    config = VARConfig.preset(a.preset)
-    if a.preset == "tiny" or a.random_init:
+    config = VARConfig.preset(args.preset)
+    if args.preset == "tiny" or args.random_init:
         vae, ref = build_vae_var(config, seed=0)
     else:
-        vae, ref = load_pretrained(a.preset, a.weights_dir)
+        vae, ref = load_pretrained(args.preset, args.weights_dir)
     policy = VAR(ref.config, vae)
     policy.load_state_dict(ref.state_dict())
-    policy.grad_checkpointing = a.grad_checkpointing
+    policy.grad_checkpointing = args.grad_checkpointing
     ref.requires_grad_(False)
     return vae.to(device), policy.to(device), ref.to(device)
 
-def make_optimizer(policy: VAR, a: TrainArgs, device: str):
+
+def make_optimizer(policy: VAR, args: TrainArgs, device: str):
     """AdamW with the official VAR parameter groups [C12]: no weight decay on embeddings,
     scale_mul, biases and 1-D tensors, so rows that never get a gradient (the null class;
     unseen classes with --label-subset half) never change."""
@@ -1159,64 +1231,88 @@ def make_optimizer(policy: VAR, a: TrainArgs, device: str):
             decay.append(p)
 
     groups = [
-        dict(params=decay, weight_decay=a.weight_decay),
+        dict(params=decay, weight_decay=args.weight_decay),
         dict(params=no_decay, weight_decay=0.0),
     ]
-    fused = True if device.startswith("cuda") else None
-    return torch.optim.AdamW(groups, lr=a.lr, fused=fused)
+    fused = None
+    if device.startswith("cuda"):
+        fused = True
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
-def label_pool(a: TrainArgs, num_classes: int) -> torch.Tensor:
+
+def label_pool(args: TrainArgs, num_classes: int) -> torch.Tensor:
     """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1, 'seen 50%
     labels']."""
-    if a.label_subset == "all":
+    if args.label_subset == "all":
         return torch.arange(num_classes)
-    g = torch.Generator().manual_seed(derive_seed(a.seed, STREAM_SUBSET))
-    half = torch.randperm(num_classes, generator=g)[:num_classes // 2]
+    gen = torch.Generator().manual_seed(derive_seed(args.seed, STREAM_SUBSET))
+    half = torch.randperm(num_classes, generator=gen)[:num_classes // 2]
     return half.sort().values
 
-def vmr_stage(step: int, a: TrainArgs):
-    """None (plain GRPO), or VMR's 'prefix' / 'suffix' step: P prefix steps, then S suffix
-    steps, repeating (--vmr-schedule P:S)."""
-    if not a.vmr:
+
+@dataclass(frozen=True)
+class VMRPlan:
+    """One VMR step [VAR-RL VMR]: which stage it trains, the middle scale m and the tokens
+    of the prefix (scales 0..m-1)."""
+
+    stage: str  # 'prefix' or 'suffix'
+    split_m: int
+    prefix_len: int
+
+
+def vmr_plan(step: int, args: TrainArgs, policy: VAR):
+    """None (plain GRPO), or the step's VMR plan: P prefix steps, then S suffix steps,
+    repeating (--vmr-schedule P:S); m = --vmr-m or default_vmr_split."""
+    if not args.vmr:
         return None
-    n_prefix, n_suffix = map(int, a.vmr_schedule.split(":"))
+    split_m = args.vmr_m or default_vmr_split(policy.config.patch_nums)
+    prefix_len = policy.begin_ends[split_m - 1][1]
+    n_prefix, n_suffix = map(int, args.vmr_schedule.split(":"))
+    stage = "suffix"
     if step % (n_prefix + n_suffix) < n_prefix:
-        return "prefix"
-    return "suffix"
+        stage = "prefix"
+    return VMRPlan(stage, split_m, prefix_len)
+
 
 # ---- Step 1: sample.
-def step_labels(pool, a: TrainArgs, step: int) -> torch.Tensor:
+def step_labels(pool, args: TrainArgs, step: int) -> torch.Tensor:
     """The step's labels, all processes' (uniform over the pool)."""
-    seed = derive_seed(a.seed, step, STREAM_LABELS)
-    g = torch.Generator().manual_seed(seed)
-    return pool[torch.randint(len(pool), (a.labels_per_step,), generator=g)]
+    seed = derive_seed(args.seed, step, STREAM_LABELS)
+    gen = torch.Generator().manual_seed(seed)
+    return pool[torch.randint(len(pool), (args.labels_per_step,), generator=gen)]
 
-def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int,
-            prefix_len=None) -> Rollout:
+
+@timed("sample")
+def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
+            per_call: int, vmr: VMRPlan | None = None) -> Rollout:
     """G samples of each label and their log-probs.
 
-    Group g (a global index) draws from its own generator seeded by (seed, step, g), so its
+    Group i (a global index) draws from its own generator seeded by (seed, step, i), so its
     samples do not depend on which process draws them, nor with which others [C9]; up to
-    --sample-batch rows share a sample() call. VMR (prefix_len = the prefix's tokens): K - 1
-    more completions of each sample's prefix, the sample being the first: G*K rows per
-    label, prefix j's completion k at row j*K + k."""
-    G = a.group_size
-    n_comp = a.vmr_k if prefix_len else 1
+    `per_call` groups share a sample() call. VMR: n = --vmr-k completions of each sample's
+    prefix, the sample being the first: G*n rows per label, prefix j's completion c at row
+    j*n + c."""
+    G = args.group_size
+    n_comp = 1
+    prefix_len = None
+    if vmr:
+        n_comp = args.vmr_k
+        prefix_len = vmr.prefix_len
     gens = []
-    for g in group_ids:
-        seed = derive_seed(a.seed, step, STREAM_SAMPLE, g)
+    for i in group_ids:
+        seed = derive_seed(args.seed, step, STREAM_SAMPLE, i)
         gens.append(torch.Generator(labels_n.device).manual_seed(seed))
-    per_call = groups_per_sample_call(a.sample_batch, G, len(group_ids), policy.config, labels_n.device)
 
     parts = []
     for c in range(0, len(group_ids), per_call):
         labels_B = labels_n[c:c + per_call].repeat_interleave(G)
-        kw = dict(temperature=a.temperature, generator=gens[c:c + per_call], decode=False)
+        kw = dict(temperature=args.temperature, generator=gens[c:c + per_call],
+                  decode=False)
         outs = [sample(policy, labels_B, **kw)]
         prefix_Bl = outs[0].idx[:, :prefix_len]
         for _ in range(n_comp - 1):
             outs.append(sample(policy, labels_B, prefix_idx=prefix_Bl, **kw))
-        # row j*K + k: completion k of sample j
+        # row j*n + c: completion c of sample j
         idx = torch.stack([o.idx for o in outs], 1).flatten(0, 1)
         logp = torch.stack([o.logprobs for o in outs], 1).flatten(0, 1)
         parts.append(Rollout(
@@ -1233,6 +1329,8 @@ def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int,
         nonfinite=sum(p.nonfinite for p in parts),
     )
 
+
+@timed("decode")
 @torch.no_grad()
 def decode(vae: VQVAE, idx_NL, batch: int, device: str):
     """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder under bf16 autocast on
@@ -1244,6 +1342,7 @@ def decode(vae: VQVAE, idx_NL, batch: int, device: str):
             images.append(vae.idx_to_img(idx_NL[i:i + batch]).float())
     return torch.cat(images)
 
+
 # ---- Step 2: reward, and the mask-propagation mask.
 @dataclass
 class Scored:
@@ -1251,11 +1350,13 @@ class Scored:
     components: dict  # {name: (N,)} the terms of a summed reward
     mp_mask: torch.Tensor | None  # (N, L) MP's token mask, or None
 
-def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
+
+@timed("reward")
+def score(reward, images, labels_N, patch_nums, args: TrainArgs) -> Scored:
     """The rewards of the images (of classes `labels_N`), in --reward-batch chunks, and with
     --mask-propagation the reward-relevant tokens [VAR-RL MP]: the finest grid's mask,
     propagated to every scale. Label-blind rewards ignore the labels."""
-    n = a.reward_batch
+    n = args.reward_batch
     chunks = [images[i:i + n] for i in range(0, len(images), n)]
     labels = [labels_N[i:i + n] for i in range(0, len(images), n)]
     with torch.no_grad():
@@ -1268,24 +1369,26 @@ def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
     rewards = torch.cat([r.float() for r, _ in outs])
 
     mp_mask = None
-    if a.mask_propagation:
-        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep, y)
+    if args.mask_propagation:
+        fine = [initial_mask(reward, c, patch_nums[-1], args.mp_keep, y)
                 for c, y in zip(chunks, labels)]
         mp_mask = propagate_mask(torch.cat(fine), patch_nums)
     return Scored(rewards.to(images.device), components, mp_mask)
 
+
 # ---- Step 3: advantages.
-def advantage_groups(rewards_N, stage, a: TrainArgs, n_labels: int):
+def advantage_groups(rewards_N, vmr, args: TrainArgs, n_labels: int):
     """The rows that group_advantages normalises [GRPO-VAR eq. 2; VAR-RL VMR]: R over a label's
-    G samples (VMR suffix steps: G*K); VMR prefix steps: the middle value V_m of each prefix
-    (from its K completions) over the label's G prefixes. Returns (n_labels, .)."""
-    if stage == "prefix":
-        completions_NK = rewards_N.view(-1, a.vmr_k)
-        values_N = middle_value(completions_NK, a.vmr_eta)
-        return values_N.view(n_labels, a.group_size)
+    G samples (VMR suffix steps: G*n); VMR prefix steps: the middle value V_m of each prefix
+    (from its n = --vmr-k completions) over the label's G prefixes. Returns (n_labels, .)."""
+    if vmr and vmr.stage == "prefix":
+        completions_Nn = rewards_N.view(-1, args.vmr_k)
+        values_N = middle_value(completions_Nn, args.vmr_eta)
+        return values_N.view(n_labels, args.group_size)
     return rewards_N.view(n_labels, -1)
 
-# ---- Step 4: token weights, and what the update trains on.
+
+# ---- Step 4: token weights, pi_ref's log-probs, and what the update trains on.
 @dataclass
 class UpdateBatch:
     """What step 5 trains on: one row per sample."""
@@ -1297,7 +1400,7 @@ class UpdateBatch:
     # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
     pg_w: torch.Tensor
     kl_w: torch.Tensor  # (N, L) KL token weights, likewise
-    # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL; set in step 5)
+    # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL)
     ref_logp: torch.Tensor | None = None
 
     def gathered(self) -> "UpdateBatch":
@@ -1306,19 +1409,30 @@ class UpdateBatch:
         rows = {k: all_gather_cat(v) for k, v in vars(self).items() if v is not None}
         return UpdateBatch(**rows)
 
-def update_batch(roll: Rollout, returns_Ng, adv_Ng, mp_mask, stage,
-                 split_m: int, pn, a: TrainArgs) -> UpdateBatch:
+
+def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
+                 args: TrainArgs, amp) -> UpdateBatch:
     """Step 4: the rows to train and their token weights (token_weights: PANW x VMR stage x
-    MP), all processes' rows."""
-    rows = slice(None, None, a.vmr_k) if stage == "prefix" else slice(None)  # one per prefix
-    adv_N = adv_Ng.flatten()
-    valid_N = torch.isfinite(returns_Ng).flatten()
+    MP), and for the k3 KL pi_ref's log-probs of them; all processes' rows."""
+    rows = slice(None)
+    stage = None
+    split_m = 0
+    if vmr:
+        stage = vmr.stage
+        split_m = vmr.split_m
+    if stage == "prefix":  # one row per prefix
+        rows = slice(None, None, args.vmr_k)
+    adv_N = adv_NG.flatten()
+    valid_N = torch.isfinite(returns_NG).flatten()
     device = adv_N.device
 
-    panw_L = panw_weights(pn, a.panw_alpha).to(device)
-    stage_L = stage_mask(pn, stage, split_m).to(device)
+    patch_nums = ref.config.patch_nums
+    panw_L = panw_weights(patch_nums, args.panw_alpha).to(device)
+    stage_L = stage_mask(patch_nums, stage, split_m).to(device)
     ones_NL = torch.ones(len(adv_N), len(panw_L), device=device)
-    pg_mask_NL = ones_NL if mp_mask is None else mp_mask[rows]
+    pg_mask_NL = ones_NL
+    if mp_mask is not None:
+        pg_mask_NL = mp_mask[rows]
 
     batch = UpdateBatch(
         labels=roll.labels[rows],
@@ -1328,162 +1442,64 @@ def update_batch(roll: Rollout, returns_Ng, adv_Ng, mp_mask, stage,
         pg_w=token_weights(panw_L, stage_L, pg_mask_NL, valid_N),
         kl_w=token_weights(panw_L, stage_L, ones_NL, valid_N),
     )
+    if args.kl == "k3":
+        batch.ref_logp = reference_logprobs(ref, batch.labels, batch.idx, args, amp)
     return batch.gathered()
 
-# ---- Step 5: the clipped update with the per-token KL.
+
+def reference_logprobs(ref, labels_N, idx_NL, args: TrainArgs, amp,
+                       chunk: int = 64) -> torch.Tensor:
+    """log pi_ref (N, L) of this process's rows, tempered as sampled [C8], without autograd,
+    `chunk` rows a pass: once per step for the k3 KL."""
+    parts = []
+    with torch.no_grad(), amp():
+        for i in range(0, len(idx_NL), chunk):
+            labels = labels_N[i:i + chunk]
+            idx = idx_NL[i:i + chunk]
+            parts.append(token_logprobs(ref, labels, idx, args.temperature))
+    return torch.cat(parts)
+
+
+# ---- Step 5: what the update (policy_update, above) calls, and what it records.
+def reference_logits(ref, labels, idx, args: TrainArgs, amp):
+    """pi_ref's processed logits (n, L, V), without autograd: the exact KL's."""
+    with torch.no_grad(), amp():
+        out = token_logprobs(ref, labels, idx, args.temperature, return_logits=True)
+    return out[1]
+
+
 @dataclass
-class LossTerms:
+class MicroBatch:
+    """One micro-batch of an update, detached: what step 6's metrics read."""
+
+    ids: torch.Tensor  # (n,) its rows of the UpdateBatch
     logp: torch.Tensor  # (n, L) log pi_theta (tempered, as sampled)
-    logits: torch.Tensor  # (n, L, V) pi_theta's processed logits
     kl: torch.Tensor  # (n, L) per-token KL to pi_ref
     surrogate: torch.Tensor  # (n, L) the clipped objective
+    loss: torch.Tensor  # () its share of the minibatch's loss
+    entropy: torch.Tensor | None  # (n, L) the first minibatch's entropy, else None
 
-def loss_terms(model, ref, b: UpdateBatch, ids, a: TrainArgs, amp) -> LossTerms:
-    """The per-token pieces of eq. 1 for the samples `ids`, both policies tempered as sampled
-    [C8]; pi_ref from b.ref_logp (k3 KL) or a pass here (exact KL)."""
-    labels = b.labels[ids]
-    idx = b.idx[ids]
-    with amp():
-        logp, logits = token_logprobs(model, labels, idx, a.temperature, return_logits=True)
-        if a.kl == "exact":  # the whole vocabulary of pi_ref, per micro-batch
-            with torch.no_grad():
-                ref_logits = token_logprobs(ref, labels, idx, a.temperature, return_logits=True)[1]
-    kl = kl_k3(logp, b.ref_logp[ids]) if a.kl == "k3" else kl_exact(logits, ref_logits)
-    surrogate = clipped_surrogate(logp, b.old_logp[ids], b.adv[ids], a.clip_eps)
-    return LossTerms(logp, logits, kl, surrogate)
 
-class UpdateStats:
-    """Sums over a step's updates, kept on the device (read once per step, in step_metrics)."""
+@dataclass
+class Update:
+    """What step 5 did: its micro-batches, the gradient norm of each optimizer step, and why
+    it stopped early (a non-finite gradient), or None."""
 
-    def __init__(self, num_scales: int, device):
-        # per scale: kl, clipped, tokens with KL weight; entropy and tokens of the first minibatch
-        self.per_scale = torch.zeros(5, num_scales, device=device)
-        self.sums = torch.zeros(2, device=device)  # ratio, loss
-        # max |ratio - 1| before the first update
-        self.first_dev = torch.zeros((), device=device)
-        self.grad_norms = []
-        self.nonfinite = None
+    si_L: torch.Tensor  # (L,) scale ids, for the per-scale metrics
+    num_scales: int
+    parts: list = field(default_factory=list)  # [MicroBatch]
+    grad_norms: list = field(default_factory=list)  # [() tensor]
+    nonfinite: str | None = None
 
     @torch.no_grad()
-    def add(self, t: LossTerms, b: UpdateBatch, ids, si_L, loss, first: bool):
-        on_nL = (b.kl_w[ids] > 0).float()
-        ratio = (t.logp - b.old_logp[ids]).exp()
-        # the clipped term is the smaller: no gradient
-        clipped = t.surrogate < ratio * b.adv[ids, None]
-        per_token = [t.kl, clipped, torch.ones_like(t.kl)]
-        if first:  # still the sampling policy: ratio 1 up to float error; its entropy
-            per_token += [entropy(t.logits), torch.ones_like(t.kl)]
-            dev = ((ratio - 1).abs() * on_nL).amax()
-            self.first_dev = torch.maximum(self.first_dev, dev)
-        for i, v in enumerate(per_token):
-            self.per_scale[i].index_add_(0, si_L, (v.float() * on_nL).sum(0))
-        ratio_sum = (ratio * on_nL).sum()
-        self.sums += torch.stack([ratio_sum, loss.detach().float()])
+    def add(self, ids, logp, logits, kl, surrogate, loss, is_first: bool):
+        ent = None
+        if is_first:  # still the sampling policy: its entropy
+            ent = entropy(logits)
+        part = MicroBatch(ids, logp.detach(), kl.detach(), surrogate.detach(),
+                          loss.detach(), ent)
+        self.parts.append(part)
 
-def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs,
-                  step: int, d, amp) -> UpdateStats:
-    """--ppo-epochs passes over the step's samples, one optimizer step per minibatch [GRPO-VAR
-    eq. 1].
-
-    One seeded global order makes the minibatches the same whatever the number of processes;
-    each process takes its share, in micro-batches whose gradients add up, and DDP averages
-    the shares. A non-finite gradient stops the updates, untaken."""
-    config = unwrap(model).config
-    device = b.idx.device
-    share = a.minibatch // d.world
-    micro = a.micro_batch or share
-    si_L = scale_ids(config.patch_nums).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    stats = UpdateStats(config.num_scales, device)
-    n_minibatches = len(b.idx) // a.minibatch
-    if a.kl == "k3":  # log pi_ref of every row: once per step, in chunks without autograd
-        ref_logp = rows_in_chunks(
-            lambda s: token_logprobs(ref, b.labels[s], b.idx[s], a.temperature), len(b.idx), amp)
-        b = replace(b, ref_logp=ref_logp)
-
-    for epoch in range(a.ppo_epochs):
-        seed = derive_seed(a.seed, step, STREAM_ORDER, epoch)
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(b.idx), generator=g)
-        for mb in range(n_minibatches):
-            first = mb * a.minibatch + d.rank * share
-            mine = order[first:][:share].to(device)  # this share
-            opt.zero_grad(set_to_none=True)
-            for c0 in range(0, share, micro):
-                ids = mine[c0:c0 + micro]
-                with grad_sync(model, last=c0 + micro >= share):  # DDP: all-reduce the last
-                    t = loss_terms(model, ref, b, ids, a, amp)
-                    loss = grpo_loss(t.surrogate, t.kl, b.pg_w[ids], a.beta, b.kl_w[ids])
-                    loss = loss * (len(ids) / share)
-                    loss.backward()
-                stats.add(t, b, ids, si_L, loss, first=epoch == 0 and mb == 0)
-
-            norm = clip_grad_norm(params, a.max_grad_norm)
-            if not torch.isfinite(norm):  # the one host read of an update
-                stats.nonfinite = (f"the loss gradient (update {mb + 1} of epoch {epoch + 1})")
-                return stats
-            opt.step()
-            stats.grad_norms.append(norm)
-    return stats
-
-# ---- Step 6: metrics (the run folder logs and saves them).
-def step_metrics(step, scored: Scored, adv_Ng, b: UpdateBatch,
-                 u: UpdateStats, times, a: TrainArgs, stage,
-                 reward_passes: int) -> dict:
-    """One metrics.jsonl line (the README explains each). Call on every rank: it gathers and
-    reduces; besides one per optimizer step, its host reads are the step's only ones."""
-    r = all_gather_cat(scored.rewards)
-    nan = torch.tensor(math.nan, device=r.device)
-    finite = r[torch.isfinite(r)] if torch.isfinite(r).any() else nan.view(1)
-    kl, clipped, tokens, ent, ent_tokens = all_reduce(u.per_scale.clone())
-    ratio_sum, loss_sum = all_reduce(u.sums.clone())
-    total = tokens.sum().clamp_min(1)
-    flat_groups = (adv_Ng == 0).all(1).sum().float()
-    n_groups = torch.tensor(float(len(adv_Ng)), device=r.device)
-    flat = all_reduce(torch.stack([flat_groups, n_groups]))
-    grad_norm = torch.stack(u.grad_norms).mean() if u.grad_norms else nan
-    processes = len(r) // len(scored.rewards)
-    updates = max(1, len(u.grad_norms))
-
-    on_device = {
-        "reward/mean": finite.mean(),
-        "reward/std": finite.std(unbiased=False),
-        "reward/min": finite.min(),
-        "reward/max": finite.max(),
-        "reward/nonfinite": (~torch.isfinite(r)).sum(),
-        "adv/mean": b.adv.mean(),
-        "adv/std": b.adv.std(unbiased=False),
-        "adv/abs_max": b.adv.abs().max(),
-        "adv/zero_std_group_frac": flat[0] / flat[1],
-        "policy/kl": kl.sum() / total,
-        "policy/clip_frac": clipped.sum() / total,
-        "policy/entropy": ent.sum() / ent_tokens.sum().clamp_min(1),
-        "policy/ratio_mean": ratio_sum / total,
-        "policy/ratio_dev_first_minibatch":
-            all_reduce(u.first_dev.clone(), "max"),
-        "loss/loss": loss_sum / processes / updates,
-        "loss/grad_norm": grad_norm,
-    }
-
-    for name, v in scored.components.items():
-        on_device[f"reward/{name}"] = all_gather_cat(v).nanmean()
-    for si in range(len(kl)):
-        n = tokens[si].clamp_min(1)
-        on_device[f"scale/kl_s{si}"] = kl[si] / n
-        on_device[f"scale/clip_frac_s{si}"] = clipped[si] / n
-        on_device[f"scale/entropy_s{si}"] = ent[si] / ent_tokens[si].clamp_min(1)
-    if a.mask_propagation:
-        kept = b.pg_w.gt(0).float().mean()
-        on_device["mp/kept_fraction"] = kept
-
-    # one host read for all of them
-    values = torch.stack([v.float() for v in on_device.values()]).tolist()
-    metrics = {"step": step, **dict(zip(on_device, values)), "lr": a.lr}
-    metrics["reward/nonfinite"] = int(metrics["reward/nonfinite"])
-    metrics.update(run_metrics(step, times, len(r), a, reward_passes))  # time, budget
-    if stage:
-        metrics["vmr/stage"] = stage
-    return metrics
 
 # ---- Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation,
 # ablation, benchmark, plots and the digits model: `python vargrpo_tools.py --help`.
@@ -1493,8 +1509,24 @@ def main(argv=None):
     try:
         args, given = parse_train_args(argv, TrainArgs)
         return train(args, given)
-    except (UsageError, CheckpointError, RunFailed, Stopped, PeerFailed) as e:
+    except RUN_ERRORS as e:
         exit_with(e, "vargrpo")
+
+# names that live in vargrpo_run, importable from here as before
+MOVED_TO_RUN = (
+    "VAE_FILE", "CheckpointError", "PeerFailed", "RunFailed", "Stopped",
+    "UsageError", "find_or_download", "load_checked", "make_reward",
+    "read_state_dict", "step_metrics",
+)
+
+
+def __getattr__(name):
+    if name in MOVED_TO_RUN:
+        import vargrpo_run
+
+        return getattr(vargrpo_run, name)
+    raise AttributeError(f"module 'vargrpo' has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     main()

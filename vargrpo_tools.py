@@ -816,7 +816,7 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
     on_gpu = device.startswith("cuda")
     seen = dict(step=0, calls={}, prof=None, metrics=[], peak=None)
-    real = {name: getattr(vg, name) for name in ("rollout", "decode", "score", "policy_update", "sample", "step_metrics")}
+    real = {name: getattr(vg, name) for name in ("rollout", "decode", "score", "policy_update", "sample")} | {"step_metrics": vr.step_metrics}
 
     def in_range(part, fn):
         def run(*args, **kw):
@@ -845,7 +845,7 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
     for part, name in zip(GPU_CHECK_PARTS, ("rollout", "decode", "score", "policy_update")):
         setattr(vg, name, in_range(part, real[name]))
     vg.sample = counted_sample
-    vg.step_metrics = metrics_then_profile
+    vr.step_metrics = metrics_then_profile
     vr.RunFolder.save = no_checkpoint
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
