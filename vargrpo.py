@@ -42,7 +42,7 @@ Choices within the papers (where they are silent):
     every minibatch holds the same samples whatever the number of processes: a run does not
     depend on it (up to float summation order). Labels per step and minibatch sizes are
     global.
-10. VMR reuses each group sample as the first of its prefix's K completions; prefix and
+10. VMR reuses each group sample as the first of its prefix's n completions; prefix and
     suffix steps alternate by the schedule; the prefix's KV cache is recomputed (~8% of the
     tokens). Each stage's loss, its per-token KL included, covers that stage's tokens only.
 11. Mask propagation starts from the reward's region when every term of the reward scores a
@@ -66,10 +66,10 @@ import torch.utils.checkpoint
 
 import vargrpo_run
 from vargrpo_run import (
-    RUN_ERRORS, Run, all_gather_cat, arg, clip_grad_norm, exit_with,
-    groups_per_sample_call, load_weight_files, my_micro_batches, parse_train_args,
-    timed,
+    Run, Update, all_gather_cat, arg, clip_grad_norm, command_line,
+    load_weight_files, my_micro_batches, timed,
 )
+
 
 # ---- Config
 @dataclass(frozen=True)
@@ -102,12 +102,13 @@ class VARConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
 
+
 def check_config(c: VARConfig):
     """A VARConfig's sizes: one ValueError naming what is wrong."""
-    pn = c.patch_nums
-    rising = all(b > a for a, b in zip(pn, pn[1:]))
-    if len(pn) < 2 or not rising or pn[0] < 1:
-        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
+    patch_nums = c.patch_nums
+    rising = all(hi > lo for lo, hi in zip(patch_nums, patch_nums[1:]))
+    if len(patch_nums) < 2 or not rising or patch_nums[0] < 1:
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {patch_nums}")
 
     sizes = (c.depth, c.z_channels, c.num_classes)
     if min(sizes) < 1 or c.vocab_size < 2 or c.vae_ch % 32:
@@ -138,6 +139,7 @@ PRESETS = {
                       num_classes=10),
 }
 
+
 # ---- Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si =
 # scale index, pn = side of that scale's grid.
 def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
@@ -150,16 +152,19 @@ def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
         end += pn * pn
     return begin_ends
 
+
 def scale_ids(patch_nums) -> torch.Tensor:
     """si_L: (L,) long, the scale index of every token."""
     parts = [torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)]
     return torch.cat(parts)
+
 
 def block_causal_bias(patch_nums) -> torch.Tensor:
     """(L, L) additive attention bias: 0 where query scale >= key scale, -inf elsewhere: a
     token sees every token of its own and all coarser scales, nothing of finer scales."""
     si_L = scale_ids(patch_nums).float()
     return torch.where(si_L[:, None] >= si_L[None, :], 0.0, -torch.inf)
+
 
 def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
     """(B, L) -> [(B, pn*pn)] per scale; L may stop at the end of any scale (a prefix)."""
@@ -170,11 +175,13 @@ def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
         raise ValueError(f"token sequence of length {L} does not end at a scale boundary {ends}")
     return [idx_BL[:, b:e] for b, e in begin_ends if e <= L]
 
+
 # ---- VQVAE: the frozen multi-scale tokenizer. Encoder and decoder are the official taming-
 # style CNNs (two res-blocks per level, attention at the lowest resolution); the quantizer
 # is VAR's multi-scale one.
 def group_norm(C: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=C, eps=1e-6)
+
 
 class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
@@ -194,6 +201,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return self.nin_shortcut(x_BChw) + h
 
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, residual."""
 
@@ -210,6 +218,7 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (B, hw, C)
         out = out.transpose(1, 2).reshape(B, C, h, w)
         return x_BChw + self.proj_out(out)
+
 
 def cnn_level(c_in, c_out, n_blocks, attn, resample) -> nn.Module:
     """One resolution level: n res-blocks (each followed by attention at the lowest level),
@@ -231,6 +240,7 @@ def cnn_level(c_in, c_out, n_blocks, attn, resample) -> nn.Module:
         level.upsample.conv = nn.Conv2d(c_out, c_out, 3, 1, 1)
     return level
 
+
 def run_level(level: nn.Module, h):
     for i, block in enumerate(level.block):
         h = block(h)
@@ -243,12 +253,14 @@ def run_level(level: nn.Module, h):
         return level.upsample.conv(h)
     return h
 
+
 def cnn_mid(C: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(C, C)
     mid.attn_1 = AttnBlock(C)
     mid.block_2 = ResnetBlock(C, C)
     return mid
+
 
 class Encoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult):
@@ -272,6 +284,7 @@ class Encoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h)
+
 
 class Decoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult):
@@ -302,6 +315,7 @@ class Decoder(nn.Module):
         h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h)
 
+
 class Phi(nn.Conv2d):
     """Phi(h) = (1 - r) h + r conv3x3(h), r = 0.5: VAR's refinement of each upsampled scale."""
 
@@ -313,6 +327,7 @@ class Phi(nn.Conv2d):
         refined = super().forward(h_BChw).mul(self.resi_ratio)
         return h_BChw.mul(1 - self.resi_ratio) + refined
 
+
 def phi_index(si: int, num_scales: int, num_phi: int = 4) -> int:
     """Which of the 4 shared Phi convs refines scale si (official PhiPartiallyShared): the
     convs sit at ticks linspace(1/12, 11/12, 4); scale si uses the tick nearest to si/(K-1),
@@ -321,8 +336,9 @@ def phi_index(si: int, num_scales: int, num_phi: int = 4) -> int:
     step = (1 - third - third) / (num_phi - 1)
     ticks = [i * step + third for i in range(num_phi - 1)]
     ticks.append(1 - third)  # np.linspace's ticks, bit for bit
-    gaps = [abs(t - si / (num_scales - 1)) for t in ticks]
+    gaps = [abs(tick - si / (num_scales - 1)) for tick in ticks]
     return gaps.index(min(gaps))
+
 
 class VectorQuantizer(nn.Module):
     """Multi-scale residual quantizer: f_hat = sum_k Phi_k(up(h_k)),
@@ -385,11 +401,13 @@ class VectorQuantizer(nn.Module):
             parts.append(area_down(f_hat, self.patch_nums[si + 1]))
         return torch.cat(parts, dim=1)
 
+
 def area_down(f_BChw, pn: int):
     """Area-downsample the finest-grid map to pn x pn and flatten it: (B, pn*pn, C)."""
     B, C = f_BChw.shape[:2]
     f_BCpp = F.interpolate(f_BChw, size=(pn, pn), mode="area")
     return f_BCpp.view(B, C, pn * pn).transpose(1, 2)
+
 
 class VQVAE(nn.Module):
     """The frozen tokenizer: multi-scale tokens -> images. State dict = official (the encoder
@@ -418,6 +436,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"idx_to_img expects all {L} tokens, got {idx_BL.shape[1]}")
         idx_per_scale = split_scales(idx_BL, self.config.patch_nums)
         return self.fhat_to_img(self.quantize.partial_sums(idx_per_scale)[-1])
+
 
 # ---- VAR: a class-conditional transformer over the concatenated scales, with adaptive
 # LayerNorm.
@@ -453,9 +472,8 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
 
         if kv_cache is not None:
-            # cached in the autocast dtype (CUDA autocast's normalize returns fp32 k) [C5]
-            k = k.to(autocast_dtype(k))
-            v = v.to(autocast_dtype(v))
+            # cached in v's dtype, autocast's (CUDA's normalize returns fp32 k) [C5]
+            k = k.to(v.dtype)
             if kv_cache[0] is not None:
                 k = torch.cat((kv_cache[0], k), dim=2)
                 v = torch.cat((kv_cache[1], v), dim=2)
@@ -467,13 +485,6 @@ class SelfAttention(nn.Module):
         )  # (B, H, l, hd)
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
-def autocast_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype autocast computes in on t's device while it is on, else t's own."""
-    device_type = t.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return t.dtype
-
 
 class FFN(nn.Module):
     def __init__(self, C: int, hidden: int):
@@ -483,6 +494,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
 
 class AdaLNSelfAttn(nn.Module):
     """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1);
@@ -507,6 +519,7 @@ class AdaLNSelfAttn(nn.Module):
         h = self.ln_wo_grad(x_BlC).mul(scale2 + 1).add_(shift2)
         return x_BlC + self.ffn(h).mul(gamma2)
 
+
 class AdaLNBeforeHead(nn.Module):
     """LN(x)(1 + scale) + shift, (scale, shift) = Linear(SiLU(class embedding))."""
 
@@ -520,6 +533,7 @@ class AdaLNBeforeHead(nn.Module):
         ada_B12C = self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
         scale, shift = ada_B12C.unbind(2)
         return self.ln_wo_grad(x_BlC) * (scale + 1) + shift
+
 
 class VAR(nn.Module):
     """Next-scale prediction: token map r_k (all pn_k^2 tokens of scale k) ~ p(r_k | class,
@@ -602,6 +616,7 @@ class VAR(nn.Module):
                 x_BlC = block(x_BlC, cond_BD, visible_ll)
         return self.head_logits(x_BlC, cond_BD)
 
+
 def build_vae_var(config: VARConfig, seed: int = 0):
     """A random VQVAE and VAR (PyTorch's default init; the official one is
     vargrpo_tools.official_init_), on the CPU, seeded locally (the global RNG is left as it
@@ -611,9 +626,11 @@ def build_vae_var(config: VARConfig, seed: int = 0):
         vae = VQVAE(config).eval().requires_grad_(False)
         return vae, VAR(config, vae)
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The VAR inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
 
 # ---- Pre-trained weights. The files (.pth or .safetensors) are found or downloaded by
 # vargrpo_run.load_weight_files and load with strict key matching into the classes above.
@@ -630,6 +647,7 @@ def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu"):
     load_weight_files(var, vae, preset, weights_dir)
     vae.to(device).eval().requires_grad_(False)
     return vae, var.to(device)
+
 
 # ---- The distribution sampled from. One function, used by the sampler and by the log-prob
 # recomputation, so that "old" log-probs recorded at sampling equal teacher-forced ones.
@@ -666,6 +684,7 @@ def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0,
         logits_BlV = logits_BlV.masked_fill(drop_BlV, -torch.inf)
     return logits_BlV
 
+
 def check_sampling(temperature, cfg, top_k, top_p):
     """One ValueError for settings no distribution has."""
     ok = 0 < temperature < math.inf and 0 <= cfg < math.inf
@@ -689,6 +708,7 @@ class Rollout:
     # () tokens whose distribution was not finite (drawn uniformly)
     nonfinite: torch.Tensor
 
+
 @torch.no_grad()
 def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, generator=None,
            prefix_idx=None, decode=True) -> Rollout:
@@ -707,9 +727,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     B = labels_B.shape[0]
     K = config.num_scales
     V = config.vocab_size
-    gens = [generator]
-    if isinstance(generator, (list, tuple)):
-        gens = list(generator)
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
     if B % len(gens):
         raise ValueError(f"{B} rows cannot be split among {len(gens)} generators")
 
@@ -771,14 +789,16 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     images = model.vae.fhat_to_img(f_hat) if decode else None
     return Rollout(labels_B, idx_BL, logp_BL, images, nonfinite)
 
+
 def draw(probs_BlV, gens) -> torch.Tensor:
     """One multinomial draw per token, (B, l): the i-th of len(gens) equal groups of
     consecutive rows from gens[i], each group's (rows * l, V) probabilities in one call."""
     B, l, V = probs_BlV.shape
     draws = []
-    for probs_blV, g in zip(probs_BlV.chunk(len(gens)), gens):
-        draws.append(torch.multinomial(probs_blV.reshape(-1, V), 1, generator=g))
+    for probs_blV, gen in zip(probs_BlV.chunk(len(gens)), gens):
+        draws.append(torch.multinomial(probs_blV.reshape(-1, V), 1, generator=gen))
     return torch.cat(draws).view(B, l)
+
 
 def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0,
                    top_k=0, top_p=0.0, return_logits=False):
@@ -811,6 +831,7 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0,
         return logp_BL, logits_BLV
     return logp_BL
 
+
 # ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one
 # runs pasted alone into a file that imports math, torch and torch.nn.functional as F. Sign
 # convention: we maximise J; the loss is -J.
@@ -835,6 +856,7 @@ def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
     flat = ~(hi > lo)
     return torch.where(flat, 0.0, centred / (std + eps)).float()
 
+
 def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2):
     """PPO's clipped objective per token  [GRPO-VAR eq. 1]:
         min(rho A, clip(rho, 1 - eps, 1 + eps) A),
@@ -846,6 +868,7 @@ def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2):
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     return torch.minimum(ratio * A, clipped * A)
 
+
 def kl_k3(logp_BL, ref_logp_BL):
     """Per-token KL estimate  [GRPO-VAR eq. 1]:
         k3 = pi_ref/pi - log(pi_ref/pi) - 1 = expm1(d) - d,
@@ -856,6 +879,7 @@ def kl_k3(logp_BL, ref_logp_BL):
     not of KL(pi || pi_ref) (kl_exact's)."""
     log_ratio = ref_logp_BL - logp_BL
     return torch.expm1(log_ratio) - log_ratio
+
 
 def kl_exact(logits_BLV, ref_logits_BLV):
     """Per-token KL(pi || pi_ref) of [GRPO-VAR eq. 1] exactly,
@@ -871,12 +895,14 @@ def kl_exact(logits_BLV, ref_logits_BLV):
     k3 = torch.expm1(log_ratio) - log_ratio
     return torch.where(p > 0, p * k3, ref_logp.exp()).sum(-1)
 
+
 def entropy(logits_BLV):
     """Per-token entropy of the policy, -sum_v pi_v log pi_v: logged, not in the loss (the KL
     "also acts as an entropy bonus" [GRPO-VAR 5.4])."""
     logp = logits_BLV.log_softmax(-1)
     plogp = torch.where(logp > -torch.inf, logp.exp() * logp, 0.0)
     return -plogp.sum(-1)
+
 
 def grpo_loss(surrogate_BL, kl_BL, pg_weights_BL=None, beta=0.2, kl_weights_BL=None):
     """loss = -J,  [GRPO-VAR eq. 1]
@@ -886,17 +912,21 @@ def grpo_loss(surrogate_BL, kl_BL, pg_weights_BL=None, beta=0.2, kl_weights_BL=N
     a sample with w = 0 gets no policy gradient. u: KL token weights,
     default w (mask propagation keeps the KL outside its mask)."""
     L = surrogate_BL.shape[1]
-    w = torch.full_like(surrogate_BL, 1.0 / L) if pg_weights_BL is None else pg_weights_BL
-    u = w if kl_weights_BL is None else kl_weights_BL
-    objective_B = (w * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)
+    if pg_weights_BL is None:  # the token mean
+        pg_weights_BL = torch.full_like(surrogate_BL, 1.0 / L)
+    if kl_weights_BL is None:
+        kl_weights_BL = pg_weights_BL
+    pg_B = (pg_weights_BL * surrogate_BL).sum(1)
+    objective_B = pg_B - beta * (kl_weights_BL * kl_BL).sum(1)
     return -objective_B.mean()
+
 
 # ---- Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as
 # middle return (VMR) and mask propagation (MP). Pure functions; the trainer uses them
 # through the token weights (PANW, VMR stage, MP) and the advantages (VMR).
 def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
-    """PANW token weights (L,)  [VAR-RL PANW]: a token of scale t (an h_t x w_t grid) weighs
-    k_t = (h_t w_t)^(-alpha), normalised so that one sample's L weights sum to 1. alpha = 0:
+    """PANW token weights (L,)  [VAR-RL PANW]: a token of scale si (a pn x pn grid) weighs
+    k_si = (pn^2)^(-alpha), normalised so that one sample's L weights sum to 1. alpha = 0:
     the plain token mean (1/L); alpha = 1: every scale gets an equal share 1/K."""
     sizes = []
     for pn in patch_nums:
@@ -904,18 +934,21 @@ def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
     k_L = torch.cat(sizes).pow(-alpha)
     return (k_L / k_L.sum()).float()
 
+
 def stage_mask(patch_nums, stage, split_m: int) -> torch.Tensor:
     """(L,) 1 on the tokens a step trains, 0 elsewhere  [VAR-RL VMR]: all (stage None: plain
     GRPO), the prefix scales 0..m-1 (a VMR 'prefix' step) or the suffix scales m..K-1 (a
     'suffix' step)."""
     K = len(patch_nums)
     si_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])
-    first, end = 0, K
+    begin = 0
+    end = K
     if stage == "prefix":
         end = split_m
     if stage == "suffix":
-        first = split_m
-    return ((si_L >= first) & (si_L < end)).float()
+        begin = split_m
+    return ((si_L >= begin) & (si_L < end)).float()
+
 
 def token_weights(panw_L, stage_L, mask_NL, valid_N):
     """The token weights of one step, normalised once  [VAR-RL PANW, MP]:
@@ -930,16 +963,19 @@ def token_weights(panw_L, stage_L, mask_NL, valid_N):
     w_NL = torch.where(total_N1 > 0, w_NL / safe_N1, 0.0)
     return w_NL * valid_N[:, None]
 
-def middle_value(rewards_NK: torch.Tensor, eta: float) -> torch.Tensor:
+
+def middle_value(rewards_Nn: torch.Tensor, eta: float) -> torch.Tensor:
     """Value as middle return  [VAR-RL VMR, eq. 10]:
         V_m(s_m) = eta log( (1/K) sum_k exp(R_k / eta) ),
     a soft maximum of the K on-policy completions' rewards R_k of one
-    prefix s_m (a row). It lies between their mean (eta -> inf) and
-    their max (eta -> 0). Computed in float64 with logsumexp."""
-    r = rewards_NK.double()
-    K = r.shape[1]
-    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(K))
-    return value.to(rewards_NK.dtype)
+    prefix s_m (a row; the paper's K is n = --vmr-k here, K being the
+    scales). It lies between their mean (eta -> inf) and their max
+    (eta -> 0). Computed in float64 with logsumexp."""
+    r = rewards_Nn.double()
+    n = r.shape[1]
+    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(n))
+    return value.to(rewards_Nn.dtype)
+
 
 def default_vmr_split(patch_nums) -> int:
     """VMR's middle scale m (prefix = scales 0..m-1)  [VAR-RL VMR]: the scale boundary nearest
@@ -950,6 +986,7 @@ def default_vmr_split(patch_nums) -> int:
     ends = ends[:-1]  # the prefix must leave a suffix
     gaps = [abs(e - 0.08 * L) for e in ends]
     return 1 + gaps.index(min(gaps))
+
 
 def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
     """Mask propagation  [VAR-RL MP]: a binary mask on the finest token grid (B, pn_K, pn_K) ->
@@ -963,6 +1000,7 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
         m_B1pp = F.interpolate(m_B1HW, size=(pn, pn), mode="area")
         parts.append((m_B1pp > 0).float().view(B, pn * pn))
     return torch.cat(parts, dim=1)
+
 
 def initial_mask(reward, images_B3HW, pn: int, keep: float,
                  labels_B=None):
@@ -1002,20 +1040,21 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float,
     kth_B1 = cells_BN.topk(n_kept, dim=1).values[:, -1:]
     return (cells_BN >= kth_B1).float().view(B, pn, pn)
 
-# ---- Random streams: every draw comes from a generator seeded by (seed, stream, ...) [C9],
-# never from the global RNG.
+
+# ---- Random streams: every draw from a generator seeded by (seed, stream, ...) [C9].
 STREAM_LABELS = 1
 STREAM_SAMPLE = 2
 STREAM_ORDER = 3
 STREAM_SUBSET = 5
+
 
 def derive_seed(*keys: int) -> int:
     """A seed for one random stream, mixed from integers (seed, step, stream, ...)."""
     seq = np.random.SeedSequence([int(k) for k in keys])
     return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
 
-# ---- Settings: `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR
-# paper's.
+
+# ---- Settings: `python vargrpo.py train --help` lists them; defaults: the GRPO-VAR paper's.
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic,"
@@ -1093,10 +1132,10 @@ class TrainArgs:
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 
-# ---- The trainer [GRPO-VAR 4]: `train` holds the loop and one step, numbered 1 sample, 2
-# reward, 3 advantages, 4 token weights, 5 the clipped update with the per-token KL
-# (policy_update, below it), 6 log and save. The run machinery (folder, processes, retries,
-# metrics, timing) sits behind `run`; the step's other parts follow, in step order.
+
+# ---- The trainer [GRPO-VAR 4]: `train` holds the loop and one step (1 sample, 2 reward, 3
+# advantages, 4 token weights, 5 the clipped update: policy_update, below it, 6 log and
+# save); the run machinery sits behind `run`. The step's other parts follow, in step order.
 def train(args: TrainArgs, given=frozenset()) -> dict:
     """GRPO fine-tuning of a VAR [GRPO-VAR 4], with VMR / PANW / MP [VAR-RL] when switched on.
     `given`: the flags set on the command line. Returns the last step's metrics."""
@@ -1111,9 +1150,9 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
         opt, start = run.distribute(policy, ref, make_optimizer)
         pool = label_pool(args, policy.config.num_classes)
         patch_nums = policy.config.patch_nums
-        n_local = args.labels_per_step // run.d.world
-        first_group = run.d.rank * n_local
-        group_ids = list(range(first_group, first_group + n_local))  # global indices
+        n_local = args.labels_per_step // run.dist.world
+        # this process's groups, by global index
+        group_ids = list(range(run.dist.rank * n_local, (run.dist.rank + 1) * n_local))
 
         for step in range(start, args.steps):
             # VMR [VAR-RL]: None (plain GRPO), or this step's stage, split and prefix
@@ -1183,14 +1222,18 @@ def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
                     if args.kl == "k3":
                         kl = kl_k3(logp, batch.ref_logp[ids])
                     else:  # the whole vocabulary of pi_ref, per micro-batch
-                        ref_logits = reference_logits(ref, labels, idx, args, amp)
+                        with torch.no_grad(), amp():
+                            ref_logits = token_logprobs(ref, labels, idx, args.temperature,
+                                                        return_logits=True)[1]
                         kl = kl_exact(logits, ref_logits)
                     loss = grpo_loss(surrogate, kl, batch.pg_w[ids], args.beta,
                                      batch.kl_w[ids])
                     loss = loss * part
                     loss.backward()
-                is_first = epoch == 0 and mb == 0
-                update.add(ids, logp, logits, kl, surrogate, loss, is_first)
+                ent = None
+                if epoch == 0 and mb == 0:  # still the sampling policy: its entropy
+                    ent = entropy(logits.detach())
+                update.add(ids, logp, kl, surrogate, loss, ent)
 
             norm = clip_grad_norm(params, args.max_grad_norm)
             if not torch.isfinite(norm):  # the one host read of an update
@@ -1234,9 +1277,7 @@ def make_optimizer(policy: VAR, args: TrainArgs, device: str):
         dict(params=decay, weight_decay=args.weight_decay),
         dict(params=no_decay, weight_decay=0.0),
     ]
-    fused = None
-    if device.startswith("cuda"):
-        fused = True
+    fused = True if device.startswith("cuda") else None
     return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
 
@@ -1268,9 +1309,8 @@ def vmr_plan(step: int, args: TrainArgs, policy: VAR):
     split_m = args.vmr_m or default_vmr_split(policy.config.patch_nums)
     prefix_len = policy.begin_ends[split_m - 1][1]
     n_prefix, n_suffix = map(int, args.vmr_schedule.split(":"))
-    stage = "suffix"
-    if step % (n_prefix + n_suffix) < n_prefix:
-        stage = "prefix"
+    in_prefix = step % (n_prefix + n_suffix) < n_prefix
+    stage = "prefix" if in_prefix else "suffix"
     return VMRPlan(stage, split_m, prefix_len)
 
 
@@ -1293,17 +1333,17 @@ def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
     prefix, the sample being the first: G*n rows per label, prefix j's completion c at row
     j*n + c."""
     G = args.group_size
-    n_comp = 1
-    prefix_len = None
-    if vmr:
-        n_comp = args.vmr_k
-        prefix_len = vmr.prefix_len
+    n_comp = args.vmr_k if vmr else 1
+    prefix_len = vmr.prefix_len if vmr else None
     gens = []
     for i in group_ids:
         seed = derive_seed(args.seed, step, STREAM_SAMPLE, i)
         gens.append(torch.Generator(labels_n.device).manual_seed(seed))
 
-    parts = []
+    idx = []
+    logp = []
+    labels = []
+    nonfinite = 0
     for c in range(0, len(group_ids), per_call):
         labels_B = labels_n[c:c + per_call].repeat_interleave(G)
         kw = dict(temperature=args.temperature, generator=gens[c:c + per_call],
@@ -1312,35 +1352,15 @@ def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
         prefix_Bl = outs[0].idx[:, :prefix_len]
         for _ in range(n_comp - 1):
             outs.append(sample(policy, labels_B, prefix_idx=prefix_Bl, **kw))
+
         # row j*n + c: completion c of sample j
-        idx = torch.stack([o.idx for o in outs], 1).flatten(0, 1)
-        logp = torch.stack([o.logprobs for o in outs], 1).flatten(0, 1)
-        parts.append(Rollout(
-            labels=labels_B.repeat_interleave(n_comp), idx=idx,
-            logprobs=logp.float(), images=None,
-            nonfinite=sum(o.nonfinite for o in outs),
-        ))
+        idx.append(torch.stack([o.idx for o in outs], 1).flatten(0, 1))
+        logp.append(torch.stack([o.logprobs for o in outs], 1).flatten(0, 1))
+        labels.append(labels_B.repeat_interleave(n_comp))
+        nonfinite = nonfinite + sum(o.nonfinite for o in outs)
 
-    return Rollout(
-        labels=torch.cat([p.labels for p in parts]),
-        idx=torch.cat([p.idx for p in parts]),
-        logprobs=torch.cat([p.logprobs for p in parts]),
-        images=None,
-        nonfinite=sum(p.nonfinite for p in parts),
-    )
-
-
-@timed("decode")
-@torch.no_grad()
-def decode(vae: VQVAE, idx_NL, batch: int, device: str):
-    """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder under bf16 autocast on
-    GPUs."""
-    on_gpu = str(device).startswith("cuda")
-    images = []
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-        for i in range(0, len(idx_NL), batch):
-            images.append(vae.idx_to_img(idx_NL[i:i + batch]).float())
-    return torch.cat(images)
+    logp_NL = torch.cat(logp).float()
+    return Rollout(torch.cat(labels), torch.cat(idx), logp_NL, None, nonfinite)
 
 
 # ---- Step 2: reward, and the mask-propagation mask.
@@ -1403,23 +1423,14 @@ class UpdateBatch:
     # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL)
     ref_logp: torch.Tensor | None = None
 
-    def gathered(self) -> "UpdateBatch":
-        """Every process's rows in global group order, so that minibatches do not depend on the
-        number of processes [C9] (a few MB even at the paper's 512 samples of 680 tokens)."""
-        rows = {k: all_gather_cat(v) for k, v in vars(self).items() if v is not None}
-        return UpdateBatch(**rows)
-
 
 def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
                  args: TrainArgs, amp) -> UpdateBatch:
     """Step 4: the rows to train and their token weights (token_weights: PANW x VMR stage x
     MP), and for the k3 KL pi_ref's log-probs of them; all processes' rows."""
+    stage = vmr.stage if vmr else None
+    split_m = vmr.split_m if vmr else 0
     rows = slice(None)
-    stage = None
-    split_m = 0
-    if vmr:
-        stage = vmr.stage
-        split_m = vmr.split_m
     if stage == "prefix":  # one row per prefix
         rows = slice(None, None, args.vmr_k)
     adv_N = adv_NG.flatten()
@@ -1430,9 +1441,7 @@ def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
     panw_L = panw_weights(patch_nums, args.panw_alpha).to(device)
     stage_L = stage_mask(patch_nums, stage, split_m).to(device)
     ones_NL = torch.ones(len(adv_N), len(panw_L), device=device)
-    pg_mask_NL = ones_NL
-    if mp_mask is not None:
-        pg_mask_NL = mp_mask[rows]
+    pg_mask_NL = ones_NL if mp_mask is None else mp_mask[rows]
 
     batch = UpdateBatch(
         labels=roll.labels[rows],
@@ -1444,7 +1453,11 @@ def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
     )
     if args.kl == "k3":
         batch.ref_logp = reference_logprobs(ref, batch.labels, batch.idx, args, amp)
-    return batch.gathered()
+
+    # every process's rows in global group order, so that minibatches do not depend on
+    # the number of processes [C9] (a few MB even at 512 samples of 680 tokens)
+    rows = {k: all_gather_cat(v) for k, v in vars(batch).items() if v is not None}
+    return UpdateBatch(**rows)
 
 
 def reference_logprobs(ref, labels_N, idx_NL, args: TrainArgs, amp,
@@ -1460,63 +1473,17 @@ def reference_logprobs(ref, labels_N, idx_NL, args: TrainArgs, amp,
     return torch.cat(parts)
 
 
-# ---- Step 5: what the update (policy_update, above) calls, and what it records.
-def reference_logits(ref, labels, idx, args: TrainArgs, amp):
-    """pi_ref's processed logits (n, L, V), without autograd: the exact KL's."""
-    with torch.no_grad(), amp():
-        out = token_logprobs(ref, labels, idx, args.temperature, return_logits=True)
-    return out[1]
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of an update, detached: what step 6's metrics read."""
-
-    ids: torch.Tensor  # (n,) its rows of the UpdateBatch
-    logp: torch.Tensor  # (n, L) log pi_theta (tempered, as sampled)
-    kl: torch.Tensor  # (n, L) per-token KL to pi_ref
-    surrogate: torch.Tensor  # (n, L) the clipped objective
-    loss: torch.Tensor  # () its share of the minibatch's loss
-    entropy: torch.Tensor | None  # (n, L) the first minibatch's entropy, else None
-
-
-@dataclass
-class Update:
-    """What step 5 did: its micro-batches, the gradient norm of each optimizer step, and why
-    it stopped early (a non-finite gradient), or None."""
-
-    si_L: torch.Tensor  # (L,) scale ids, for the per-scale metrics
-    num_scales: int
-    parts: list = field(default_factory=list)  # [MicroBatch]
-    grad_norms: list = field(default_factory=list)  # [() tensor]
-    nonfinite: str | None = None
-
-    @torch.no_grad()
-    def add(self, ids, logp, logits, kl, surrogate, loss, is_first: bool):
-        ent = None
-        if is_first:  # still the sampling policy: its entropy
-            ent = entropy(logits)
-        part = MicroBatch(ids, logp.detach(), kl.detach(), surrogate.detach(),
-                          loss.detach(), ent)
-        self.parts.append(part)
-
-
-# ---- Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation,
-# ablation, benchmark, plots and the digits model: `python vargrpo_tools.py --help`.
+# ---- Command line. Evaluation, ablation, plots: `python vargrpo_tools.py --help`.
 def main(argv=None):
     """`python vargrpo.py train ...`, also under torchrun; a user's mistake, a failed run or a
-    signal ends in one line and its exit code (vargrpo_run.exit_code)."""
-    try:
-        args, given = parse_train_args(argv, TrainArgs)
-        return train(args, given)
-    except RUN_ERRORS as e:
-        exit_with(e, "vargrpo")
+    signal ends in one line and its exit code (vargrpo_run.command_line)."""
+    return command_line(argv, TrainArgs, train)
+
 
 # names that live in vargrpo_run, importable from here as before
 MOVED_TO_RUN = (
-    "VAE_FILE", "CheckpointError", "PeerFailed", "RunFailed", "Stopped",
-    "UsageError", "find_or_download", "load_checked", "make_reward",
-    "read_state_dict", "step_metrics",
+    "VAE_FILE", "CheckpointError", "PeerFailed", "RunFailed", "Stopped", "UsageError",
+    "find_or_download", "load_checked", "make_reward", "read_state_dict",
 )
 
 

@@ -746,7 +746,6 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
         raise UsageError(f"reward {spec!r}: {e}") from None
 
 
-
 def distribute(policy, ref, d, fsdp: bool = False):
     """The model step 5 trains: under torchrun the policy in a DistributedDataParallel wrapper,
     or with --fsdp the policy and the frozen reference sharded in place by FSDP2 (shard_fsdp) and
@@ -972,7 +971,6 @@ def groups_per_sample_call(sample_batch: int, group_size: int, n_groups: int, co
         dtype = torch.get_autocast_dtype("cuda")
     rows = rows_that_fit(free, config, dtype.itemsize, group_size)
     return min(n_groups, rows // group_size)
-
 
 
 def reward_passes(reward, a) -> int:
@@ -1600,6 +1598,35 @@ def my_micro_batches(model, order, mb: int, a, device):
         yield ids, len(ids) / share, grad_sync(model, last)
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step's update, detached: what step 6's metrics read."""
+
+    ids: torch.Tensor  # (n,) its rows of the step's UpdateBatch
+    logp: torch.Tensor  # (n, L) log pi_theta (tempered, as sampled)
+    kl: torch.Tensor  # (n, L) per-token KL to pi_ref
+    surrogate: torch.Tensor  # (n, L) the clipped objective
+    loss: torch.Tensor  # () its share of the minibatch's loss
+    entropy: torch.Tensor | None  # (n, L) the first minibatch's entropy, else None
+
+
+@dataclass
+class Update:
+    """What step 5 did: its micro-batches, the gradient norm of each optimizer step, and why
+    it stopped early (a non-finite gradient), or None."""
+
+    si_L: torch.Tensor  # (L,) scale ids, for the per-scale metrics
+    num_scales: int
+    parts: list = field(default_factory=list)  # [MicroBatch]
+    grad_norms: list = field(default_factory=list)  # [() tensor]
+    nonfinite: str | None = None
+
+    def add(self, ids, logp, kl, surrogate, loss, entropy=None):
+        part = MicroBatch(ids, logp.detach(), kl.detach(), surrogate.detach(),
+                          loss.detach(), entropy)
+        self.parts.append(part)
+
+
 def step_metrics(step, scored, adv_NG, b, update, times, a, stage,
                  reward_passes: int) -> dict:
     """One metrics.jsonl line (the README explains each). Call on every rank: it gathers and
@@ -1699,11 +1726,11 @@ class Run:
     folder, unlocks DIR and leaves the process group."""
 
     def __init__(self, args, given, presets: dict):
-        self.d = setup_distributed(args.device)
-        self.device = self.d.device
+        self.dist = setup_distributed(args.device)
+        self.device = self.dist.device
         self.stop = StopRequest()
         out = Path(args.resume or args.out)
-        self.folder = RunFolder(out, self.d, presets)
+        self.folder = RunFolder(out, self.dist, presets)
         self.model = None
 
     def __enter__(self):
@@ -1739,7 +1766,7 @@ class Run:
         the optimizer's state. Returns (opt, start): the optimizer and the step to continue
         from (0 for a new run); `run.model` is the model the update trains (held here alone:
         leaving the run drops it before the process group)."""
-        self.model = distribute(policy, ref, self.d, self.args.fsdp)
+        self.model = distribute(policy, ref, self.dist, self.args.fsdp)
         opt = make_optimizer(policy, self.args, self.device)
         self.policy = policy
         self.opt = opt
@@ -1756,7 +1783,7 @@ class Run:
         STEP_CLOCK.restart()
         sampler = sampling_policy(policy)
         a = self.args
-        n_groups = a.labels_per_step // self.d.world
+        n_groups = a.labels_per_step // self.dist.world
         with self.amp():
             per_call = groups_per_sample_call(
                 a.sample_batch, a.group_size, n_groups, policy.config, self.device)
@@ -1783,6 +1810,17 @@ class Run:
         self.folder.halt_if_nonfinite(roll.nonfinite, update, step, self.policy, self.opt)
         self.folder.save_or_stop(self.stop.signum, self.policy, self.opt, step + 1)
         return metrics
+
+
+def command_line(argv, cls, train):
+    """`python vargrpo.py train ...` (argv; None: sys.argv): the settings (parse_train_args),
+    then train(args, given); a user's mistake, a failed run or a signal ends in one line and
+    its exit code (exit_with)."""
+    try:
+        args, given = parse_train_args(argv, cls)
+        return train(args, given)
+    except RUN_ERRORS as e:
+        exit_with(e, "vargrpo")
 
 
 # ---- Launching: torchrun with the processes' own exit code.
