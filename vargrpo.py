@@ -1153,6 +1153,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
         n_local = args.labels_per_step // run.dist.world
         # this process's groups, by global index
         group_ids = list(range(run.dist.rank * n_local, (run.dist.rank + 1) * n_local))
+        amp = run.amp  # autocast: bf16 on GPUs, fp32 on the CPU (--dtype)
 
         for step in range(start, args.steps):
             # VMR [VAR-RL]: None (plain GRPO), or this step's stage, split and prefix
@@ -1162,7 +1163,7 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             #   log-probs recorded; VMR: K - 1 more completions of each sample's prefix
             labels_n = step_labels(pool, args, step)[group_ids].to(run.device)
             sampler, per_call = run.sampling_policy(policy)  # the step's clock starts
-            with run.amp():
+            with amp():
                 roll = rollout(sampler, labels_n, group_ids, args, step, per_call, vmr)
             images = decode(vae, roll.idx, args.reward_batch, run.device)
 
@@ -1175,10 +1176,10 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
 
             # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1; pi_ref
             batch = update_batch(roll, returns_NG, adv_NG, scored.mp_mask, vmr, ref, args,
-                                 run.amp)
+                                 amp)
 
             # 5 the clipped update with the per-token KL (eq. 1), per minibatch
-            update = policy_update(run.model, opt, ref, batch, args, step, run.amp)
+            update = policy_update(run.model, opt, ref, batch, args, step, amp)
 
             # 6 metrics, logged; a diverged policy stops the run; saved every
             #   --save-every steps, and on Ctrl-C / SIGTERM (then stopped)
@@ -1209,8 +1210,7 @@ def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
         for mb in range(n_minibatches):
             opt.zero_grad(set_to_none=True)
             # this process's share, in micro-batches whose gradients add up
-            micro_batches = my_micro_batches(model, order, mb, args, device)
-            for ids, part, sync in micro_batches:
+            for ids, part, sync in my_micro_batches(model, order, mb, args, device):
                 labels = batch.labels[ids]
                 idx = batch.idx[ids]
                 with sync:  # DDP: the last micro-batch all-reduces the sum
@@ -1219,6 +1219,7 @@ def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
                                                       return_logits=True)
                     surrogate = clipped_surrogate(logp, batch.old_logp[ids],
                                                   batch.adv[ids], args.clip_eps)
+
                     if args.kl == "k3":
                         kl = kl_k3(logp, batch.ref_logp[ids])
                     else:  # the whole vocabulary of pi_ref, per micro-batch
@@ -1226,10 +1227,11 @@ def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
                             ref_logits = token_logprobs(ref, labels, idx, args.temperature,
                                                         return_logits=True)[1]
                         kl = kl_exact(logits, ref_logits)
-                    loss = grpo_loss(surrogate, kl, batch.pg_w[ids], args.beta,
-                                     batch.kl_w[ids])
-                    loss = loss * part
+
+                    loss = part * grpo_loss(surrogate, kl, batch.pg_w[ids], args.beta,
+                                            batch.kl_w[ids])
                     loss.backward()
+
                 ent = None
                 if epoch == 0 and mb == 0:  # still the sampling policy: its entropy
                     ent = entropy(logits.detach())
@@ -1237,8 +1239,7 @@ def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
 
             norm = clip_grad_norm(params, args.max_grad_norm)
             if not torch.isfinite(norm):  # the one host read of an update
-                update.nonfinite = (f"the loss gradient (update {mb + 1} of epoch"
-                                    f" {epoch + 1})")
+                update.nonfinite = f"the loss gradient (update {mb + 1} of epoch {epoch + 1})"
                 return update
             opt.step()
             update.grad_norms.append(norm)
