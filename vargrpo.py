@@ -618,9 +618,8 @@ class VAR(nn.Module):
 
 
 def build_vae_var(config: VARConfig, seed: int = 0):
-    """A random VQVAE and VAR (PyTorch's default init; the official one is
-    vargrpo_tools.official_init_), on the CPU, seeded locally (the global RNG is left as it
-    was). The VQVAE is frozen."""
+    """A random VQVAE (frozen) and VAR, PyTorch's default init (the official one:
+    vargrpo_tools.official_init_), on the CPU, seeded locally (the global RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = VQVAE(config).eval().requires_grad_(False)
@@ -701,12 +700,9 @@ def check_sampling(temperature, cfg, top_k, top_p):
 class Rollout:
     labels: torch.Tensor  # (B,) class labels
     idx: torch.Tensor  # (B, L) tokens, all scales concatenated
-    # (B, L) log-prob of each token under the distribution sampled from
-    logprobs: torch.Tensor
-    # (B, 3, H, W) in [0, 1], or None with decode=False
-    images: torch.Tensor | None
-    # () tokens whose distribution was not finite (drawn uniformly)
-    nonfinite: torch.Tensor
+    logprobs: torch.Tensor  # (B, L) of each token, under the distribution sampled from
+    images: torch.Tensor | None  # (B, 3, H, W) in [0, 1], or None with decode=False
+    nonfinite: torch.Tensor  # () tokens whose distribution was not finite (drawn uniformly)
 
 
 @torch.no_grad()
@@ -1191,11 +1187,9 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
 def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
                   step: int, amp) -> Update:
     """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch
-    [GRPO-VAR eq. 1], pi_theta and pi_ref tempered as sampled [C8].
-
-    One seeded global order makes the minibatches the same whatever the number of processes
-    [C9]; each process trains its share of each, and DDP averages the shares. A non-finite
-    gradient stops the updates, untaken."""
+    [GRPO-VAR eq. 1], pi_theta and pi_ref tempered as sampled [C8]. One seeded global order
+    makes the minibatches the same whatever the number of processes [C9]; each process trains
+    its share of each, DDP averages the shares. A non-finite gradient stops it, untaken."""
     config = unwrap(model).config
     device = batch.idx.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1263,8 +1257,7 @@ def build_models(args: TrainArgs, device):
 
 def make_optimizer(policy: VAR, args: TrainArgs, device: str):
     """AdamW with the official VAR parameter groups [C12]: no weight decay on embeddings,
-    scale_mul, biases and 1-D tensors, so rows that never get a gradient (the null class;
-    unseen classes with --label-subset half) never change."""
+    scale_mul and 1-D tensors, so rows without a gradient (null, unseen classes) stay."""
     no_decay_names = ("class_emb", "lvl_embed", "pos_", "scale_mul")
     decay = []
     no_decay = []
@@ -1283,8 +1276,7 @@ def make_optimizer(policy: VAR, args: TrainArgs, device: str):
 
 
 def label_pool(args: TrainArgs, num_classes: int) -> torch.Tensor:
-    """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1, 'seen 50%
-    labels']."""
+    """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1]."""
     if args.label_subset == "all":
         return torch.arange(num_classes)
     gen = torch.Generator().manual_seed(derive_seed(args.seed, STREAM_SUBSET))
@@ -1294,8 +1286,7 @@ def label_pool(args: TrainArgs, num_classes: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VMRPlan:
-    """One VMR step [VAR-RL VMR]: which stage it trains, the middle scale m and the tokens
-    of the prefix (scales 0..m-1)."""
+    """One VMR step [VAR-RL VMR]: its stage, the middle scale m, the prefix's tokens."""
 
     stage: str  # 'prefix' or 'suffix'
     split_m: int
@@ -1303,8 +1294,7 @@ class VMRPlan:
 
 
 def vmr_plan(step: int, args: TrainArgs, policy: VAR):
-    """None (plain GRPO), or the step's VMR plan: P prefix steps, then S suffix steps,
-    repeating (--vmr-schedule P:S); m = --vmr-m or default_vmr_split."""
+    """None (plain GRPO), or the step's VMR plan: P prefix then S suffix steps (P:S)."""
     if not args.vmr:
         return None
     split_m = args.vmr_m or default_vmr_split(policy.config.patch_nums)
@@ -1364,6 +1354,18 @@ def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
     return Rollout(torch.cat(labels), torch.cat(idx), logp_NL, None, nonfinite)
 
 
+@timed("decode")
+@torch.no_grad()
+def decode(vae: VQVAE, idx_NL, batch: int, device: str):
+    """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder in bf16 on GPUs."""
+    on_gpu = str(device).startswith("cuda")
+    images = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        for i in range(0, len(idx_NL), batch):
+            images.append(vae.idx_to_img(idx_NL[i:i + batch]).float())
+    return torch.cat(images)
+
+
 # ---- Step 2: reward, and the mask-propagation mask.
 @dataclass
 class Scored:
@@ -1418,17 +1420,14 @@ class UpdateBatch:
     idx: torch.Tensor  # (N, L) tokens
     old_logp: torch.Tensor  # (N, L) log-probs at sampling, pi_old
     adv: torch.Tensor  # (N,) the sample's advantage, for its tokens
-    # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
-    pg_w: torch.Tensor
+    pg_w: torch.Tensor  # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
     kl_w: torch.Tensor  # (N, L) KL token weights, likewise
-    # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL)
-    ref_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None  # (N, L) log pi_ref, the frozen model (k3 KL)
 
 
 def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
                  args: TrainArgs, amp) -> UpdateBatch:
-    """Step 4: the rows to train and their token weights (token_weights: PANW x VMR stage x
-    MP), and for the k3 KL pi_ref's log-probs of them; all processes' rows."""
+    """Step 4: all processes' rows, their token weights (PANW x VMR stage x MP), pi_ref."""
     stage = vmr.stage if vmr else None
     split_m = vmr.split_m if vmr else 0
     rows = slice(None)
@@ -1463,8 +1462,7 @@ def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
 
 def reference_logprobs(ref, labels_N, idx_NL, args: TrainArgs, amp,
                        chunk: int = 64) -> torch.Tensor:
-    """log pi_ref (N, L) of this process's rows, tempered as sampled [C8], without autograd,
-    `chunk` rows a pass: once per step for the k3 KL."""
+    """log pi_ref (N, L) of this process's rows for the k3 KL, `chunk` rows a pass [C8]."""
     parts = []
     with torch.no_grad(), amp():
         for i in range(0, len(idx_NL), chunk):
