@@ -1322,23 +1322,23 @@ def test_reference_logprobs_once_per_step_train_the_same_weights(tmp_path, monke
         assert new[k] == pytest.approx(old[k], rel=1e-5, abs=1e-7), k
 
 
-@given(seed=seeds, temperature=st.sampled_from([0.7, 1.0]))
+@given(seed=seeds, temperature=st.sampled_from([0.7, 1.0]), chunk=st.sampled_from([1, 2, 64]))
 @settings(max_examples=4)
-def test_reference_logprobs_and_logits_are_pi_ref_tempered(seed, temperature):
-    """pi_ref's pieces of step 5, without autograd: its log-probs in chunks equal one teacher-forced
-    pass, its logits (the exact KL's) those of token_logprobs, both at the sampling temperature."""
+def test_reference_logprobs_are_pi_ref_tempered_in_chunks(seed, temperature, chunk):
+    """pi_ref's log-probs for the k3 KL, without autograd: in chunks of rows they equal one
+    teacher-forced pass at the sampling temperature (not another)."""
     vae, ref = random_model((1, 2, 3), depth=1, seed=seed)
     g = gen(seed)
     labels, idx = torch.randint(0, 5, (5,), generator=g), torch.randint(0, 32, (5, 14), generator=g)
     a = vg.TrainArgs(temperature=temperature)
-    logp, logits = vg.token_logprobs(ref, labels, idx, temperature, return_logits=True)
-    chunked = vg.reference_logprobs(ref, labels, idx, a, contextlib.nullcontext, chunk=2)
-    torch.testing.assert_close(chunked, logp, rtol=0, atol=1e-6)
+    chunked = vg.reference_logprobs(ref, labels, idx, a, contextlib.nullcontext, chunk=chunk)
+    # float rounding differs with the rows of a matmul: up to ~2e-6 here
+    torch.testing.assert_close(chunked, vg.token_logprobs(ref, labels, idx, temperature), rtol=1e-5, atol=1e-5)
     assert not chunked.requires_grad
-    torch.testing.assert_close(vg.reference_logits(ref, labels, idx, a, contextlib.nullcontext), logits)
+    assert not torch.allclose(chunked, vg.token_logprobs(ref, labels, idx, temperature * 1.5))
 
 
-# ---- Step 6: metrics (step_metrics)
+# ---- Step 6: metrics (Run.after_step, vargrpo_run.step_metrics)
 
 
 def test_step_metrics_logs_every_namespace(tiny_run):
