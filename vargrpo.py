@@ -1156,9 +1156,9 @@ def train(args: TrainArgs, given=frozenset()) -> dict:
             vmr = vmr_plan(step, args, policy)
 
             # 1 sample: G images per label from the current policy (pi_old), their
-            #   log-probs recorded; VMR: K - 1 more completions of each sample's prefix
-            labels_n = step_labels(pool, args, step)[group_ids].to(run.device)
+            #   log-probs recorded; VMR: n - 1 more completions of each sample's prefix
             sampler, per_call = run.sampling_policy(policy)  # the step's clock starts
+            labels_n = step_labels(pool, args, step)[group_ids].to(run.device)
             with amp():
                 roll = rollout(sampler, labels_n, group_ids, args, step, per_call, vmr)
             images = decode(vae, roll.idx, args.reward_batch, run.device)
