@@ -3,8 +3,10 @@
 What a trainer needs and a reader of the method does not: errors and
 their exit codes, the distributed helpers, settings from the command
 line and --config, argument checks, the run folder (lock, atomic
-checkpoints, exact resume, --overwrite rules), the metrics log and its
-TensorBoard mirror, and Ctrl-C / SIGTERM handling.
+checkpoints, exact resume, --overwrite rules), the metrics (their
+reductions, the step's timing), the log and its TensorBoard mirror,
+and Ctrl-C / SIGTERM handling. `train` reaches it through `Run` (one
+object per run: three calls per step) and a few named helpers.
 
 vargrpo.py imports this module; this module never imports vargrpo.
 """
