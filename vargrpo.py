@@ -841,10 +841,10 @@ def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
     sample [GRPO-VAR 4.2]. Returns A (N, G) float32."""
     r = rewards_NG.double()
     valid = torch.isfinite(r)
-    n = valid.sum(dim=1, keepdim=True).clamp_min(1)
-    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n
+    n_valid = valid.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n_valid
     centred = torch.where(valid, r - mean, 0.0)
-    std = (centred.square().sum(dim=1, keepdim=True) / n).sqrt()
+    std = (centred.square().sum(dim=1, keepdim=True) / n_valid).sqrt()
 
     hi = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
     lo = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
@@ -968,8 +968,8 @@ def middle_value(rewards_Nn: torch.Tensor, eta: float) -> torch.Tensor:
     scales). It lies between their mean (eta -> inf) and their max
     (eta -> 0). Computed in float64 with logsumexp."""
     r = rewards_Nn.double()
-    n = r.shape[1]
-    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(n))
+    n_comp = r.shape[1]
+    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(n_comp))
     return value.to(rewards_Nn.dtype)
 
 
@@ -1335,9 +1335,9 @@ def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
     logp = []
     labels = []
     nonfinite = 0
-    for c in range(0, len(group_ids), per_call):
-        labels_B = labels_n[c:c + per_call].repeat_interleave(G)
-        kw = dict(temperature=args.temperature, generator=gens[c:c + per_call],
+    for begin in range(0, len(group_ids), per_call):
+        labels_B = labels_n[begin:begin + per_call].repeat_interleave(G)
+        kw = dict(temperature=args.temperature, generator=gens[begin:begin + per_call],
                   decode=False)
         outs = [sample(policy, labels_B, **kw)]
         prefix_Bl = outs[0].idx[:, :prefix_len]
@@ -1379,9 +1379,9 @@ def score(reward, images, labels_N, patch_nums, args: TrainArgs) -> Scored:
     """The rewards of the images (of classes `labels_N`), in --reward-batch chunks, and with
     --mask-propagation the reward-relevant tokens [VAR-RL MP]: the finest grid's mask,
     propagated to every scale. Label-blind rewards ignore the labels."""
-    n = args.reward_batch
-    chunks = [images[i:i + n] for i in range(0, len(images), n)]
-    labels = [labels_N[i:i + n] for i in range(0, len(images), n)]
+    chunk = args.reward_batch
+    chunks = [images[i:i + chunk] for i in range(0, len(images), chunk)]
+    labels = [labels_N[i:i + chunk] for i in range(0, len(images), chunk)]
     with torch.no_grad():
         outs = [reward(c, y, return_components=True) for c, y in zip(chunks, labels)]
 
