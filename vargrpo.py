@@ -42,7 +42,7 @@ Choices within the papers (where they are silent):
     every minibatch holds the same samples whatever the number of processes: a run does not
     depend on it (up to float summation order). Labels per step and minibatch sizes are
     global.
-10. VMR reuses each group sample as the first of its prefix's K completions; prefix and
+10. VMR reuses each group sample as the first of its prefix's n completions; prefix and
     suffix steps alternate by the schedule; the prefix's KV cache is recomputed (~8% of the
     tokens). Each stage's loss, its per-token KL included, covers that stage's tokens only.
 11. Mask propagation starts from the reward's region when every term of the reward scores a
@@ -55,7 +55,7 @@ Choices within the papers (where they are silent):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +64,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import vargrpo_run
 from vargrpo_run import (
-    OFFICIAL_PRESETS, VAE_FILE, CheckpointError, Laps, PeerFailed, RunFailed, RunFolder,
-    Stopped, StopRequest, UsageError, all_gather_cat, all_reduce, arg, autocast,
-    autocast_dtype, check_depth, check_sample_call, check_sampling_args, check_var_config,
-    clip_grad_norm, distribute, exit_with, find_or_download, grad_sync,
-    groups_per_sample_call, load_checked, make_reward, parse_train_args, read_state_dict,
-    reward_passes, rows_in_chunks, run_metrics, sampling_policy, setup_distributed,
-    to_float32,
+    Run, Update, all_gather_cat, arg, clip_grad_norm, command_line,
+    load_weight_files, my_micro_batches, timed,
 )
+
 
 # ---- Config
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class VARConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-        check_var_config(self)  # one ValueError naming what is wrong
+        check_config(self)  # one ValueError naming what is wrong
 
     embed_dim = property(lambda self: 64 * self.depth)  # C (official: 64 * depth)
     num_heads = property(lambda self: self.depth)  # head_dim is always 64
@@ -104,6 +101,22 @@ class VARConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
+
+
+def check_config(c: VARConfig):
+    """A VARConfig's sizes: one ValueError naming what is wrong."""
+    patch_nums = c.patch_nums
+    rising = all(hi > lo for lo, hi in zip(patch_nums, patch_nums[1:]))
+    if len(patch_nums) < 2 or not rising or patch_nums[0] < 1:
+        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {patch_nums}")
+
+    sizes = (c.depth, c.z_channels, c.num_classes)
+    if min(sizes) < 1 or c.vocab_size < 2 or c.vae_ch % 32:
+        raise ValueError(
+            f"invalid VARConfig {c}: depth, vocab_size, z_channels, num_classes must be"
+            " positive and vae_ch a multiple of 32 (GroupNorm with 32 groups)"
+        )
+
 
 PRESETS = {
     "d16": VARConfig(depth=16),
@@ -126,24 +139,32 @@ PRESETS = {
                       num_classes=10),
 }
 
+
 # ---- Scale bookkeeping. L = all tokens of all scales, l = the tokens of one scale, si =
 # scale index, pn = side of that scale's grid.
 def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
     """[(begin, end)] of each scale's tokens in the flattened sequence (row-major within a
     scale)."""
-    ends = np.cumsum([pn * pn for pn in patch_nums]).tolist()
-    return list(zip([0] + ends[:-1], ends))
+    begin_ends = []
+    end = 0
+    for pn in patch_nums:
+        begin_ends.append((end, end + pn * pn))
+        end += pn * pn
+    return begin_ends
+
 
 def scale_ids(patch_nums) -> torch.Tensor:
     """si_L: (L,) long, the scale index of every token."""
     parts = [torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)]
     return torch.cat(parts)
 
+
 def block_causal_bias(patch_nums) -> torch.Tensor:
     """(L, L) additive attention bias: 0 where query scale >= key scale, -inf elsewhere: a
     token sees every token of its own and all coarser scales, nothing of finer scales."""
     si_L = scale_ids(patch_nums).float()
     return torch.where(si_L[:, None] >= si_L[None, :], 0.0, -torch.inf)
+
 
 def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
     """(B, L) -> [(B, pn*pn)] per scale; L may stop at the end of any scale (a prefix)."""
@@ -154,11 +175,13 @@ def split_scales(idx_BL: torch.Tensor, patch_nums) -> list[torch.Tensor]:
         raise ValueError(f"token sequence of length {L} does not end at a scale boundary {ends}")
     return [idx_BL[:, b:e] for b, e in begin_ends if e <= L]
 
+
 # ---- VQVAE: the frozen multi-scale tokenizer. Encoder and decoder are the official taming-
 # style CNNs (two res-blocks per level, attention at the lowest resolution); the quantizer
 # is VAR's multi-scale one.
 def group_norm(C: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=C, eps=1e-6)
+
 
 class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
@@ -178,6 +201,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return self.nin_shortcut(x_BChw) + h
 
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, residual."""
 
@@ -194,6 +218,7 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (B, hw, C)
         out = out.transpose(1, 2).reshape(B, C, h, w)
         return x_BChw + self.proj_out(out)
+
 
 def cnn_level(c_in, c_out, n_blocks, attn, resample) -> nn.Module:
     """One resolution level: n res-blocks (each followed by attention at the lowest level),
@@ -215,6 +240,7 @@ def cnn_level(c_in, c_out, n_blocks, attn, resample) -> nn.Module:
         level.upsample.conv = nn.Conv2d(c_out, c_out, 3, 1, 1)
     return level
 
+
 def run_level(level: nn.Module, h):
     for i, block in enumerate(level.block):
         h = block(h)
@@ -227,12 +253,14 @@ def run_level(level: nn.Module, h):
         return level.upsample.conv(h)
     return h
 
+
 def cnn_mid(C: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = ResnetBlock(C, C)
     mid.attn_1 = AttnBlock(C)
     mid.block_2 = ResnetBlock(C, C)
     return mid
+
 
 class Encoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult):
@@ -256,6 +284,7 @@ class Encoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h)
+
 
 class Decoder(nn.Module):
     def __init__(self, ch: int, z_channels: int, ch_mult):
@@ -286,6 +315,7 @@ class Decoder(nn.Module):
         h = F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())
         return self.conv_out(h)
 
+
 class Phi(nn.Conv2d):
     """Phi(h) = (1 - r) h + r conv3x3(h), r = 0.5: VAR's refinement of each upsampled scale."""
 
@@ -297,13 +327,18 @@ class Phi(nn.Conv2d):
         refined = super().forward(h_BChw).mul(self.resi_ratio)
         return h_BChw.mul(1 - self.resi_ratio) + refined
 
+
 def phi_index(si: int, num_scales: int, num_phi: int = 4) -> int:
     """Which of the 4 shared Phi convs refines scale si (official PhiPartiallyShared): the
     convs sit at ticks linspace(1/12, 11/12, 4); scale si uses the tick nearest to si/(K-1),
     the first one on a tie (in float64 exactly as numpy does: ties occur, e.g. K=10, si=2)."""
     third = 1 / 3 / num_phi
-    ticks = np.linspace(third, 1 - third, num_phi)
-    return int(np.argmin(np.abs(ticks - si / (num_scales - 1))))
+    step = (1 - third - third) / (num_phi - 1)
+    ticks = [i * step + third for i in range(num_phi - 1)]
+    ticks.append(1 - third)  # np.linspace's ticks, bit for bit
+    gaps = [abs(tick - si / (num_scales - 1)) for tick in ticks]
+    return gaps.index(min(gaps))
+
 
 class VectorQuantizer(nn.Module):
     """Multi-scale residual quantizer: f_hat = sum_k Phi_k(up(h_k)),
@@ -366,11 +401,13 @@ class VectorQuantizer(nn.Module):
             parts.append(area_down(f_hat, self.patch_nums[si + 1]))
         return torch.cat(parts, dim=1)
 
+
 def area_down(f_BChw, pn: int):
     """Area-downsample the finest-grid map to pn x pn and flatten it: (B, pn*pn, C)."""
     B, C = f_BChw.shape[:2]
     f_BCpp = F.interpolate(f_BChw, size=(pn, pn), mode="area")
     return f_BCpp.view(B, C, pn * pn).transpose(1, 2)
+
 
 class VQVAE(nn.Module):
     """The frozen tokenizer: multi-scale tokens -> images. State dict = official (the encoder
@@ -399,6 +436,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"idx_to_img expects all {L} tokens, got {idx_BL.shape[1]}")
         idx_per_scale = split_scales(idx_BL, self.config.patch_nums)
         return self.fhat_to_img(self.quantize.partial_sums(idx_per_scale)[-1])
+
 
 # ---- VAR: a class-conditional transformer over the concatenated scales, with adaptive
 # LayerNorm.
@@ -434,9 +472,8 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1)
 
         if kv_cache is not None:
-            # cached in the autocast dtype (CUDA autocast's normalize returns fp32 k) [C5]
-            k = k.to(autocast_dtype(k))
-            v = v.to(autocast_dtype(v))
+            # cached in v's dtype, autocast's (CUDA's normalize returns fp32 k) [C5]
+            k = k.to(v.dtype)
             if kv_cache[0] is not None:
                 k = torch.cat((kv_cache[0], k), dim=2)
                 v = torch.cat((kv_cache[1], v), dim=2)
@@ -448,6 +485,7 @@ class SelfAttention(nn.Module):
         )  # (B, H, l, hd)
         return self.proj(out.transpose(1, 2).reshape(B, l, C))
 
+
 class FFN(nn.Module):
     def __init__(self, C: int, hidden: int):
         super().__init__()
@@ -456,6 +494,7 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
 
 class AdaLNSelfAttn(nn.Module):
     """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1);
@@ -480,6 +519,7 @@ class AdaLNSelfAttn(nn.Module):
         h = self.ln_wo_grad(x_BlC).mul(scale2 + 1).add_(shift2)
         return x_BlC + self.ffn(h).mul(gamma2)
 
+
 class AdaLNBeforeHead(nn.Module):
     """LN(x)(1 + scale) + shift, (scale, shift) = Linear(SiLU(class embedding))."""
 
@@ -493,6 +533,7 @@ class AdaLNBeforeHead(nn.Module):
         ada_B12C = self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
         scale, shift = ada_B12C.unbind(2)
         return self.ln_wo_grad(x_BlC) * (scale + 1) + shift
+
 
 class VAR(nn.Module):
     """Next-scale prediction: token map r_k (all pn_k^2 tokens of scale k) ~ p(r_k | class,
@@ -575,41 +616,37 @@ class VAR(nn.Module):
                 x_BlC = block(x_BlC, cond_BD, visible_ll)
         return self.head_logits(x_BlC, cond_BD)
 
+
 def build_vae_var(config: VARConfig, seed: int = 0):
-    """A random VQVAE and VAR (PyTorch's default init; the official one is
-    vargrpo_tools.official_init_), on the CPU, seeded locally (the global RNG is left as it
-    was). The VQVAE is frozen."""
+    """A random VQVAE (frozen) and VAR, PyTorch's default init (the official one:
+    vargrpo_tools.official_init_), on the CPU, seeded locally (the global RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = VQVAE(config).eval().requires_grad_(False)
         return vae, VAR(config, vae)
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The VAR inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
+
 # ---- Pre-trained weights. The files (.pth or .safetensors) are found or downloaded by
-# vargrpo_run.find_or_download and load with strict key matching into the classes above.
+# vargrpo_run.load_weight_files and load with strict key matching into the classes above.
 def load_pretrained(preset: str = "d16", weights_dir=None, device="cpu"):
     """The pre-trained (VQVAE, VAR) of a preset ('d16' .. 'd30': the official files; 'digits':
     the CPU demo's, shipped in weights/), loaded strictly, on `device`."""
     config = VARConfig.preset(preset)
-    vae_file = VAE_FILE if preset in OFFICIAL_PRESETS else f"vae_{preset}.pth"
-    var_path = find_or_download(f"var_{preset}.pth", weights_dir)
-    vae_path = find_or_download(vae_file, weights_dir)
-    var_sd = to_float32(read_state_dict(var_path))
-    vae_sd = to_float32(read_state_dict(vae_path))
-
-    check_depth(var_sd, config.depth, var_path)  # a wrong file: one line saying which preset
-
     # no random init of billions of weights that are overwritten anyway
     with torch.device("meta"):
         vae = VQVAE(config)
         var = VAR(config, vae)
-    load_checked(var, var_sd, var_path, assign=True)
-    load_checked(vae, vae_sd, vae_path, assign=True)
+
+    # found or downloaded, read, checked, loaded with strict key matching
+    load_weight_files(var, vae, preset, weights_dir)
     vae.to(device).eval().requires_grad_(False)
     return vae, var.to(device)
+
 
 # ---- The distribution sampled from. One function, used by the sampler and by the log-prob
 # recomputation, so that "old" log-probs recorded at sampling equal teacher-forced ones.
@@ -646,17 +683,27 @@ def process_logits(logits_BlV, uncond_BlV=None, *, cfg_t=0.0,
         logits_BlV = logits_BlV.masked_fill(drop_BlV, -torch.inf)
     return logits_BlV
 
+
+def check_sampling(temperature, cfg, top_k, top_p):
+    """One ValueError for settings no distribution has."""
+    ok = 0 < temperature < math.inf and 0 <= cfg < math.inf
+    if not (ok and top_k >= 0 and 0 <= top_p < 1):
+        raise ValueError(
+            "need temperature > 0, cfg >= 0, top_k >= 0 and"
+            f" 0 <= top_p < 1; got temperature={temperature},"
+            f" cfg={cfg}, top_k={top_k}, top_p={top_p}"
+        )
+
+
 # ---- Sampling (KV cache, one scale per step) and teacher-forced log-probs (one pass).
 @dataclass
 class Rollout:
     labels: torch.Tensor  # (B,) class labels
     idx: torch.Tensor  # (B, L) tokens, all scales concatenated
-    # (B, L) log-prob of each token under the distribution sampled from
-    logprobs: torch.Tensor
-    # (B, 3, H, W) in [0, 1], or None with decode=False
-    images: torch.Tensor | None
-    # () tokens whose distribution was not finite (drawn uniformly)
-    nonfinite: torch.Tensor
+    logprobs: torch.Tensor  # (B, L) of each token, under the distribution sampled from
+    images: torch.Tensor | None  # (B, 3, H, W) in [0, 1], or None with decode=False
+    nonfinite: torch.Tensor  # () tokens whose distribution was not finite (drawn uniformly)
+
 
 @torch.no_grad()
 def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, generator=None,
@@ -668,7 +715,7 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     group then draws exactly as a call with its rows alone would. prefix_idx (B, l): the
     first scales are taken from it (no RNG used). A non-finite distribution (a diverged
     policy) is replaced by the uniform one and counted."""
-    check_sampling_args(temperature, cfg, top_k, top_p)
+    check_sampling(temperature, cfg, top_k, top_p)
     model = unwrap(var)
     config = model.config
     quant = model.vae.quantize
@@ -677,8 +724,15 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     K = config.num_scales
     V = config.vocab_size
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    check_sample_call(model, B, len(gens), prefix_idx)
-    n_prefix = 0 if prefix_idx is None else prefix_idx.shape[1]
+    if B % len(gens):
+        raise ValueError(f"{B} rows cannot be split among {len(gens)} generators")
+
+    n_prefix = 0
+    if prefix_idx is not None:  # it must end at a scale boundary
+        split_scales(prefix_idx, config.patch_nums)
+        n_prefix = prefix_idx.shape[1]
+        if len(prefix_idx) != B:
+            raise ValueError(f"prefix_idx has {len(prefix_idx)} rows for {B} labels")
 
     # [C3]: no unconditional half without CFG
     guided = cfg != 0
@@ -731,14 +785,16 @@ def sample(var, labels_B, *, temperature=1.0, cfg=0.0, top_k=0, top_p=0.0, gener
     images = model.vae.fhat_to_img(f_hat) if decode else None
     return Rollout(labels_B, idx_BL, logp_BL, images, nonfinite)
 
+
 def draw(probs_BlV, gens) -> torch.Tensor:
     """One multinomial draw per token, (B, l): the i-th of len(gens) equal groups of
     consecutive rows from gens[i], each group's (rows * l, V) probabilities in one call."""
     B, l, V = probs_BlV.shape
     draws = []
-    for probs_blV, g in zip(probs_BlV.chunk(len(gens)), gens):
-        draws.append(torch.multinomial(probs_blV.reshape(-1, V), 1, generator=g))
+    for probs_blV, gen in zip(probs_BlV.chunk(len(gens)), gens):
+        draws.append(torch.multinomial(probs_blV.reshape(-1, V), 1, generator=gen))
     return torch.cat(draws).view(B, l)
+
 
 def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0,
                    top_k=0, top_p=0.0, return_logits=False):
@@ -746,30 +802,31 @@ def token_logprobs(var, labels_B, idx_BL, temperature=1.0, *, cfg=0.0,
     `sample` draws from with these settings, in one teacher-forced pass (differentiable;
     with CFG, conditional and null class as one batch). return_logits: also the processed
     logits, as (logp_BL, logits_BLV) (the trainer's entropy and exact KL)."""
-    check_sampling_args(temperature, cfg, top_k, top_p)
+    check_sampling(temperature, cfg, top_k, top_p)
     config = unwrap(var).config
-    l = idx_BL.shape[1]
-    uncond_BlV = None
+    L = idx_BL.shape[1]
+    uncond_BLV = None
     if cfg == 0:
-        logits_BlV = var(labels_B, idx_BL)
+        logits_BLV = var(labels_B, idx_BL)
     else:
         null_B = torch.full_like(labels_B, config.num_classes)
-        both_BlV = var(torch.cat((labels_B, null_B)), idx_BL.repeat(2, 1))
-        logits_BlV, uncond_BlV = both_BlV.chunk(2)
+        both_BLV = var(torch.cat((labels_B, null_B)), idx_BL.repeat(2, 1))
+        logits_BLV, uncond_BLV = both_BLV.chunk(2)
 
-    si_l = scale_ids(config.patch_nums)[:l].to(logits_BlV.device)
-    ramp_l = si_l.double() / (config.num_scales - 1)
-    cfg_t = (cfg * ramp_l).float().view(1, l, 1)
-    logits_BlV = process_logits(
-        logits_BlV, uncond_BlV, cfg_t=cfg_t, temperature=temperature,
+    si_L = scale_ids(config.patch_nums)[:L].to(logits_BLV.device)
+    ramp_L = si_L.double() / (config.num_scales - 1)
+    cfg_t = (cfg * ramp_L).float().view(1, L, 1)
+    logits_BLV = process_logits(
+        logits_BLV, uncond_BLV, cfg_t=cfg_t, temperature=temperature,
         top_k=top_k, top_p=top_p,
     )
 
-    chosen_Bl = logits_BlV.gather(-1, idx_BL.unsqueeze(-1))[..., 0]
-    logp_Bl = chosen_Bl - logits_BlV.logsumexp(-1)
+    chosen_BL = logits_BLV.gather(-1, idx_BL.unsqueeze(-1))[..., 0]
+    logp_BL = chosen_BL - logits_BLV.logsumexp(-1)
     if return_logits:
-        return logp_Bl, logits_BlV
-    return logp_Bl
+        return logp_BL, logits_BLV
+    return logp_BL
+
 
 # ---- The RL maths [GRPO-VAR eq. 1-2], as pure functions: tensors in, tensors out. Each one
 # runs pasted alone into a file that imports math, torch and torch.nn.functional as F. Sign
@@ -784,16 +841,17 @@ def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
     sample [GRPO-VAR 4.2]. Returns A (N, G) float32."""
     r = rewards_NG.double()
     valid = torch.isfinite(r)
-    n = valid.sum(dim=1, keepdim=True).clamp_min(1)
-    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n
+    n_valid = valid.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = torch.where(valid, r, 0.0).sum(dim=1, keepdim=True) / n_valid
     centred = torch.where(valid, r - mean, 0.0)
-    std = (centred.square().sum(dim=1, keepdim=True) / n).sqrt()
+    std = (centred.square().sum(dim=1, keepdim=True) / n_valid).sqrt()
 
     hi = torch.where(valid, r, -torch.inf).amax(dim=1, keepdim=True)
     lo = torch.where(valid, r, torch.inf).amin(dim=1, keepdim=True)
     # all equal, or fewer than two finite rewards
     flat = ~(hi > lo)
     return torch.where(flat, 0.0, centred / (std + eps)).float()
+
 
 def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2):
     """PPO's clipped objective per token  [GRPO-VAR eq. 1]:
@@ -806,6 +864,7 @@ def clipped_surrogate(logp_BL, old_logp_BL, adv_B, clip_eps=0.2):
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     return torch.minimum(ratio * A, clipped * A)
 
+
 def kl_k3(logp_BL, ref_logp_BL):
     """Per-token KL estimate  [GRPO-VAR eq. 1]:
         k3 = pi_ref/pi - log(pi_ref/pi) - 1 = expm1(d) - d,
@@ -816,6 +875,7 @@ def kl_k3(logp_BL, ref_logp_BL):
     not of KL(pi || pi_ref) (kl_exact's)."""
     log_ratio = ref_logp_BL - logp_BL
     return torch.expm1(log_ratio) - log_ratio
+
 
 def kl_exact(logits_BLV, ref_logits_BLV):
     """Per-token KL(pi || pi_ref) of [GRPO-VAR eq. 1] exactly,
@@ -831,12 +891,14 @@ def kl_exact(logits_BLV, ref_logits_BLV):
     k3 = torch.expm1(log_ratio) - log_ratio
     return torch.where(p > 0, p * k3, ref_logp.exp()).sum(-1)
 
+
 def entropy(logits_BLV):
     """Per-token entropy of the policy, -sum_v pi_v log pi_v: logged, not in the loss (the KL
     "also acts as an entropy bonus" [GRPO-VAR 5.4])."""
     logp = logits_BLV.log_softmax(-1)
     plogp = torch.where(logp > -torch.inf, logp.exp() * logp, 0.0)
     return -plogp.sum(-1)
+
 
 def grpo_loss(surrogate_BL, kl_BL, pg_weights_BL=None, beta=0.2, kl_weights_BL=None):
     """loss = -J,  [GRPO-VAR eq. 1]
@@ -846,17 +908,21 @@ def grpo_loss(surrogate_BL, kl_BL, pg_weights_BL=None, beta=0.2, kl_weights_BL=N
     a sample with w = 0 gets no policy gradient. u: KL token weights,
     default w (mask propagation keeps the KL outside its mask)."""
     L = surrogate_BL.shape[1]
-    w = torch.full_like(surrogate_BL, 1.0 / L) if pg_weights_BL is None else pg_weights_BL
-    u = w if kl_weights_BL is None else kl_weights_BL
-    objective_B = (w * surrogate_BL).sum(1) - beta * (u * kl_BL).sum(1)
+    if pg_weights_BL is None:  # the token mean
+        pg_weights_BL = torch.full_like(surrogate_BL, 1.0 / L)
+    if kl_weights_BL is None:
+        kl_weights_BL = pg_weights_BL
+    pg_B = (pg_weights_BL * surrogate_BL).sum(1)
+    objective_B = pg_B - beta * (kl_weights_BL * kl_BL).sum(1)
     return -objective_B.mean()
+
 
 # ---- Beyond vanilla GRPO [VAR-RL]: per-action normalisation weighting (PANW), value as
 # middle return (VMR) and mask propagation (MP). Pure functions; the trainer uses them
 # through the token weights (PANW, VMR stage, MP) and the advantages (VMR).
 def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
-    """PANW token weights (L,)  [VAR-RL PANW]: a token of scale t (an h_t x w_t grid) weighs
-    k_t = (h_t w_t)^(-alpha), normalised so that one sample's L weights sum to 1. alpha = 0:
+    """PANW token weights (L,)  [VAR-RL PANW]: a token of scale si (a pn x pn grid) weighs
+    k_si = (pn^2)^(-alpha), normalised so that one sample's L weights sum to 1. alpha = 0:
     the plain token mean (1/L); alpha = 1: every scale gets an equal share 1/K."""
     sizes = []
     for pn in patch_nums:
@@ -864,18 +930,21 @@ def panw_weights(patch_nums, alpha: float) -> torch.Tensor:
     k_L = torch.cat(sizes).pow(-alpha)
     return (k_L / k_L.sum()).float()
 
+
 def stage_mask(patch_nums, stage, split_m: int) -> torch.Tensor:
     """(L,) 1 on the tokens a step trains, 0 elsewhere  [VAR-RL VMR]: all (stage None: plain
     GRPO), the prefix scales 0..m-1 (a VMR 'prefix' step) or the suffix scales m..K-1 (a
     'suffix' step)."""
     K = len(patch_nums)
     si_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(patch_nums)])
-    first, end = 0, K
+    begin = 0
+    end = K
     if stage == "prefix":
         end = split_m
     if stage == "suffix":
-        first = split_m
-    return ((si_L >= first) & (si_L < end)).float()
+        begin = split_m
+    return ((si_L >= begin) & (si_L < end)).float()
+
 
 def token_weights(panw_L, stage_L, mask_NL, valid_N):
     """The token weights of one step, normalised once  [VAR-RL PANW, MP]:
@@ -890,16 +959,19 @@ def token_weights(panw_L, stage_L, mask_NL, valid_N):
     w_NL = torch.where(total_N1 > 0, w_NL / safe_N1, 0.0)
     return w_NL * valid_N[:, None]
 
-def middle_value(rewards_NK: torch.Tensor, eta: float) -> torch.Tensor:
+
+def middle_value(rewards_Nn: torch.Tensor, eta: float) -> torch.Tensor:
     """Value as middle return  [VAR-RL VMR, eq. 10]:
         V_m(s_m) = eta log( (1/K) sum_k exp(R_k / eta) ),
     a soft maximum of the K on-policy completions' rewards R_k of one
-    prefix s_m (a row). It lies between their mean (eta -> inf) and
-    their max (eta -> 0). Computed in float64 with logsumexp."""
-    r = rewards_NK.double()
-    K = r.shape[1]
-    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(K))
-    return value.to(rewards_NK.dtype)
+    prefix s_m (a row; the paper's K is n = --vmr-k here, K being the
+    scales). It lies between their mean (eta -> inf) and their max
+    (eta -> 0). Computed in float64 with logsumexp."""
+    r = rewards_Nn.double()
+    n_comp = r.shape[1]
+    value = eta * (torch.logsumexp(r / eta, dim=1) - math.log(n_comp))
+    return value.to(rewards_Nn.dtype)
+
 
 def default_vmr_split(patch_nums) -> int:
     """VMR's middle scale m (prefix = scales 0..m-1)  [VAR-RL VMR]: the scale boundary nearest
@@ -910,6 +982,7 @@ def default_vmr_split(patch_nums) -> int:
     ends = ends[:-1]  # the prefix must leave a suffix
     gaps = [abs(e - 0.08 * L) for e in ends]
     return 1 + gaps.index(min(gaps))
+
 
 def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
     """Mask propagation  [VAR-RL MP]: a binary mask on the finest token grid (B, pn_K, pn_K) ->
@@ -923,6 +996,7 @@ def propagate_mask(mask_fine_BHW: torch.Tensor, patch_nums):
         m_B1pp = F.interpolate(m_B1HW, size=(pn, pn), mode="area")
         parts.append((m_B1pp > 0).float().view(B, pn * pn))
     return torch.cat(parts, dim=1)
+
 
 def initial_mask(reward, images_B3HW, pn: int, keep: float,
                  labels_B=None):
@@ -962,20 +1036,21 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float,
     kth_B1 = cells_BN.topk(n_kept, dim=1).values[:, -1:]
     return (cells_BN >= kth_B1).float().view(B, pn, pn)
 
-# ---- Random streams: every draw comes from a generator seeded by (seed, stream, ...) [C9],
-# never from the global RNG.
+
+# ---- Random streams: every draw from a generator seeded by (seed, stream, ...) [C9].
 STREAM_LABELS = 1
 STREAM_SAMPLE = 2
 STREAM_ORDER = 3
 STREAM_SUBSET = 5
+
 
 def derive_seed(*keys: int) -> int:
     """A seed for one random stream, mixed from integers (seed, step, stream, ...)."""
     seq = np.random.SeedSequence([int(k) for k in keys])
     return int(seq.generate_state(1, dtype=np.uint64)[0] >> 1)
 
-# ---- Settings: `python vargrpo.py train --help` lists them; the defaults are the GRPO-VAR
-# paper's.
+
+# ---- Settings: `python vargrpo.py train --help` lists them; defaults: the GRPO-VAR paper's.
 @dataclass
 class TrainArgs:
     reward: str = arg("brightness", "reward spec: brightness, bright, dark, aesthetic,"
@@ -1053,102 +1128,136 @@ class TrainArgs:
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))
 
-# ---- The trainer [GRPO-VAR 4]: `train` holds the loop, one step numbered 1 sample, 2
-# reward, 3 advantages, 4 token weights, 5 clipped update with the per-token KL, 6 log and
-# save. Its parts follow it, in step order.
+
+# ---- The trainer [GRPO-VAR 4]: `train` holds the loop and one step (1 sample, 2 reward, 3
+# advantages, 4 token weights, 5 the clipped update: policy_update, below it, 6 log and
+# save); the run machinery sits behind `run`. The step's other parts follow, in step order.
 def train(args: TrainArgs, given=frozenset()) -> dict:
     """GRPO fine-tuning of a VAR [GRPO-VAR 4], with VMR / PANW / MP [VAR-RL] when switched on.
     `given`: the flags set on the command line. Returns the last step's metrics."""
-    d = setup_distributed(args.device)
-    stop = StopRequest()
-    run = RunFolder(Path(args.resume or args.out), d, PRESETS)
-    model = None
     metrics = {}
-    try:
-        with run.starting():  # every process starts, or none does (then nothing is written)
-            args, ckpt = run.open(args, given)  # new / overwritten / resumed; DIR locked
-            reward = make_reward(args.reward, d.device, args, args.mask_propagation)
-            vae, policy, ref = build_models(args, d.device)  # frozen tokenizer, pi_theta, pi_ref
-            if ckpt:
-                load_checked(policy, ckpt["model"], run.last)
+    with Run(args, given, PRESETS) as run:  # processes, signals; leaving it unlocks DIR
+        with run.starting():  # every process starts, or none does (nothing is written)
+            args, reward = run.open(args, given)  # new / overwritten / resumed
+            vae, policy, ref = build_models(args, run.device)  # tokenizer, pi_theta, pi_ref
+            run.load_checkpoint(policy)  # resumed: the checkpoint's weights
 
-        # DDP; --fsdp shards policy and ref in place, and the optimizer holds the shards
-        model = distribute(policy, ref, d, args.fsdp)  # the update uses `model`; saving `policy`
-        opt = make_optimizer(policy, args, d.device)
-        with run.starting():  # then all go on, or none
-            start = run.restore(ckpt, opt, policy)  # 0 for a new run
-            run.begin()  # a new run's args.json (--overwrite: the old run's files removed)
+        # DDP or --fsdp (the update trains run.model; saving uses `policy`); AdamW
+        opt, start = run.distribute(policy, ref, make_optimizer)
         pool = label_pool(args, policy.config.num_classes)
-        amp = autocast(args.dtype, d.device)
-        pn = policy.config.patch_nums
-        n_local = args.labels_per_step // d.world
-        group_ids = list(range(d.rank * n_local, (d.rank + 1) * n_local))  # global indices
-
-        split_m = 0
-        prefix_len = None
-        if args.vmr:  # VMR's middle scale m, and the number of tokens before it
-            split_m = args.vmr_m or default_vmr_split(pn)
-            prefix_len = policy.begin_ends[split_m - 1][1]
+        patch_nums = policy.config.patch_nums
+        n_local = args.labels_per_step // run.dist.world
+        # this process's groups, by global index
+        group_ids = list(range(run.dist.rank * n_local, (run.dist.rank + 1) * n_local))
+        amp = run.amp  # autocast: bf16 on GPUs, fp32 on the CPU (--dtype)
 
         for step in range(start, args.steps):
-            stage = vmr_stage(step, args)
-            laps = Laps(d.device)
+            # VMR [VAR-RL]: None (plain GRPO), or this step's stage, split and prefix
+            vmr = vmr_plan(step, args, policy)
 
-            # 1 sample: G images per label from the current policy (pi_old), their log-probs
-            #   recorded; VMR: K - 1 more completions of each sample's prefix
-            labels_n = step_labels(pool, args, step)[group_ids].to(d.device)
+            # 1 sample: G images per label from the current policy (pi_old), their
+            #   log-probs recorded; VMR: n - 1 more completions of each sample's prefix
+            sampler, per_call = run.sampling_policy(policy)  # the step's clock starts
+            labels_n = step_labels(pool, args, step)[group_ids].to(run.device)
             with amp():
-                roll = rollout(sampling_policy(policy), labels_n, group_ids, args, step, prefix_len)
-            laps("sample")
-            images = decode(vae, roll.idx, args.reward_batch, d.device)
-            laps("decode")
+                roll = rollout(sampler, labels_n, group_ids, args, step, per_call, vmr)
+            images = decode(vae, roll.idx, args.reward_batch, run.device)
 
-            # 2 reward (retried once if it raises); MP: the reward-relevant tokens
-            scored = run.retry_once(lambda: score(reward, images, roll.labels, pn, args), step, policy, opt)
-            laps("reward")
+            # 2 reward (retried once if it raises); MP [VAR-RL]: the tokens it depends on
+            scored = run.retry(step, score, reward, images, roll.labels, patch_nums, args)
 
-            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for all its tokens
-            returns_Ng = advantage_groups(scored.rewards, stage, args, n_local)
-            adv_Ng = group_advantages(returns_Ng, args.adv_eps)
+            # 3 advantages (eq. 2, or VMR's middle value): one per sample, for its tokens
+            returns_NG = advantage_groups(scored.rewards, vmr, args, n_local)
+            adv_NG = group_advantages(returns_NG, args.adv_eps)
 
-            # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1
-            batch = update_batch(roll, returns_Ng, adv_Ng, scored.mp_mask, stage, split_m, pn, args)
+            # 4 token weights (PANW x VMR stage x MP), each sample's summing to 1; pi_ref
+            batch = update_batch(roll, returns_NG, adv_NG, scored.mp_mask, vmr, ref, args,
+                                 amp)
 
-            # 5 clipped update with the per-token KL (eq. 1), one optimizer step per minibatch
-            stats = policy_update(model, ref, opt, batch, args, step, d, amp)
-            laps("update")
+            # 5 the clipped update with the per-token KL (eq. 1), per minibatch
+            update = policy_update(run.model, opt, ref, batch, args, step, amp)
 
-            # 6 log and save (a diverged policy stops the run; Ctrl-C / SIGTERM after saving)
-            passes = reward_passes(reward, args)
-            metrics = step_metrics(step, scored, adv_Ng, batch, stats, laps.times, args, stage, passes)
-            run.log(metrics, step, images)
-            run.halt_if_nonfinite(roll.nonfinite, stats, step, policy, opt)
-            run.save_or_stop(stop.signum, policy, opt, step + 1)
-        return metrics
-    finally:
-        stop.restore()
-        model = None  # the DDP wrapper holds the process group: drop it first
-        run.close()  # unlock; leave the process group
+            # 6 metrics, logged; a diverged policy stops the run; saved every
+            #   --save-every steps, and on Ctrl-C / SIGTERM (then stopped)
+            metrics = run.after_step(step, vmr, images, roll, scored, adv_NG, batch, update)
+    return metrics
 
 
-# ---- Setting up: models, optimizer, labels, precision.
-def build_models(a: TrainArgs, device):
+@timed("update")
+def policy_update(model, opt, ref, batch: UpdateBatch, args: TrainArgs,
+                  step: int, amp) -> Update:
+    """Step 5: --ppo-epochs passes over the step's samples, one optimizer step per minibatch
+    [GRPO-VAR eq. 1], pi_theta and pi_ref tempered as sampled [C8]. One seeded global order
+    makes the minibatches the same whatever the number of processes [C9]; each process trains
+    its share of each, DDP averages the shares. A non-finite gradient stops it, untaken."""
+    config = unwrap(model).config
+    device = batch.idx.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    update = Update(scale_ids(config.patch_nums).to(device), config.num_scales)
+    n_minibatches = len(batch.idx) // args.minibatch
+
+    for epoch in range(args.ppo_epochs):
+        seed = derive_seed(args.seed, step, STREAM_ORDER, epoch)
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(batch.idx), generator=gen)
+
+        for mb in range(n_minibatches):
+            opt.zero_grad(set_to_none=True)
+            # this process's share, in micro-batches whose gradients add up
+            for ids, part, sync in my_micro_batches(model, order, mb, args, device):
+                labels = batch.labels[ids]
+                idx = batch.idx[ids]
+                with sync:  # DDP: the last micro-batch all-reduces the sum
+                    with amp():
+                        logp, logits = token_logprobs(model, labels, idx, args.temperature,
+                                                      return_logits=True)
+                    surrogate = clipped_surrogate(logp, batch.old_logp[ids],
+                                                  batch.adv[ids], args.clip_eps)
+
+                    if args.kl == "k3":
+                        kl = kl_k3(logp, batch.ref_logp[ids])
+                    else:  # the whole vocabulary of pi_ref, per micro-batch
+                        with torch.no_grad(), amp():
+                            ref_logits = token_logprobs(ref, labels, idx, args.temperature,
+                                                        return_logits=True)[1]
+                        kl = kl_exact(logits, ref_logits)
+
+                    loss = part * grpo_loss(surrogate, kl, batch.pg_w[ids], args.beta,
+                                            batch.kl_w[ids])
+                    loss.backward()
+
+                ent = None
+                if epoch == 0 and mb == 0:  # still the sampling policy: its entropy
+                    ent = entropy(logits.detach())
+                update.add(ids, logp, kl, surrogate, loss, ent)
+
+            norm = clip_grad_norm(params, args.max_grad_norm)
+            if not torch.isfinite(norm):  # the one host read of an update
+                update.nonfinite = f"the loss gradient (update {mb + 1} of epoch {epoch + 1})"
+                return update
+            opt.step()
+            update.grad_norms.append(norm)
+    return update
+
+
+# ---- Setting up: models, optimizer, labels.
+def build_models(args: TrainArgs, device):
     """(vae, policy, ref): frozen tokenizer, policy, frozen pre-trained VAR."""
-    config = VARConfig.preset(a.preset)
-    if a.preset == "tiny" or a.random_init:
+    config = VARConfig.preset(args.preset)
+    if args.preset == "tiny" or args.random_init:
         vae, ref = build_vae_var(config, seed=0)
     else:
-        vae, ref = load_pretrained(a.preset, a.weights_dir)
+        vae, ref = load_pretrained(args.preset, args.weights_dir)
     policy = VAR(ref.config, vae)
     policy.load_state_dict(ref.state_dict())
-    policy.grad_checkpointing = a.grad_checkpointing
+    policy.grad_checkpointing = args.grad_checkpointing
     ref.requires_grad_(False)
     return vae.to(device), policy.to(device), ref.to(device)
 
-def make_optimizer(policy: VAR, a: TrainArgs, device: str):
+
+def make_optimizer(policy: VAR, args: TrainArgs, device: str):
     """AdamW with the official VAR parameter groups [C12]: no weight decay on embeddings,
-    scale_mul, biases and 1-D tensors, so rows that never get a gradient (the null class;
-    unseen classes with --label-subset half) never change."""
+    scale_mul and 1-D tensors, so rows without a gradient (null, unseen classes) stay."""
     no_decay_names = ("class_emb", "lvl_embed", "pos_", "scale_mul")
     decay = []
     no_decay = []
@@ -1159,90 +1268,103 @@ def make_optimizer(policy: VAR, a: TrainArgs, device: str):
             decay.append(p)
 
     groups = [
-        dict(params=decay, weight_decay=a.weight_decay),
+        dict(params=decay, weight_decay=args.weight_decay),
         dict(params=no_decay, weight_decay=0.0),
     ]
     fused = True if device.startswith("cuda") else None
-    return torch.optim.AdamW(groups, lr=a.lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
-def label_pool(a: TrainArgs, num_classes: int) -> torch.Tensor:
-    """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1, 'seen 50%
-    labels']."""
-    if a.label_subset == "all":
+
+def label_pool(args: TrainArgs, num_classes: int) -> torch.Tensor:
+    """The classes a run trains on: all, or a fixed seeded half [GRPO-VAR Table 1]."""
+    if args.label_subset == "all":
         return torch.arange(num_classes)
-    g = torch.Generator().manual_seed(derive_seed(a.seed, STREAM_SUBSET))
-    half = torch.randperm(num_classes, generator=g)[:num_classes // 2]
+    gen = torch.Generator().manual_seed(derive_seed(args.seed, STREAM_SUBSET))
+    half = torch.randperm(num_classes, generator=gen)[:num_classes // 2]
     return half.sort().values
 
-def vmr_stage(step: int, a: TrainArgs):
-    """None (plain GRPO), or VMR's 'prefix' / 'suffix' step: P prefix steps, then S suffix
-    steps, repeating (--vmr-schedule P:S)."""
-    if not a.vmr:
+
+@dataclass(frozen=True)
+class VMRPlan:
+    """One VMR step [VAR-RL VMR]: its stage, the middle scale m, the prefix's tokens."""
+
+    stage: str  # 'prefix' or 'suffix'
+    split_m: int
+    prefix_len: int
+
+
+def vmr_plan(step: int, args: TrainArgs, policy: VAR):
+    """None (plain GRPO), or the step's VMR plan: P prefix then S suffix steps (P:S)."""
+    if not args.vmr:
         return None
-    n_prefix, n_suffix = map(int, a.vmr_schedule.split(":"))
-    if step % (n_prefix + n_suffix) < n_prefix:
-        return "prefix"
-    return "suffix"
+    split_m = args.vmr_m or default_vmr_split(policy.config.patch_nums)
+    prefix_len = policy.begin_ends[split_m - 1][1]
+    n_prefix, n_suffix = map(int, args.vmr_schedule.split(":"))
+    in_prefix = step % (n_prefix + n_suffix) < n_prefix
+    stage = "prefix" if in_prefix else "suffix"
+    return VMRPlan(stage, split_m, prefix_len)
+
 
 # ---- Step 1: sample.
-def step_labels(pool, a: TrainArgs, step: int) -> torch.Tensor:
+def step_labels(pool, args: TrainArgs, step: int) -> torch.Tensor:
     """The step's labels, all processes' (uniform over the pool)."""
-    seed = derive_seed(a.seed, step, STREAM_LABELS)
-    g = torch.Generator().manual_seed(seed)
-    return pool[torch.randint(len(pool), (a.labels_per_step,), generator=g)]
+    seed = derive_seed(args.seed, step, STREAM_LABELS)
+    gen = torch.Generator().manual_seed(seed)
+    return pool[torch.randint(len(pool), (args.labels_per_step,), generator=gen)]
 
-def rollout(policy: VAR, labels_n, group_ids, a: TrainArgs, step: int,
-            prefix_len=None) -> Rollout:
+
+@timed("sample")
+def rollout(policy: VAR, labels_n, group_ids, args: TrainArgs, step: int,
+            per_call: int, vmr: VMRPlan | None = None) -> Rollout:
     """G samples of each label and their log-probs.
 
-    Group g (a global index) draws from its own generator seeded by (seed, step, g), so its
+    Group i (a global index) draws from its own generator seeded by (seed, step, i), so its
     samples do not depend on which process draws them, nor with which others [C9]; up to
-    --sample-batch rows share a sample() call. VMR (prefix_len = the prefix's tokens): K - 1
-    more completions of each sample's prefix, the sample being the first: G*K rows per
-    label, prefix j's completion k at row j*K + k."""
-    G = a.group_size
-    n_comp = a.vmr_k if prefix_len else 1
+    `per_call` groups share a sample() call. VMR: n = --vmr-k completions of each sample's
+    prefix, the sample being the first: G*n rows per label, prefix j's completion c at row
+    j*n + c."""
+    G = args.group_size
+    n_comp = args.vmr_k if vmr else 1
+    prefix_len = vmr.prefix_len if vmr else None
     gens = []
-    for g in group_ids:
-        seed = derive_seed(a.seed, step, STREAM_SAMPLE, g)
+    for i in group_ids:
+        seed = derive_seed(args.seed, step, STREAM_SAMPLE, i)
         gens.append(torch.Generator(labels_n.device).manual_seed(seed))
-    per_call = groups_per_sample_call(a.sample_batch, G, len(group_ids), policy.config, labels_n.device)
 
-    parts = []
-    for c in range(0, len(group_ids), per_call):
-        labels_B = labels_n[c:c + per_call].repeat_interleave(G)
-        kw = dict(temperature=a.temperature, generator=gens[c:c + per_call], decode=False)
+    idx = []
+    logp = []
+    labels = []
+    nonfinite = 0
+    for begin in range(0, len(group_ids), per_call):
+        labels_B = labels_n[begin:begin + per_call].repeat_interleave(G)
+        kw = dict(temperature=args.temperature, generator=gens[begin:begin + per_call],
+                  decode=False)
         outs = [sample(policy, labels_B, **kw)]
         prefix_Bl = outs[0].idx[:, :prefix_len]
         for _ in range(n_comp - 1):
             outs.append(sample(policy, labels_B, prefix_idx=prefix_Bl, **kw))
-        # row j*K + k: completion k of sample j
-        idx = torch.stack([o.idx for o in outs], 1).flatten(0, 1)
-        logp = torch.stack([o.logprobs for o in outs], 1).flatten(0, 1)
-        parts.append(Rollout(
-            labels=labels_B.repeat_interleave(n_comp), idx=idx,
-            logprobs=logp.float(), images=None,
-            nonfinite=sum(o.nonfinite for o in outs),
-        ))
 
-    return Rollout(
-        labels=torch.cat([p.labels for p in parts]),
-        idx=torch.cat([p.idx for p in parts]),
-        logprobs=torch.cat([p.logprobs for p in parts]),
-        images=None,
-        nonfinite=sum(p.nonfinite for p in parts),
-    )
+        # row j*n + c: completion c of sample j
+        idx.append(torch.stack([o.idx for o in outs], 1).flatten(0, 1))
+        logp.append(torch.stack([o.logprobs for o in outs], 1).flatten(0, 1))
+        labels.append(labels_B.repeat_interleave(n_comp))
+        nonfinite = nonfinite + sum(o.nonfinite for o in outs)
 
+    logp_NL = torch.cat(logp).float()
+    return Rollout(torch.cat(labels), torch.cat(idx), logp_NL, None, nonfinite)
+
+
+@timed("decode")
 @torch.no_grad()
 def decode(vae: VQVAE, idx_NL, batch: int, device: str):
-    """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder under bf16 autocast on
-    GPUs."""
+    """Tokens -> images in [0, 1] (fp32), `batch` at a time; the decoder in bf16 on GPUs."""
     on_gpu = str(device).startswith("cuda")
     images = []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
         for i in range(0, len(idx_NL), batch):
             images.append(vae.idx_to_img(idx_NL[i:i + batch]).float())
     return torch.cat(images)
+
 
 # ---- Step 2: reward, and the mask-propagation mask.
 @dataclass
@@ -1251,13 +1373,15 @@ class Scored:
     components: dict  # {name: (N,)} the terms of a summed reward
     mp_mask: torch.Tensor | None  # (N, L) MP's token mask, or None
 
-def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
+
+@timed("reward")
+def score(reward, images, labels_N, patch_nums, args: TrainArgs) -> Scored:
     """The rewards of the images (of classes `labels_N`), in --reward-batch chunks, and with
     --mask-propagation the reward-relevant tokens [VAR-RL MP]: the finest grid's mask,
     propagated to every scale. Label-blind rewards ignore the labels."""
-    n = a.reward_batch
-    chunks = [images[i:i + n] for i in range(0, len(images), n)]
-    labels = [labels_N[i:i + n] for i in range(0, len(images), n)]
+    chunk = args.reward_batch
+    chunks = [images[i:i + chunk] for i in range(0, len(images), chunk)]
+    labels = [labels_N[i:i + chunk] for i in range(0, len(images), chunk)]
     with torch.no_grad():
         outs = [reward(c, y, return_components=True) for c, y in zip(chunks, labels)]
 
@@ -1268,24 +1392,26 @@ def score(reward, images, labels_N, patch_nums, a: TrainArgs) -> Scored:
     rewards = torch.cat([r.float() for r, _ in outs])
 
     mp_mask = None
-    if a.mask_propagation:
-        fine = [initial_mask(reward, c, patch_nums[-1], a.mp_keep, y)
+    if args.mask_propagation:
+        fine = [initial_mask(reward, c, patch_nums[-1], args.mp_keep, y)
                 for c, y in zip(chunks, labels)]
         mp_mask = propagate_mask(torch.cat(fine), patch_nums)
     return Scored(rewards.to(images.device), components, mp_mask)
 
+
 # ---- Step 3: advantages.
-def advantage_groups(rewards_N, stage, a: TrainArgs, n_labels: int):
+def advantage_groups(rewards_N, vmr, args: TrainArgs, n_labels: int):
     """The rows that group_advantages normalises [GRPO-VAR eq. 2; VAR-RL VMR]: R over a label's
-    G samples (VMR suffix steps: G*K); VMR prefix steps: the middle value V_m of each prefix
-    (from its K completions) over the label's G prefixes. Returns (n_labels, .)."""
-    if stage == "prefix":
-        completions_NK = rewards_N.view(-1, a.vmr_k)
-        values_N = middle_value(completions_NK, a.vmr_eta)
-        return values_N.view(n_labels, a.group_size)
+    G samples (VMR suffix steps: G*n); VMR prefix steps: the middle value V_m of each prefix
+    (from its n = --vmr-k completions) over the label's G prefixes. Returns (n_labels, .)."""
+    if vmr and vmr.stage == "prefix":
+        completions_Nn = rewards_N.view(-1, args.vmr_k)
+        values_N = middle_value(completions_Nn, args.vmr_eta)
+        return values_N.view(n_labels, args.group_size)
     return rewards_N.view(n_labels, -1)
 
-# ---- Step 4: token weights, and what the update trains on.
+
+# ---- Step 4: token weights, pi_ref's log-probs, and what the update trains on.
 @dataclass
 class UpdateBatch:
     """What step 5 trains on: one row per sample."""
@@ -1294,29 +1420,26 @@ class UpdateBatch:
     idx: torch.Tensor  # (N, L) tokens
     old_logp: torch.Tensor  # (N, L) log-probs at sampling, pi_old
     adv: torch.Tensor  # (N,) the sample's advantage, for its tokens
-    # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
-    pg_w: torch.Tensor
+    pg_w: torch.Tensor  # (N, L) policy-gradient token weights, rows summing to 1 (or 0)
     kl_w: torch.Tensor  # (N, L) KL token weights, likewise
-    # (N, L) log-probs of the frozen pre-trained model, pi_ref (k3 KL; set in step 5)
-    ref_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None  # (N, L) log pi_ref, the frozen model (k3 KL)
 
-    def gathered(self) -> "UpdateBatch":
-        """Every process's rows in global group order, so that minibatches do not depend on the
-        number of processes [C9] (a few MB even at the paper's 512 samples of 680 tokens)."""
-        rows = {k: all_gather_cat(v) for k, v in vars(self).items() if v is not None}
-        return UpdateBatch(**rows)
 
-def update_batch(roll: Rollout, returns_Ng, adv_Ng, mp_mask, stage,
-                 split_m: int, pn, a: TrainArgs) -> UpdateBatch:
-    """Step 4: the rows to train and their token weights (token_weights: PANW x VMR stage x
-    MP), all processes' rows."""
-    rows = slice(None, None, a.vmr_k) if stage == "prefix" else slice(None)  # one per prefix
-    adv_N = adv_Ng.flatten()
-    valid_N = torch.isfinite(returns_Ng).flatten()
+def update_batch(roll: Rollout, returns_NG, adv_NG, mp_mask, vmr, ref,
+                 args: TrainArgs, amp) -> UpdateBatch:
+    """Step 4: all processes' rows, their token weights (PANW x VMR stage x MP), pi_ref."""
+    stage = vmr.stage if vmr else None
+    split_m = vmr.split_m if vmr else 0
+    rows = slice(None)
+    if stage == "prefix":  # one row per prefix
+        rows = slice(None, None, args.vmr_k)
+    adv_N = adv_NG.flatten()
+    valid_N = torch.isfinite(returns_NG).flatten()
     device = adv_N.device
 
-    panw_L = panw_weights(pn, a.panw_alpha).to(device)
-    stage_L = stage_mask(pn, stage, split_m).to(device)
+    patch_nums = ref.config.patch_nums
+    panw_L = panw_weights(patch_nums, args.panw_alpha).to(device)
+    stage_L = stage_mask(patch_nums, stage, split_m).to(device)
     ones_NL = torch.ones(len(adv_N), len(panw_L), device=device)
     pg_mask_NL = ones_NL if mp_mask is None else mp_mask[rows]
 
@@ -1328,173 +1451,48 @@ def update_batch(roll: Rollout, returns_Ng, adv_Ng, mp_mask, stage,
         pg_w=token_weights(panw_L, stage_L, pg_mask_NL, valid_N),
         kl_w=token_weights(panw_L, stage_L, ones_NL, valid_N),
     )
-    return batch.gathered()
+    if args.kl == "k3":
+        batch.ref_logp = reference_logprobs(ref, batch.labels, batch.idx, args, amp)
 
-# ---- Step 5: the clipped update with the per-token KL.
-@dataclass
-class LossTerms:
-    logp: torch.Tensor  # (n, L) log pi_theta (tempered, as sampled)
-    logits: torch.Tensor  # (n, L, V) pi_theta's processed logits
-    kl: torch.Tensor  # (n, L) per-token KL to pi_ref
-    surrogate: torch.Tensor  # (n, L) the clipped objective
+    # every process's rows in global group order, so that minibatches do not depend on
+    # the number of processes [C9] (a few MB even at 512 samples of 680 tokens)
+    rows = {k: all_gather_cat(v) for k, v in vars(batch).items() if v is not None}
+    return UpdateBatch(**rows)
 
-def loss_terms(model, ref, b: UpdateBatch, ids, a: TrainArgs, amp) -> LossTerms:
-    """The per-token pieces of eq. 1 for the samples `ids`, both policies tempered as sampled
-    [C8]; pi_ref from b.ref_logp (k3 KL) or a pass here (exact KL)."""
-    labels = b.labels[ids]
-    idx = b.idx[ids]
-    with amp():
-        logp, logits = token_logprobs(model, labels, idx, a.temperature, return_logits=True)
-        if a.kl == "exact":  # the whole vocabulary of pi_ref, per micro-batch
-            with torch.no_grad():
-                ref_logits = token_logprobs(ref, labels, idx, a.temperature, return_logits=True)[1]
-    kl = kl_k3(logp, b.ref_logp[ids]) if a.kl == "k3" else kl_exact(logits, ref_logits)
-    surrogate = clipped_surrogate(logp, b.old_logp[ids], b.adv[ids], a.clip_eps)
-    return LossTerms(logp, logits, kl, surrogate)
 
-class UpdateStats:
-    """Sums over a step's updates, kept on the device (read once per step, in step_metrics)."""
+def reference_logprobs(ref, labels_N, idx_NL, args: TrainArgs, amp,
+                       chunk: int = 64) -> torch.Tensor:
+    """log pi_ref (N, L) of this process's rows for the k3 KL, `chunk` rows a pass [C8]."""
+    parts = []
+    with torch.no_grad(), amp():
+        for i in range(0, len(idx_NL), chunk):
+            labels = labels_N[i:i + chunk]
+            idx = idx_NL[i:i + chunk]
+            parts.append(token_logprobs(ref, labels, idx, args.temperature))
+    return torch.cat(parts)
 
-    def __init__(self, num_scales: int, device):
-        # per scale: kl, clipped, tokens with KL weight; entropy and tokens of the first minibatch
-        self.per_scale = torch.zeros(5, num_scales, device=device)
-        self.sums = torch.zeros(2, device=device)  # ratio, loss
-        # max |ratio - 1| before the first update
-        self.first_dev = torch.zeros((), device=device)
-        self.grad_norms = []
-        self.nonfinite = None
 
-    @torch.no_grad()
-    def add(self, t: LossTerms, b: UpdateBatch, ids, si_L, loss, first: bool):
-        on_nL = (b.kl_w[ids] > 0).float()
-        ratio = (t.logp - b.old_logp[ids]).exp()
-        # the clipped term is the smaller: no gradient
-        clipped = t.surrogate < ratio * b.adv[ids, None]
-        per_token = [t.kl, clipped, torch.ones_like(t.kl)]
-        if first:  # still the sampling policy: ratio 1 up to float error; its entropy
-            per_token += [entropy(t.logits), torch.ones_like(t.kl)]
-            dev = ((ratio - 1).abs() * on_nL).amax()
-            self.first_dev = torch.maximum(self.first_dev, dev)
-        for i, v in enumerate(per_token):
-            self.per_scale[i].index_add_(0, si_L, (v.float() * on_nL).sum(0))
-        ratio_sum = (ratio * on_nL).sum()
-        self.sums += torch.stack([ratio_sum, loss.detach().float()])
-
-def policy_update(model, ref, opt, b: UpdateBatch, a: TrainArgs,
-                  step: int, d, amp) -> UpdateStats:
-    """--ppo-epochs passes over the step's samples, one optimizer step per minibatch [GRPO-VAR
-    eq. 1].
-
-    One seeded global order makes the minibatches the same whatever the number of processes;
-    each process takes its share, in micro-batches whose gradients add up, and DDP averages
-    the shares. A non-finite gradient stops the updates, untaken."""
-    config = unwrap(model).config
-    device = b.idx.device
-    share = a.minibatch // d.world
-    micro = a.micro_batch or share
-    si_L = scale_ids(config.patch_nums).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    stats = UpdateStats(config.num_scales, device)
-    n_minibatches = len(b.idx) // a.minibatch
-    if a.kl == "k3":  # log pi_ref of every row: once per step, in chunks without autograd
-        ref_logp = rows_in_chunks(
-            lambda s: token_logprobs(ref, b.labels[s], b.idx[s], a.temperature), len(b.idx), amp)
-        b = replace(b, ref_logp=ref_logp)
-
-    for epoch in range(a.ppo_epochs):
-        seed = derive_seed(a.seed, step, STREAM_ORDER, epoch)
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(b.idx), generator=g)
-        for mb in range(n_minibatches):
-            first = mb * a.minibatch + d.rank * share
-            mine = order[first:][:share].to(device)  # this share
-            opt.zero_grad(set_to_none=True)
-            for c0 in range(0, share, micro):
-                ids = mine[c0:c0 + micro]
-                with grad_sync(model, last=c0 + micro >= share):  # DDP: all-reduce the last
-                    t = loss_terms(model, ref, b, ids, a, amp)
-                    loss = grpo_loss(t.surrogate, t.kl, b.pg_w[ids], a.beta, b.kl_w[ids])
-                    loss = loss * (len(ids) / share)
-                    loss.backward()
-                stats.add(t, b, ids, si_L, loss, first=epoch == 0 and mb == 0)
-
-            norm = clip_grad_norm(params, a.max_grad_norm)
-            if not torch.isfinite(norm):  # the one host read of an update
-                stats.nonfinite = (f"the loss gradient (update {mb + 1} of epoch {epoch + 1})")
-                return stats
-            opt.step()
-            stats.grad_norms.append(norm)
-    return stats
-
-# ---- Step 6: metrics (the run folder logs and saves them).
-def step_metrics(step, scored: Scored, adv_Ng, b: UpdateBatch,
-                 u: UpdateStats, times, a: TrainArgs, stage,
-                 reward_passes: int) -> dict:
-    """One metrics.jsonl line (the README explains each). Call on every rank: it gathers and
-    reduces; besides one per optimizer step, its host reads are the step's only ones."""
-    r = all_gather_cat(scored.rewards)
-    nan = torch.tensor(math.nan, device=r.device)
-    finite = r[torch.isfinite(r)] if torch.isfinite(r).any() else nan.view(1)
-    kl, clipped, tokens, ent, ent_tokens = all_reduce(u.per_scale.clone())
-    ratio_sum, loss_sum = all_reduce(u.sums.clone())
-    total = tokens.sum().clamp_min(1)
-    flat_groups = (adv_Ng == 0).all(1).sum().float()
-    n_groups = torch.tensor(float(len(adv_Ng)), device=r.device)
-    flat = all_reduce(torch.stack([flat_groups, n_groups]))
-    grad_norm = torch.stack(u.grad_norms).mean() if u.grad_norms else nan
-    processes = len(r) // len(scored.rewards)
-    updates = max(1, len(u.grad_norms))
-
-    on_device = {
-        "reward/mean": finite.mean(),
-        "reward/std": finite.std(unbiased=False),
-        "reward/min": finite.min(),
-        "reward/max": finite.max(),
-        "reward/nonfinite": (~torch.isfinite(r)).sum(),
-        "adv/mean": b.adv.mean(),
-        "adv/std": b.adv.std(unbiased=False),
-        "adv/abs_max": b.adv.abs().max(),
-        "adv/zero_std_group_frac": flat[0] / flat[1],
-        "policy/kl": kl.sum() / total,
-        "policy/clip_frac": clipped.sum() / total,
-        "policy/entropy": ent.sum() / ent_tokens.sum().clamp_min(1),
-        "policy/ratio_mean": ratio_sum / total,
-        "policy/ratio_dev_first_minibatch":
-            all_reduce(u.first_dev.clone(), "max"),
-        "loss/loss": loss_sum / processes / updates,
-        "loss/grad_norm": grad_norm,
-    }
-
-    for name, v in scored.components.items():
-        on_device[f"reward/{name}"] = all_gather_cat(v).nanmean()
-    for si in range(len(kl)):
-        n = tokens[si].clamp_min(1)
-        on_device[f"scale/kl_s{si}"] = kl[si] / n
-        on_device[f"scale/clip_frac_s{si}"] = clipped[si] / n
-        on_device[f"scale/entropy_s{si}"] = ent[si] / ent_tokens[si].clamp_min(1)
-    if a.mask_propagation:
-        kept = b.pg_w.gt(0).float().mean()
-        on_device["mp/kept_fraction"] = kept
-
-    # one host read for all of them
-    values = torch.stack([v.float() for v in on_device.values()]).tolist()
-    metrics = {"step": step, **dict(zip(on_device, values)), "lr": a.lr}
-    metrics["reward/nonfinite"] = int(metrics["reward/nonfinite"])
-    metrics.update(run_metrics(step, times, len(r), a, reward_passes))  # time, budget
-    if stage:
-        metrics["vmr/stage"] = stage
-    return metrics
-
-# ---- Command line: `python vargrpo.py train ...`, also under torchrun. Evaluation,
-# ablation, benchmark, plots and the digits model: `python vargrpo_tools.py --help`.
+# ---- Command line. Evaluation, ablation, plots: `python vargrpo_tools.py --help`.
 def main(argv=None):
     """`python vargrpo.py train ...`, also under torchrun; a user's mistake, a failed run or a
-    signal ends in one line and its exit code (vargrpo_run.exit_code)."""
-    try:
-        args, given = parse_train_args(argv, TrainArgs)
-        return train(args, given)
-    except (UsageError, CheckpointError, RunFailed, Stopped, PeerFailed) as e:
-        exit_with(e, "vargrpo")
+    signal ends in one line and its exit code (vargrpo_run.command_line)."""
+    return command_line(argv, TrainArgs, train)
+
+
+# names that live in vargrpo_run, importable from here as before
+MOVED_TO_RUN = (
+    "VAE_FILE", "CheckpointError", "PeerFailed", "RunFailed", "Stopped", "UsageError",
+    "find_or_download", "load_checked", "make_reward", "read_state_dict",
+)
+
+
+def __getattr__(name):
+    if name in MOVED_TO_RUN:
+        import vargrpo_run
+
+        return getattr(vargrpo_run, name)
+    raise AttributeError(f"module 'vargrpo' has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,10 @@
 What a trainer needs and a reader of the method does not: errors and
 their exit codes, the distributed helpers, settings from the command
 line and --config, argument checks, the run folder (lock, atomic
-checkpoints, exact resume, --overwrite rules), the metrics log and its
-TensorBoard mirror, and Ctrl-C / SIGTERM handling.
+checkpoints, exact resume, --overwrite rules), the metrics (their
+reductions, the step's timing), the log and its TensorBoard mirror,
+and Ctrl-C / SIGTERM handling. `train` reaches it through `Run` (one
+object per run: three calls per step) and a few named helpers.
 
 vargrpo.py imports this module; this module never imports vargrpo.
 """
@@ -676,20 +678,6 @@ def read_tensors(path) -> dict:
     return obj
 
 
-def check_var_config(c):
-    """A VARConfig's sizes: one ValueError naming what is wrong."""
-    pn = c.patch_nums
-    rising = all(b > a for a, b in zip(pn, pn[1:]))
-    if len(pn) < 2 or not rising or pn[0] < 1:
-        raise ValueError(f"patch_nums must be >= 2 strictly increasing positive sides, got {pn}")
-    sizes = (c.depth, c.z_channels, c.num_classes)
-    if min(sizes) < 1 or c.vocab_size < 2 or c.vae_ch % 32:
-        raise ValueError(
-            f"invalid VARConfig {c}: depth, vocab_size, z_channels, num_classes must be"
-            " positive and vae_ch a multiple of 32 (GroupNorm with 32 groups)"
-        )
-
-
 def check_depth(var_sd: dict, depth: int, path):
     """A VAR state_dict of another depth than the preset's: one CheckpointError."""
     depths = [int(k.split(".")[1]) + 1 for k in var_sd if k.startswith("blocks.")]
@@ -743,48 +731,6 @@ def to_float32(state_dict: dict) -> dict:
     return out
 
 
-# ---- Checks of a sampling call: one ValueError saying what to change.
-def check_sampling_args(temperature, cfg, top_k, top_p):
-    ok = 0 < temperature < math.inf and 0 <= cfg < math.inf
-    if not (ok and top_k >= 0 and 0 <= top_p < 1):
-        raise ValueError(
-            "need temperature > 0, cfg >= 0, top_k >= 0 and"
-            f" 0 <= top_p < 1; got temperature={temperature},"
-            f" cfg={cfg}, top_k={top_k}, top_p={top_p}"
-        )
-
-
-def check_sample_call(model, B: int, n_gens: int, prefix_idx):
-    """One ValueError for a call `sample` cannot serve."""
-    device = model.pos_1LC.device
-    vae_device = model.vae.quantize.embedding.weight.device
-
-    if vae_device != device:
-        raise ValueError(
-            f"the VAR is on {device}, its VQVAE on {vae_device}: move"
-            " both (vae.to(device))"
-        )
-
-    if B % n_gens:
-        raise ValueError(f"{B} rows cannot be split among {n_gens} generators")
-
-    if prefix_idx is None:
-        return
-
-    ends = [e for _, e in model.begin_ends]
-
-    if prefix_idx.shape[1] not in ends:
-        raise ValueError(
-            f"token sequence of length {prefix_idx.shape[1]} does not end"
-            f" at a scale boundary {ends}"
-        )
-
-    if len(prefix_idx) != B:
-        raise ValueError(
-            f"prefix_idx has {len(prefix_idx)} rows for {B} labels"
-        )
-
-
 # ---- Setting up a run: the reward, DDP, autocast, step timing.
 def make_reward(spec: str, device, a, differentiable: bool = False):
     """reward_models.build_reward with the CLIP / aesthetic options of `a`; its errors become
@@ -800,7 +746,6 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"reward {spec!r}: {e}") from None
-
 
 
 def distribute(policy, ref, d, fsdp: bool = False):
@@ -952,27 +897,6 @@ def weights_finite(module, device) -> bool:
     return bool(all_reduce(flag, "min").item())
 
 
-def rows_in_chunks(fn, n_rows: int, amp, chunk: int = 64) -> torch.Tensor:
-    """fn(rows) for every row of range(n_rows), without autograd, under `amp`, `chunk` rows per
-    call, concatenated in row order: each process computes its 1 / world of the rows (n_rows
-    divides by the processes) and all_gather_cat joins them. Step 5's pass of the frozen
-    reference, once per step instead of once per micro-batch."""
-    world = 1
-    rank = 0
-    if torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        rank = torch.distributed.get_rank()
-
-    share = n_rows // world
-    end = (rank + 1) * share
-    parts = []
-    with torch.no_grad(), amp():
-        for i in range(rank * share, end, chunk):
-            parts.append(fn(slice(i, min(i + chunk, end))))
-    return all_gather_cat(torch.cat(parts))
-
-
-
 def autocast(dtype: str, device: str):
     """A factory of the model's autocast context: bf16 on GPUs and fp32 on the CPU by default."""
     chosen = {"bf16": torch.bfloat16, "fp32": None}
@@ -984,16 +908,6 @@ def autocast(dtype: str, device: str):
     device_type = device.split(":")[0]
     return functools.partial(torch.autocast, device_type,
                              dtype=chosen[dtype])
-
-
-def autocast_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype autocast computes in on t's device while it is on, else t's own. The sampler
-    keeps its KV cache in it: under CUDA autocast F.normalize runs in fp32, so the keys come
-    out fp32 (the attention casts them to bf16 anyway; cached as fp32 they cost 1.5x)."""
-    device_type = t.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return t.dtype
 
 
 # ---- How many rows a sample() call can take (--sample-batch 0 on a GPU). README, "Memory:
@@ -1061,7 +975,6 @@ def groups_per_sample_call(sample_batch: int, group_size: int, n_groups: int, co
     return min(n_groups, rows // group_size)
 
 
-
 def reward_passes(reward, a) -> int:
     """Reward evaluations per image: 2 when MP takes its mask from gradient saliency (a reward
     without a region), else 1."""
@@ -1087,20 +1000,6 @@ def run_metrics(step: int, times: dict, n_samples: int, a, reward_passes: int) -
     out["budget/samples"] = samples
     out["budget/reward_images"] = samples * reward_passes
     return out
-
-
-class Laps:
-    """The wall time of each part of a step (queued GPU work included)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.start = time.perf_counter()
-        self.times = {}
-
-    def __call__(self, name: str):
-        spent = sum(self.times.values())
-        now = synced_time(self.device)
-        self.times[name] = now - self.start - spent
 
 
 class RunFolder:
@@ -1616,6 +1515,314 @@ class StopRequest:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# ---- The trainer's run: what `train` calls into, few names. Run opens the run (processes,
+# DIR, lock, signals, the reward), resumes it and, after each step, reduces its metrics, logs
+# them, halts a diverged policy and saves; `timed` times the step's parts.
+RUN_ERRORS = (UsageError, CheckpointError, RunFailed, Stopped, PeerFailed)
+
+
+def load_weight_files(var, vae, preset: str, weights_dir=None):
+    """The pre-trained weights of a preset into `var` and `vae` (built on the meta device):
+    the files found or downloaded (find_or_download), read, in float32, the VAR's depth checked,
+    then loaded strictly (load_checked)."""
+    vae_file = f"vae_{preset}.pth"
+    if preset in OFFICIAL_PRESETS:
+        vae_file = VAE_FILE
+    var_path = find_or_download(f"var_{preset}.pth", weights_dir)
+    vae_path = find_or_download(vae_file, weights_dir)
+    var_sd = to_float32(read_state_dict(var_path))
+    vae_sd = to_float32(read_state_dict(vae_path))
+
+    # a wrong file: one line saying which preset
+    check_depth(var_sd, var.config.depth, var_path)
+    load_checked(var, var_sd, var_path, assign=True)
+    load_checked(vae, vae_sd, vae_path, assign=True)
+
+
+class StepClock:
+    """The wall time of each part of a step (queued GPU work included): a part's time runs
+    from the end of the one before it (or the step's start) to its own end."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.times = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[name] = now - self.last
+        self.last = now
+
+
+STEP_CLOCK = StepClock()
+
+
+def timed(name: str):
+    """Decorator: each call's time, as step part `name` (time/NAME in the metrics)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def timed_fn(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            STEP_CLOCK.lap(name)
+            return out
+
+        return timed_fn
+
+    return decorate
+
+
+def my_micro_batches(model, order, mb: int, a, device):
+    """This process's share of minibatch `mb` of the global row `order` (the same on every
+    process), in --micro-batch parts: (ids, part, sync) each, `part` its fraction of the share
+    (its loss weight: the parts' gradients add up to the share's), `sync` the context of its
+    backward pass (grad_sync: under DDP the last part all-reduces the sum)."""
+    world = 1
+    rank = 0
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
+
+    share = a.minibatch // world
+    micro = a.micro_batch or share
+    begin = mb * a.minibatch + rank * share
+    mine = order[begin:][:share].to(device)
+
+    for c0 in range(0, share, micro):
+        ids = mine[c0:c0 + micro]
+        last = c0 + micro >= share
+        yield ids, len(ids) / share, grad_sync(model, last)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step's update, detached: what step 6's metrics read."""
+
+    ids: torch.Tensor  # (n,) its rows of the step's UpdateBatch
+    logp: torch.Tensor  # (n, L) log pi_theta (tempered, as sampled)
+    kl: torch.Tensor  # (n, L) per-token KL to pi_ref
+    surrogate: torch.Tensor  # (n, L) the clipped objective
+    loss: torch.Tensor  # () its share of the minibatch's loss
+    entropy: torch.Tensor | None  # (n, L) the first minibatch's entropy, else None
+
+
+@dataclass
+class Update:
+    """What step 5 did: its micro-batches, the gradient norm of each optimizer step, and why
+    it stopped early (a non-finite gradient), or None."""
+
+    si_L: torch.Tensor  # (L,) scale ids, for the per-scale metrics
+    num_scales: int
+    parts: list = field(default_factory=list)  # [MicroBatch]
+    grad_norms: list = field(default_factory=list)  # [() tensor]
+    nonfinite: str | None = None
+
+    def add(self, ids, logp, kl, surrogate, loss, entropy=None):
+        part = MicroBatch(ids, logp.detach(), kl.detach(), surrogate.detach(),
+                          loss.detach(), entropy)
+        self.parts.append(part)
+
+
+def step_metrics(step, scored, adv_NG, b, update, times, a, stage,
+                 reward_passes: int) -> dict:
+    """One metrics.jsonl line (the README explains each). Call on every rank: it gathers and
+    reduces; besides one per optimizer step, its host reads are the step's only ones."""
+    r = all_gather_cat(scored.rewards)
+    nan = torch.tensor(math.nan, device=r.device)
+    finite = nan.view(1)
+    if torch.isfinite(r).any():
+        finite = r[torch.isfinite(r)]
+    sums = update_sums(update, b)
+    kl, clipped, tokens, ent, ent_tokens = all_reduce(sums["per_scale"])
+    ratio_sum, loss_sum = all_reduce(sums["sums"])
+    total = tokens.sum().clamp_min(1)
+    flat_groups = (adv_NG == 0).all(1).sum().float()
+    n_groups = torch.tensor(float(len(adv_NG)), device=r.device)
+    flat = all_reduce(torch.stack([flat_groups, n_groups]))
+    grad_norm = nan
+    if update.grad_norms:
+        grad_norm = torch.stack(update.grad_norms).mean()
+    processes = len(r) // len(scored.rewards)
+    updates = max(1, len(update.grad_norms))
+
+    on_device = {
+        "reward/mean": finite.mean(),
+        "reward/std": finite.std(unbiased=False),
+        "reward/min": finite.min(),
+        "reward/max": finite.max(),
+        "reward/nonfinite": (~torch.isfinite(r)).sum(),
+        "adv/mean": b.adv.mean(),
+        "adv/std": b.adv.std(unbiased=False),
+        "adv/abs_max": b.adv.abs().max(),
+        "adv/zero_std_group_frac": flat[0] / flat[1],
+        "policy/kl": kl.sum() / total,
+        "policy/clip_frac": clipped.sum() / total,
+        "policy/entropy": ent.sum() / ent_tokens.sum().clamp_min(1),
+        "policy/ratio_mean": ratio_sum / total,
+        "policy/ratio_dev_first_minibatch":
+            all_reduce(sums["first_dev"], "max"),
+        "loss/loss": loss_sum / processes / updates,
+        "loss/grad_norm": grad_norm,
+    }
+
+    for name, v in scored.components.items():
+        on_device[f"reward/{name}"] = all_gather_cat(v).nanmean()
+    for si in range(len(kl)):
+        n = tokens[si].clamp_min(1)
+        on_device[f"scale/kl_s{si}"] = kl[si] / n
+        on_device[f"scale/clip_frac_s{si}"] = clipped[si] / n
+        on_device[f"scale/entropy_s{si}"] = ent[si] / ent_tokens[si].clamp_min(1)
+    if a.mask_propagation:
+        kept = b.pg_w.gt(0).float().mean()
+        on_device["mp/kept_fraction"] = kept
+
+    # one host read for all of them
+    values = torch.stack([v.float() for v in on_device.values()]).tolist()
+    metrics = {"step": step, **dict(zip(on_device, values)), "lr": a.lr}
+    metrics["reward/nonfinite"] = int(metrics["reward/nonfinite"])
+    metrics.update(run_metrics(step, times, len(r), a, reward_passes))
+    if stage:
+        metrics["vmr/stage"] = stage
+    return metrics
+
+
+@torch.no_grad()
+def update_sums(update, b) -> dict:
+    """The sums of a step's updates, on the device, by name: per_scale (5, K) = KL, clipped
+    tokens, tokens with KL weight, entropy and tokens of the first minibatch; sums (2,) =
+    ratio, loss; first_dev = max |ratio - 1| before the first update."""
+    device = b.idx.device
+    si_L = update.si_L
+    per_scale = torch.zeros(5, update.num_scales, device=device)
+    sums = torch.zeros(2, device=device)
+    first_dev = torch.zeros((), device=device)
+
+    for part in update.parts:
+        ids = part.ids
+        on_nL = (b.kl_w[ids] > 0).float()
+        ratio = (part.logp - b.old_logp[ids]).exp()
+        # the clipped term is the smaller: no gradient
+        clipped = part.surrogate < ratio * b.adv[ids, None]
+        per_token = [part.kl, clipped, torch.ones_like(part.kl)]
+        if part.entropy is not None:  # the first minibatch: ratio 1 up to float error
+            per_token += [part.entropy, torch.ones_like(part.kl)]
+            dev = ((ratio - 1).abs() * on_nL).amax()
+            first_dev = torch.maximum(first_dev, dev)
+        for i, v in enumerate(per_token):
+            per_scale[i].index_add_(0, si_L, (v.float() * on_nL).sum(0))
+        ratio_sum = (ratio * on_nL).sum()
+        sums += torch.stack([ratio_sum, part.loss.float()])
+
+    return {"per_scale": per_scale, "sums": sums, "first_dev": first_dev}
+
+
+class Run:
+    """One `train` call's run machinery: `with Run(args, given, presets) as run` sets up the
+    processes (setup_distributed) and Ctrl-C / SIGTERM handling; leaving it closes the run
+    folder, unlocks DIR and leaves the process group."""
+
+    def __init__(self, args, given, presets: dict):
+        self.dist = setup_distributed(args.device)
+        self.device = self.dist.device
+        self.stop = StopRequest()
+        out = Path(args.resume or args.out)
+        self.folder = RunFolder(out, self.dist, presets)
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.restore()
+        self.model = None  # the DDP wrapper holds the process group: drop it first
+        self.folder.close()  # unlock; leave the process group
+
+    def starting(self):
+        """The start of a run on every process, then all go on or none does (then nothing is
+        written): RunFolder.starting."""
+        return self.folder.starting()
+
+    def open(self, args, given):
+        """The run's settings (new, overwritten or resumed: DIR locked), its reward, its
+        autocast (`run.amp`) and, resumed, its checkpoint. Returns (args, reward)."""
+        args, self.ckpt = self.folder.open(args, given)
+        self.args = args
+        mp = args.mask_propagation
+        self.reward = make_reward(args.reward, self.device, args, mp)
+        self.amp = autocast(args.dtype, self.device)
+        return args, self.reward
+
+    def load_checkpoint(self, policy):
+        """A resumed run: the checkpoint's policy weights (strict)."""
+        if self.ckpt:
+            load_checked(policy, self.ckpt["model"], self.folder.last)
+
+    def distribute(self, policy, ref, make_optimizer):
+        """DDP, or --fsdp's shards (distribute); make_optimizer(policy, args, device); resumed,
+        the optimizer's state. Returns (opt, start): the optimizer and the step to continue
+        from (0 for a new run); `run.model` is the model the update trains (held here alone:
+        leaving the run drops it before the process group)."""
+        self.model = distribute(policy, ref, self.dist, self.args.fsdp)
+        opt = make_optimizer(policy, self.args, self.device)
+        self.policy = policy
+        self.opt = opt
+        with self.folder.starting():  # then all go on, or none
+            start = self.folder.restore(self.ckpt, opt, policy)
+            self.folder.begin()  # a new run's args.json
+        self.ckpt = None
+        return opt, start
+
+    def sampling_policy(self, policy):
+        """A step begins (its clock starts): the policy step 1 samples from (itself, or under
+        --fsdp a gathered copy: sampling_policy) and the groups per sample() call
+        (groups_per_sample_call)."""
+        STEP_CLOCK.restart()
+        sampler = sampling_policy(policy)
+        a = self.args
+        n_groups = a.labels_per_step // self.dist.world
+        with self.amp():
+            per_call = groups_per_sample_call(
+                a.sample_batch, a.group_size, n_groups, policy.config, self.device)
+        return sampler, per_call
+
+    def retry(self, step: int, score, *args):
+        """score(*args) (step 2), retried once if it raises; raised twice (on any process),
+        the run saves the steps done and stops (RunFolder.retry_once)."""
+
+        def call():
+            return score(*args)
+
+        return self.folder.retry_once(call, step, self.policy, self.opt)
+
+    def after_step(self, step, vmr, images, roll, scored, adv_NG, batch, update) -> dict:
+        """Step 6: the metrics (step_metrics), logged (RunFolder.log); a diverged policy stops
+        the run (halt_if_nonfinite); a checkpoint every --save-every steps, and Ctrl-C /
+        SIGTERM stops after saving (save_or_stop). Returns the metrics."""
+        stage = getattr(vmr, "stage", None)  # VMR's, or None
+        passes = reward_passes(self.reward, self.args)
+        metrics = step_metrics(step, scored, adv_NG, batch, update, STEP_CLOCK.times,
+                               self.args, stage, passes)
+        self.folder.log(metrics, step, images)
+        self.folder.halt_if_nonfinite(roll.nonfinite, update, step, self.policy, self.opt)
+        self.folder.save_or_stop(self.stop.signum, self.policy, self.opt, step + 1)
+        return metrics
+
+
+def command_line(argv, cls, train):
+    """`python vargrpo.py train ...` (argv; None: sys.argv): the settings (parse_train_args),
+    then train(args, given); a user's mistake, a failed run or a signal ends in one line and
+    its exit code (exit_with)."""
+    try:
+        args, given = parse_train_args(argv, cls)
+        return train(args, given)
+    except RUN_ERRORS as e:
+        exit_with(e, "vargrpo")
 
 
 # ---- Launching: torchrun with the processes' own exit code.

@@ -1416,7 +1416,8 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
     on_gpu = device.startswith("cuda")
     seen = dict(step=0, calls={}, prof=None, metrics=[], peak=None)
-    real = {name: getattr(vg, name) for name in (*GPU_CHECK_STEPS, "sample", "step_metrics")}
+    real = {name: getattr(vg, name) for name in (*GPU_CHECK_STEPS, "sample")}
+    real["step_metrics"] = vr.step_metrics
 
     def in_range(part, fn):
         def run(*args, **kw):
@@ -1448,11 +1449,11 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
     for part, name in zip(GPU_CHECK_PARTS, GPU_CHECK_STEPS):
         wrapped[name] = in_range(part, real[name])
     wrapped["sample"] = counted_sample
-    wrapped["step_metrics"] = metrics_then_profile
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     with contextlib.ExitStack() as restore:
         restore.enter_context(patched(vg, wrapped))
+        restore.enter_context(patched(vr, {"step_metrics": metrics_then_profile}))
         restore.enter_context(patched(vr.RunFolder, {"save": no_checkpoint}))
         tmp = restore.enter_context(tempfile.TemporaryDirectory())
         vg.train(gpu_check_args(preset, device, variant, Path(tmp)))

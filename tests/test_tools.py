@@ -210,23 +210,24 @@ def test_gpu_check_variant_puts_back_what_it_patches(train_ends, monkeypatch):
     (here a stand-in that sees the patches); after it, returning or raising, every name is the
     original again."""
     import vargrpo_run as vr
-    names = ("rollout", "decode", "score", "policy_update", "sample", "step_metrics")
+    names = ("rollout", "decode", "score", "policy_update", "sample")
     originals = {name: getattr(vg, name) for name in names}
     save = vr.RunFolder.save
+    step_metrics = vr.step_metrics
     seen = []
 
     def stand_in(a):
         seen.append({name: getattr(vg, name) is originals[name] for name in names})
-        seen.append(vr.RunFolder.save is save)
+        seen.append([vr.RunFolder.save is save, vr.step_metrics is step_metrics])
         if train_ends == "raises":
             raise RuntimeError("the trainer failed")
 
     monkeypatch.setattr(vg, "train", stand_in)
     with pytest.raises((RuntimeError, IndexError)):  # IndexError: no step's metrics
         tools.gpu_check_variant("tiny", "cpu", "plain")
-    assert seen == [dict.fromkeys(names, False), False]  # patched while it ran
+    assert seen == [dict.fromkeys(names, False), [False, False]]  # patched while it ran
     assert all(getattr(vg, name) is originals[name] for name in names)
-    assert vr.RunFolder.save is save
+    assert vr.RunFolder.save is save and vr.step_metrics is step_metrics
 
 
 @pytest.mark.slow
