@@ -891,6 +891,23 @@ def test_initial_mask_keeps_the_whole_reward_of_a_combined_spec():
     assert torch.equal(vg.initial_mask(two_regions, images, 4, 0.5)[0], expect)  # all regions: their union
 
 
+def test_initial_mask_of_the_ocr_reward_is_each_images_text_boxes():
+    """MP with the ocr reward [VAR-RL: the mask from the predicted text boxes]: each image's
+    finest-grid mask holds the cells of the number drawn in it, and only those."""
+    import reward_models as rm
+    import vargrpo_tools as vt
+    images_u8, labels, _ = vt.render_digits(4, seed=2, digits=2)
+    images = images_u8.float() / 255
+    reward = rm.build_reward("ocr", "cpu", differentiable=True)
+    mask = vg.initial_mask(reward, images, 8, keep=0.5, labels_B=labels)
+    background = images[:, :, :1, :1]
+    ink = ((images - background).abs().amax(1, keepdim=True) > 0.25).float()
+    ink_cells = torch.nn.functional.interpolate(ink, size=(8, 8), mode="area")[:, 0] > 0.2
+    assert mask.shape == (4, 8, 8)
+    assert (mask.bool() | ~ink_cells).all()  # every cell of ink is kept
+    assert (mask.mean((1, 2)) < 0.8).all()  # the background mostly not
+
+
 def test_initial_mask_keeps_every_cell_for_a_reward_blind_to_the_image():
     """A reward whose graph does not reach the image has no saliency: every cell is kept."""
     images = torch.rand(2, 3, 64, 64, generator=gen(3))

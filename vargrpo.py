@@ -1003,21 +1003,21 @@ def initial_mask(reward, images_B3HW, pn: int, keep: float,
     """The reward-relevant finest-grid mask (B, pn, pn) that mask propagation starts from
     [VAR-RL MP; C11].
 
-    The reward's region if every term of the reward scores one (`reward.region_mask`); else
-    gradient saliency |d reward / d image| summed over channels, area-pooled to the token
-    grid, its top `keep` fraction of cells kept, ties kept (a flat saliency, or no gradient,
-    keeps every cell). It is where the reward is most sensitive, not a proof that other
-    tokens cannot change it (the decoder mixes areas). A label-aware reward is called with
-    `labels_B`."""
-    B, _, H, W = images_B3HW.shape
+    Each image's region if every term of the reward scores one (`reward.region_masks`: a
+    box, or the text boxes an OCR finds); else gradient saliency |d reward / d image| summed
+    over channels, area-pooled to the token grid, its top `keep` fraction of cells kept, ties
+    kept (a flat saliency, or no gradient, keeps every cell). It is where the reward is most
+    sensitive, not a proof that other tokens cannot change it (the decoder mixes areas). A
+    label-aware reward is called with `labels_B`."""
+    B = len(images_B3HW)
     device = images_B3HW.device
-    region = None
-    if hasattr(reward, "region_mask"):
-        region = reward.region_mask(H, W, device)
-    if region is not None:
-        region_11HW = region[None, None].float()
-        pooled = F.interpolate(region_11HW, size=(pn, pn), mode="area")
-        return (pooled[:, 0] > 0).float().expand(B, pn, pn)
+    region_BHW = None
+    if hasattr(reward, "region_masks"):
+        region_BHW = reward.region_masks(images_B3HW, labels_B)
+    if region_BHW is not None:
+        region_B1HW = region_BHW[:, None].float()
+        pooled = F.interpolate(region_B1HW, size=(pn, pn), mode="area")
+        return (pooled[:, 0] > 0).float()
 
     x = images_B3HW.detach().float().requires_grad_(True)
     inputs = (x,) if labels_B is None else (x, labels_B)
