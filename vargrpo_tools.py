@@ -1719,6 +1719,20 @@ def save_progress(path: Path | None, state: dict):
     os.replace(tmp, path)
 
 
+def restore_progress(progress: Path | None, model, opt, gen, what: str, log) -> dict | None:
+    """A training part's saved progress put back into its model, optimizer and batch
+    generator; the saved state (its step, and the part's own fields), or None."""
+    state = load_progress(progress)
+    if state is None:
+        return None
+
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["generator"])
+    log(f"[prepare] {what}: going on from step {state['step']} ({progress})")
+    return state
+
+
 def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None,
                     log=print, progress: Path | None = None) -> vg.VQVAE:
     """The official-architecture VQVAE of `config` trained on the images: L1 + MSE
@@ -1747,15 +1761,11 @@ def train_tokenizer(images_u8, config: vg.VARConfig, r: DigitsRecipe, steps=None
     t0 = time.perf_counter()
     start = 0
 
-    state = load_progress(progress)
+    state = restore_progress(progress, vae, opt, g, "tokenizer", log)
     if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["generator"])
         usage = state["usage"]
         quantizing = state["quantizing"]
         start = state["step"]
-        log(f"[prepare] tokenizer: going on from step {start} ({progress})")
 
     from tqdm import tqdm
     for step in tqdm(range(start, steps), desc="tokenizer", mininterval=10):
@@ -1915,13 +1925,9 @@ def train_var(vae: vg.VQVAE, idx_NL, labels, config: vg.VARConfig, r: DigitsReci
                             weight_decay=r.var_weight_decay)
     start = 0
 
-    state = load_progress(progress)
+    state = restore_progress(progress, var, opt, g, "VAR", log)
     if state is not None:
-        var.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["generator"])
         start = state["step"]
-        log(f"[prepare] VAR: going on from step {start} ({progress})")
 
     from tqdm import tqdm
     t0 = time.perf_counter()
