@@ -572,6 +572,16 @@ def load_pth(path, hint: str):
         ) from None
 
 
+def load_run_checkpoint(path, hint: str, keys, advice: str = "") -> dict:
+    """A vargrpo run checkpoint (load_pth) that holds `keys`: one CheckpointError otherwise,
+    ending with `advice`."""
+    ckpt = load_pth(path, hint)
+    if not (isinstance(ckpt, dict) and set(keys) <= ckpt.keys()):
+        raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks"
+                              f" {'/'.join(keys)}){advice}")
+    return ckpt
+
+
 # ---- Pre-trained weights: where the files come from and what they hold.
 # vargrpo.load_pretrained loads them strictly.
 OFFICIAL_REPO = "FoundationVision/var"
@@ -1054,11 +1064,8 @@ class RunFolder:
             need(False, f"--resume {a.resume}: no checkpoints/last.pt there; start a new run"
                  " with --out instead")
         hint = f"resume from another step: copy one of {self.last.parent}/step_*.pt to last.pt"
-        ckpt = load_pth(self.last, hint)
-        keys = {"model", "optimizer", "step", "args"}
-        if not (isinstance(ckpt, dict) and keys <= ckpt.keys()):
-            raise CheckpointError(f"{self.last} is not a vargrpo run checkpoint (it lacks"
-                                  " model/optimizer/step/args)")
+        keys = ("model", "optimizer", "step", "args")
+        ckpt = load_run_checkpoint(self.last, hint, keys)
 
         try:
             recorded = json.loads((self.out / "args.json").read_text())

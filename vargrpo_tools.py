@@ -180,17 +180,16 @@ def export_settings(path: Path) -> tuple[dict, int]:
 
 def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
     """(the run's settings, the policy's state_dict, its step) from a run folder, a vargrpo .pt
-    checkpoint or a .safetensors export (settings in its metadata). Unlike
-    vr.RunFolder.read_checkpoint (resuming), any step_N.pt will do and no optimizer is needed."""
+    checkpoint or a .safetensors export (settings in its metadata). Unlike resuming
+    (vr.RunFolder.read_checkpoint), any step_N.pt will do and no optimizer is needed."""
     path = checkpoint_path(ckpt)
     if path.suffix == ".safetensors":
         settings, step = export_settings(path)
         return settings, vg.read_state_dict(path), step
 
-    obj = vr.load_pth(path, "pass another vargrpo checkpoint")
-    if not (isinstance(obj, dict) and {"model", "args", "step"} <= obj.keys()):
-        raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks"
-                              " model/args/step); pass RUN/checkpoints/last.pt")
+    obj = vr.load_run_checkpoint(path, "pass another vargrpo checkpoint",
+                                 ("model", "args", "step"),
+                                 "; pass RUN/checkpoints/last.pt")
     return obj["args"], obj["model"], int(obj["step"])
 
 
