@@ -1367,11 +1367,11 @@ def test_step_metrics_logs_every_namespace(tiny_run):
         assert k in keys, k
 
 
-# ---- The file's layout (issues 8 and 14): last, as the file's shape is checked once the rest holds
+# ---- The file's layout: last, as the file's shape is checked once the rest holds
 
 
 def reading_pace(path) -> dict:
-    """The figures of issue 14's reading pace for one source file."""
+    """The figures of the reading pace for one source file."""
     import ast
     src = Path(path).read_text()
     lines = src.splitlines()

@@ -1,4 +1,4 @@
-"""The digits model (issue 10): the rendered data, the training steps of the tokenizer, the judges and
+"""The digits model: the rendered data, the training steps of the tokenizer, the judges and
 the VAR, the shipped weights, prepare (its quick weights shared by the tests that follow it), and the
 demo on them.
 
@@ -528,9 +528,9 @@ def test_demo_digit_correct_on_digits7_raises_both_judges(tmp_path):
 
 
 def test_prepare_never_replaces_a_file_another_record_lists(tmp_path):
-    """prepare --preset digits --overwrite into a folder that also holds digits7 replaced
-    judge_digits.safetensors, which digits7.json records too (digits7 was then refused, blaming
-    its judge). Now refused before any work, in one line naming the file and the record."""
+    """prepare --preset digits --overwrite into a folder that also holds digits7 would replace
+    judge_digits.safetensors, which digits7.json records too: refused before any work, in one
+    line naming the file and the record."""
     folder = tmp_path / "weights"
     folder.mkdir()
     record = json.loads((WEIGHTS / "digits7.json").read_text())

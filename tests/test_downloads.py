@@ -1,4 +1,4 @@
-"""Downloads the way the ecosystem does them (issue 16): the official VAR files through
+"""Downloads the way the ecosystem does them: the official VAR files through
 huggingface_hub, CLIP through open_clip (which uses huggingface_hub), the aesthetic head and the
 ResNet-50 through torch.hub; their settings honoured (HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE,
 TORCH_HOME, HTTP(S)_PROXY), and every failure one line naming the file and the flag.

@@ -267,8 +267,8 @@ def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
 
 
 def test_ablate_refuses_an_earlier_ablation_without_overwrite(tmp_path, capsys):
-    """ablate into a folder that holds an earlier ablation replaced its runs and tables; now
-    it is refused, in one line, before any work, unless --overwrite."""
+    """ablate into a folder that holds an earlier ablation is refused, in one line, before any
+    work, unless --overwrite: its runs and tables stay."""
     (tmp_path / "ablation.md").write_text("the earlier table")
     argv = ["ablate", "--preset", "tiny", "--out", str(tmp_path), "--budget", "32", "--vmr-m", "2"]
     code, err = tools_main(argv, capsys)
@@ -317,8 +317,8 @@ def quick_eval(tmp_path_factory):
 
 @needs_head
 def test_eval_writes_beside_a_checkpoint_outside_a_run(tiny_run, tmp_path, quick_eval):
-    """eval --ckpt a/b/ck.pt wrote its tables into a/ (replacing a user's a/eval.md); now beside
-    the checkpoint, in a/b/."""
+    """eval --ckpt a/b/ck.pt writes its tables beside the checkpoint, in a/b/, and leaves a
+    user's a/eval.md alone."""
     folder = tmp_path / "a" / "b"
     folder.mkdir(parents=True)
     (folder / "ck.pt").write_bytes((tiny_run / "checkpoints" / "last.pt").read_bytes())
@@ -332,8 +332,8 @@ def test_eval_writes_beside_a_checkpoint_outside_a_run(tiny_run, tmp_path, quick
 
 @needs_head
 def test_eval_never_replaces_another_runs_tables(tiny_run, tmp_path, capsys, quick_eval):
-    """eval --ckpt runA --out runB replaced runB's own eval.md; now refused in one line. The
-    same run evaluated again replaces its own tables."""
+    """eval --ckpt runA --out runB is refused in one line: runB's own eval.md stays, as does an
+    eval.md that eval did not write. The same run evaluated again replaces its own tables."""
     run_a = copy_run(tiny_run, tmp_path / "run_a")
     run_b = copy_run(tiny_run, tmp_path / "run_b")
     quick = quick_eval
@@ -356,8 +356,8 @@ def test_eval_device_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
 
 
 def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, capsys, read_only):
-    """plot of a run without args.json printed a raw [Errno 2]; into a read-only run folder
-    a traceback. Now the curve is titled by the folder, and the read-only folder is one line."""
+    """plot of a run without args.json titles the curve by the folder; a read-only run folder
+    is one line."""
     run = copy_run(tiny_run, tmp_path / "run")
     (run / "args.json").unlink()
     (run / "reward_curve.png").unlink(missing_ok=True)
