@@ -1490,7 +1490,8 @@ def save_grid(images_B3HW, path: Path, nrow: int = 8, advice="") -> torch.Tensor
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+    """Ctrl-C / SIGTERM / SIGHUP (the terminal closed): finish the current step, save, exit
+    (128 + the signal). A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.signum = 0
@@ -1498,7 +1499,7 @@ class StopRequest:
         # handlers can only be set from the main thread
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
