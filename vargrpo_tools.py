@@ -2108,7 +2108,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
               f" (saved: {', '.join(work.done())})", flush=True)
 
     config = vg.VARConfig.preset(r.preset)
-    laps = vr.Laps("cpu")
+    laps = vr.StepClock()  # the time of each part
     n_train, n_held = (r.train_images, r.heldout_images)
     tok_steps, judge_steps, var_steps = (None, None, None)
     if quick:
@@ -2117,29 +2117,29 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     print(f"[prepare] {r.preset}: rendering {n_train} + {n_held} images", flush=True)
     train_u8, train_y, train_bold = render_digits(n_train, r.seed, config.image_size, r.digits)
     held_u8, held_y, _ = render_digits(n_held, r.seed + 998, config.image_size, r.digits)
-    laps("render")
+    laps.lap("render")
 
     vae = train_tokenizer(train_u8, config, r, steps=tok_steps, log=print_now,
                           progress=work.path("tokenizer"))
-    laps("tokenizer")
+    laps.lap("tokenizer")
     judge = prepare_judge(work, r, train_u8, train_y, train_bold, judge_steps)
-    laps("judge")
+    laps.lap("judge")
     judge2 = prepare_judge2(work, r, config, quick, judge_steps)
     if judge2 is not None and not r.reuse_judge2:
-        laps("judge2")
+        laps.lap("judge2")
 
     def make_tokens():
         return {"idx": tokenize(vae, train_u8, bf16=r.bf16)}
 
     idx = work.result("tokens", make_tokens)["idx"]
-    laps("tokenize")
+    laps.lap("tokenize")
     var = train_var(vae, idx, train_y, config, r, steps=var_steps, log=print_now,
                     progress=work.path("var"))
-    laps("var")
+    laps.lap("var")
 
     held = (held_u8, held_y)
     results = prepare_results(vae, var, (judge, judge2), held, r, quick)
-    laps("evaluation")
+    laps.lap("evaluation")
 
     times = {name: round(seconds, 1) for name, seconds in laps.times.items()}
     modules = {"vae": vae, "var": var, "judge": judge, "judge2": judge2}
