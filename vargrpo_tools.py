@@ -2097,7 +2097,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     judge (another architecture, its own images) reports a second opinion on the class
     accuracies (r.reuse_judge2: the shipped one). Numbers (r.digits = 2) are judged one half of
     the image at a time. Resumable (PrepareWork): run again, it goes on where it stopped.
-    quick: a few steps of each (smoke tests)."""
+    quick: a few steps of each, on 256 images (smoke tests)."""
     files = digits_files(r)
     reused = {files[name]: shipped for name, shipped in reused_files(r).items()}
     check_prepare_out(out, r, files, reused, overwrite)
@@ -2112,7 +2112,7 @@ def prepare(out: Path, r: DigitsRecipe, quick: bool = False, overwrite: bool = F
     n_train, n_held = (r.train_images, r.heldout_images)
     tok_steps, judge_steps, var_steps = (None, None, None)
     if quick:
-        n_train, n_held = (1024, 200)
+        n_train, n_held = (256, 100)
         tok_steps, judge_steps, var_steps = r.quick_steps
     print(f"[prepare] {r.preset}: rendering {n_train} + {n_held} images", flush=True)
     train_u8, train_y, train_bold = render_digits(n_train, r.seed, config.image_size, r.digits)
@@ -2229,7 +2229,7 @@ def prepare_judge2(work: PrepareWork, r: DigitsRecipe, config, quick: bool, step
     def make():  # numbers: a second judge of their halves (the digits' one reads them poorly)
         n = r.judge2_images
         if quick:
-            n = 1024
+            n = 256
         judge2_u8, judge2_y, _ = render_digits(n, r.seed + 2000, config.image_size, r.digits)
         if r.digits == 2:
             judge2_u8 = torch.cat(halves(judge2_u8.float())).round().to(torch.uint8)
@@ -2253,7 +2253,7 @@ def prepare_results(vae, var, judges, held, r: DigitsRecipe, quick: bool) -> dic
                                  for i in range(0, n_held, 200)])
     n = 1000
     if quick:
-        n = 200
+        n = 100
     labels = torch.arange(n) % var.config.num_classes
     samples_t1 = sample_images(var, labels, seed=7)
     samples_cfg = sample_images(var, labels, seed=7, **DIGITS_CFG)

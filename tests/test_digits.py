@@ -337,11 +337,11 @@ def test_prepare_killed_after_the_vqvae_leaves_no_mixed_model(tmp_path):
     assert consistent  # killed before the renames: the old model, whole
 
 
-# `prepare --quick` with fewer tokenizer steps, in fp32 (on a CPU without bf16 units ~2x faster): 343 s
-# instead of 927 s for the shipped recipe's --quick, on 2 cores with the other one busy; its demo's
-# reward still rises (test_demo_on_quick_weights_raises_the_reward)
+# `prepare --quick` with fewer steps, in fp32 (on a CPU without bf16 units ~2x faster): the
+# files, the record and the loading are what the tests below read, not the model's quality
+# (the shipped model's demo is test_demo_on_the_shipped_digits_model)
 QUICK_PREPARE = ("import dataclasses, sys, vargrpo_tools as vt\n"
-                 "quick = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(100, 100, 300), bf16=False)\n"
+                 "quick = dataclasses.replace(vt.DigitsRecipe(), quick_steps=(10, 10, 10), bf16=False)\n"
                  "vt.DIGITS_RECIPES['digits'] = quick\n"
                  "vt.main(sys.argv[1:])\n")
 
@@ -384,12 +384,12 @@ def test_prepare_refuses_a_folder_that_holds_its_files(tmp_path):
 
 @pytest.fixture(scope="session")
 def quick_demo(quick_weights, tmp_path_factory):
-    """The demo (8 steps, its own lr) on the quick weights, through --weights-dir: its run folder."""
+    """The demo (2 steps) on the quick weights, through --weights-dir: its run folder."""
     out, _ = quick_weights
     run = tmp_path_factory.mktemp("demo") / "demo"
     seed = str(outcome_seed(0))
     flags = ["--weights-dir", str(out), "--out", str(run),
-             "--steps", "8", "--seed", seed, "--save-every", "4"]
+             "--steps", "2", "--seed", seed, "--save-every", "1"]
     res = subprocess.run([sys.executable, "vargrpo_tools.py", "demo", *flags],
                          cwd=ROOT, capture_output=True, text=True,
                          timeout=DEMO_TIMEOUT)
@@ -437,20 +437,14 @@ def test_demo_sigterm_saves_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_on_quick_weights_raises_the_reward(quick_demo):
-    """8 steps at the demo's lr (1e-4), read on its 200 fixed samples (the
-    same labels and seed before and after): the reward rises by >= 0.025
-    and the judge's class accuracy drops by <= 0.1. Measured on seeds
-    0-3 (on an AVX2 CPU, one thread): a rise of +0.050 to
-    +0.068, a drop of 0.005 to 0.030. At lr 1e-3 the accuracy collapsed
-    on some CPUs (0.35 -> 0.15), and one step's 32 samples are too few
-    to compare the first step with the last."""
+def test_demo_runs_on_prepared_weights_through_weights_dir(quick_demo):
+    """The demo reads the folder --weights-dir names (the quick weights): it trains its steps,
+    measures its fixed samples before and after, and draws its pictures."""
     summary = json.loads((quick_demo / "summary.json").read_text())
-    assert summary["steps"] == 8, summary
-    rise = summary["reward_after"] - summary["reward_before"]
-    assert rise >= 0.025, summary
-    drop = summary["class_acc_before"] - summary["class_acc_after"]
-    assert drop <= 0.1, summary
+    assert summary["steps"] == 2, summary
+    for key in ("reward_before", "reward_after", "class_acc_before", "class_acc_after"):
+        assert 0 <= summary[key] <= 1, summary
+    assert json.loads((quick_demo / "args.json").read_text())["weights_dir"]
     assert all((quick_demo / f).is_file() for f in ("before.png", "after.png", "reward_curve.png"))
 
 
@@ -464,23 +458,6 @@ def test_eval_of_the_demo_on_quick_weights(quick_demo, quick_weights):
     assert [(r["model"], r["images"]) for r in res["results"]] == [("pre-trained", 30), ("fine-tuned", 30)]
     assert all(0 <= r["judge_accuracy"] <= 1 and 0 <= r["reward"] <= 1 for r in res["results"])
     assert "| model | labels | images | reward `brightness` | judge class accuracy |" in (quick_demo / "eval.md").read_text()
-
-
-@pytest.mark.slow
-def test_prepare_quick_digits7(tmp_path):
-    """The digits7 recipe end to end in a few steps: its files load strictly, the judge is the shipped one."""
-    out = tmp_path / "weights"
-    res = subprocess.run([sys.executable, "vargrpo_tools.py", "prepare", "--preset", "digits7", "--quick", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=PREPARE_TIMEOUT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    record = json.loads((out / "digits7.json").read_text())
-    files = vt.digits_files(vt.DIGITS_RECIPES["digits7"])
-    assert record["quick"] and set(record["sha256"]) == set(files.values())
-    assert (out / files["judge"]).read_bytes() == rm.DIGIT_JUDGE.read_bytes()
-    assert 0 <= record["results"]["judge2_sample_accuracy_t1"] <= 1
-    vae, var = vg.load_pretrained("digits7", weights_dir=out)
-    assert var.config == vg.VARConfig.preset("digits7")
-    rm.load_digit_judge2(out / files["judge2"])
 
 
 @pytest.mark.slow

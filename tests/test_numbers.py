@@ -184,6 +184,8 @@ def test_prepare_numbers_quick_killed_then_run_again_completes(tmp_path):
     vae, var = vg.load_pretrained("numbers", weights_dir=out)  # strict keys and shapes
     assert var.config == vg.VARConfig.preset("numbers")
     rm.load_digit_judge2(out / "judge2_numbers.safetensors")
+    judge = out / vt.digits_files(RECIPE)["judge"]
+    assert judge.read_bytes() == rm.DIGIT_JUDGE.read_bytes()  # reused
     results = record["results"]
     halves = [k for k in results if k.endswith(("_tens", "_units"))]
     assert len(halves) == 16
