@@ -2272,7 +2272,23 @@ def prepare_results(vae, var, judges, held, r: DigitsRecipe, quick: bool) -> dic
                                         f"{prefix}sample_accuracy_t1"))
         results.update(judge_accuracies(j, samples_cfg, labels, r.digits,
                                         f"{prefix}sample_accuracy_cfg"))
+    if r.digits == 2:  # the numbers: what the OCR reads (the ablation's baseline: T = 1)
+        results.update(ocr_figures(samples_t1, labels, "ocr_t1"))
+        results.update(ocr_figures(samples_cfg, labels, "ocr_cfg"))
     return results
+
+
+def ocr_figures(images01, labels, prefix: str) -> dict:
+    """PP-OCR's word accuracy (exact match) and NED (reward_models.ned_similarity) on
+    images of two-digit numbers."""
+    import reward_models as rm
+    ocr = rm.OCR(digits=2)
+    read = ocr.read(images01)
+    targets = ocr.targets(labels)
+    exact = [float(text == target) for text, target in zip(read, targets)]
+    ned = [rm.ned_similarity(text, target) for text, target in zip(read, targets)]
+    return {f"{prefix}_word_accuracy": sum(exact) / len(exact),
+            f"{prefix}_ned": sum(ned) / len(ned)}
 
 
 def fp16_state(module) -> dict:

@@ -50,6 +50,24 @@ def test_numbers_are_rendered_as_two_digits_that_the_judge_reads():
     assert vt.judge_accuracy(judge, units, labels % 10) >= 0.97
 
 
+def test_prepare_ocr_figures_read_renders_and_not_blanks():
+    """prepare's OCR figures of the numbers: word accuracy and NED near 1 on renders of the
+    asked numbers, 0 on blank images (nothing read), and near 0 on renders scored against
+    their digits swapped ('12' read where '21' was asked is two edits: NED 0)."""
+    images_u8, labels, _ = vt.render_digits(40, seed=5, digits=2)
+    images = images_u8.float() / 255
+
+    right = vt.ocr_figures(images, labels, "r")
+    blank = vt.ocr_figures(torch.zeros_like(images), labels, "b")
+    swapped = (labels % 10) * 10 + labels // 10
+    other = swapped != labels
+    wrong = vt.ocr_figures(images[other], swapped[other], "w")
+
+    assert right["r_word_accuracy"] >= 0.95 and right["r_ned"] >= 0.97
+    assert blank == {"b_word_accuracy": 0.0, "b_ned": 0.0}
+    assert wrong["w_word_accuracy"] <= 0.05 and wrong["w_ned"] <= 0.1
+
+
 def test_numbers_preset_shapes():
     config = vg.VARConfig.preset("numbers")
     digits7 = vg.VARConfig.preset("digits7")
@@ -190,4 +208,6 @@ def test_prepare_numbers_quick_killed_then_run_again_completes(tmp_path):
     halves = [k for k in results if k.endswith(("_tens", "_units"))]
     assert len(halves) == 16
     assert all(0 <= results[k] <= 1 for k in halves)
+    ocr = [k for k in results if k.startswith("ocr_")]
+    assert len(ocr) == 4 and all(0 <= results[k] <= 1 for k in ocr)
     assert results["judge_accuracy_heldout_tens"] >= 0.9  # the shipped judge, on renders
