@@ -17,9 +17,8 @@ import pytest
 THREADS = os.environ.get("VARGRPO_TEST_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS
 
-# why this run skips the gpu tests ("" when it runs them; set by pytest_configure), and those it skips
+# why this run skips the gpu tests ("" when it runs them; set by pytest_configure)
 gpu_skip_reason = ""
-gpu_skipped = set()
 
 
 def pytest_configure(config):
@@ -47,13 +46,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
-            gpu_skipped.add(item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
-    """One line where gpu tests were skipped: why."""
+    """One line where gpu tests were skipped: why. (Read from the skip reasons: under
+    pytest-xdist the workers collect, not this process.)"""
     skipped = terminalreporter.stats.get("skipped", [])
-    gpu = [r for r in skipped if r.nodeid in gpu_skipped]
+    gpu = [r for r in skipped if gpu_skip_reason
+           and str(r.longrepr[-1]).endswith(gpu_skip_reason)]
     if gpu:
         terminalreporter.write_line(f"{len(gpu)} gpu tests skipped: {gpu_skip_reason}")
 

@@ -193,10 +193,11 @@ esac
 choose_python
 case "$cmd" in
   # pytest in the project folder (pytest.ini: test_vargrpo.py and tests/; paths given are the
-  # project's); -m "not slow": the fast tier; -m gpu: the GPU tier (conftest.py)
+  # project's); -m "not slow": the fast tier; -m gpu: the GPU tier (conftest.py). One worker
+  # per core (pytest-xdist), each test file on one worker: every test runs on one thread
   test)
     cd "$here"
-    exec "$PY" -m pytest -q "$@"
+    exec "$PY" -m pytest -q -n auto --dist loadfile "$@"
     ;;
   demo) exec "$PY" "$here/vargrpo_tools.py" demo "$@" ;;
   prepare) exec "$PY" "$here/vargrpo_tools.py" prepare "$@" ;;
