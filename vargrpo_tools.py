@@ -1193,6 +1193,83 @@ def bench_memory(presets: str):
               f"{gib(b16['plain'])} | {gib(b16['checkpointed'])} |", flush=True)
 
 
+# The cards of docs/memory.md's tables, in decimal bytes as sold: a little less than the 39.6 /
+# 79.6 GiB torch reports on A100 40GB / H100 80GB, so the tables err low
+CARDS = {"40 GB": 40 * 10**9, "80 GB": 80 * 10**9}
+PLAN_PRESETS = ("d16", "d20", "d24", "d30")
+
+
+def param_counts(preset: str) -> tuple:
+    """(VAR, VQVAE) parameters of a preset, counted on the meta device (nothing allocated)."""
+    config = vg.VARConfig.preset(preset)
+    with torch.device("meta"):
+        vae, var = vg.build_vae_var(config)
+    n_var = sum(p.numel() for p in var.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    return n_var, n_vae
+
+
+def memory_plan(preset: str, card: str, **kw) -> vr.GpuMemory:
+    """vargrpo_run.gpu_memory_plan of a preset at the paper's shape (a minibatch of 32: a share
+    of 32 / world samples per process), with a CLIP reward, bf16."""
+    config = vg.VARConfig.preset(preset)
+    vae_params = param_counts(preset)[1]
+    share = 32 // kw.get("world", 1)
+    return vr.gpu_memory_plan(config, vae_params, CARDS[card], share,
+                              clip_params=vr.CLIP_L14_PARAMS, **kw)
+
+
+def fit_cell(m: vr.GpuMemory) -> str:
+    """Samples per pass that fit, and --micro-batch 0's choice when it differs."""
+    if not m.samples_fit:
+        return "does not fit"
+    if m.micro_batch == m.samples_fit:
+        return str(m.micro_batch)
+    return f"{m.samples_fit} ({m.micro_batch})"
+
+
+def memory_plan_tables() -> list:
+    """bench --memory-plan: docs/memory.md's tables, worked out by vargrpo_run.gpu_memory_plan
+    (no GPU, nothing measured)."""
+    lines = ["| model | parameters | weights, AdamW, reference, VQVAE (GiB) | CLIP | gradients"
+             " | bf16 weight casts | activations / sample (of which logits) | with checkpointing"
+             " | 40 GB | 40 GB, checkpointing | 80 GB | 80 GB, checkpointing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB")
+        ck = memory_plan(preset, "80 GB", checkpointing=True)
+        config = vg.VARConfig.preset(preset)
+        logits = 4 * config.seq_len * config.vocab_size * vr.LOGITS_TENSORS
+        weights = sum(m.resident.values()) - m.resident["CLIP"]
+        cells = [preset, f"{param_counts(preset)[0] / 1e6:.0f} M", f"{weights / 2**30:.1f}",
+                 f"{m.resident['CLIP'] / 2**30:.2f}", f"{m.pass_fixed['gradients'] / 2**30:.2f}",
+                 f"{m.pass_fixed['weight casts'] / 2**30:.2f}",
+                 f"{m.per_sample / 2**30:.2f} ({logits / 2**30:.2f})", f"{ck.per_sample / 2**30:.2f}"]
+        for card in CARDS:
+            for checkpointing in (False, True):
+                plan = memory_plan(preset, card, checkpointing=checkpointing)
+                cells.append(fit_cell(plan))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "| model | static per GPU, 8 GPUs (GiB) | bf16 weight casts | gathered blocks"
+              " | sampling copy | fp32 traffic per pass (GiB) | 40 GB | 40 GB, checkpointing"
+              " | 80 GB | 80 GB, checkpointing |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB", world=8, fsdp=True)
+        P = param_counts(preset)[0]
+        static = sum(m.resident.values()) + m.pass_fixed["gradients"]
+        traffic = 3 * 4 * P * 7 / 8  # all-gathers in forward and backward, reduce-scatter
+        cells = [preset, f"{static / 2**30:.1f}", f"{m.pass_fixed['weight casts'] / 2**30:.2f}",
+                 f"{m.pass_fixed['FSDP gathers'] / 2**30:.2f}", f"{4 * P / 2**30:.1f}",
+                 f"{traffic / 2**30:.1f}"]
+        for card in CARDS:
+            for checkpointing in (False, True):
+                plan = memory_plan(preset, card, world=8, fsdp=True, checkpointing=checkpointing)
+                cells.append(fit_cell(plan))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def bench_batches(preset: str, on_gpu: bool) -> dict:
     """The batch of each kind of row: (samples, teacher-forced rows, GRPO labels per step)."""
     if preset in ("tiny", "digits"):
@@ -1267,6 +1344,9 @@ def bench(args):
             device = "cuda"
     if args.memory:
         bench_memory(args.presets)
+        return
+    if args.memory_plan:
+        print("\n".join(memory_plan_tables()))
         return
     if args.row:  # child process: one measurement, printed as JSON
         preset, what, batch = args.row.split(":")
@@ -2498,6 +2578,9 @@ def add_bench_parser(sub):
                    " weights")
     p.add_argument("--memory", action="store_true",
                    help="activation memory per sample of each preset (from the graph)")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="docs/memory.md's tables: what fits on 40 and 80 GB cards, worked out"
+                   " by vargrpo_run.gpu_memory_plan (nothing measured)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
 
 
