@@ -1161,17 +1161,17 @@ class GpuMemory:
     samples_fit: int  # samples per pass that fit (0: not one)
     micro_batch: int  # --micro-batch 0's choice, a divisor of the share
     update_peak: int
-    sample_rows: int  # rows per sample() call, whole groups (0: not one group)
+    sample_rows: int  # rows per sample() call, whole groups, at most `rows` (0: not one group)
     sample_peak: int
     reference_peak: int
 
 
 def gpu_memory_plan(config, vae_params: int, card_bytes: int, share: int, *,
-                    group_size: int = 16, clip_params: int = 0, world: int = 1,
-                    fsdp: bool = False, checkpointing: bool = False,
+                    group_size: int = 16, rows: int = 512, clip_params: int = 0,
+                    world: int = 1, fsdp: bool = False, checkpointing: bool = False,
                     dtype_bytes: int = 2, kl_exact: bool = False) -> GpuMemory:
-    """One process of a run on a card of card_bytes (share: its samples per minibatch), as the
-    trainer sizes it: CUDA_CONTEXT_BYTES kept free, the rest read as free by
+    """One process of a run on a card of card_bytes (share: its samples per minibatch; rows: its
+    samples per step, at most one sample() call's), as the trainer sizes it: CUDA_CONTEXT_BYTES kept free, the rest read as free by
     micro_batch_that_fits and rows_that_fit. --fsdp over `world` processes: a 1/world shard of
     the policy, its gradients and AdamW moments and of the reference; sampling adds a gathered
     fp32 copy of the policy."""
@@ -1198,17 +1198,18 @@ def gpu_memory_plan(config, vae_params: int, card_bytes: int, share: int, *,
     copy = 0
     if fsdp:
         copy = 4 * P
-    rows = rows_that_fit(max(0, free - copy), config, dtype_bytes, group_size)
+    per_call = rows_that_fit(max(0, free - copy), config, dtype_bytes, group_size)
+    per_call = min(per_call, rows)
     row_bytes = sample_row_bytes(config, dtype_bytes)
     casts = weight_cast_bytes(config, dtype_bytes)
-    if rows * row_bytes + casts > (free - copy) * SAMPLE_MEMORY_SHARE:
-        rows = 0  # not even one group
-    sample_peak = held + copy + casts + rows * row_bytes
+    if per_call * row_bytes + casts > (free - copy) * SAMPLE_MEMORY_SHARE:
+        per_call = 0  # not even one group
+    sample_peak = held + copy + casts + per_call * row_bytes
 
     L = config.seq_len
     ref_row = 4 * L * config.vocab_size * 3 + 40 * L * config.embed_dim
     reference_peak = held + REFERENCE_CHUNK * ref_row
-    return GpuMemory(resident, pass_fixed, per_sample, fit, micro, update_peak, rows,
+    return GpuMemory(resident, pass_fixed, per_sample, fit, micro, update_peak, per_call,
                      sample_peak, reference_peak)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -1199,6 +1200,7 @@ CARDS = {"40 GB": 40 * 10**9, "80 GB": 80 * 10**9}
 PLAN_PRESETS = ("d16", "d20", "d24", "d30")
 
 
+@functools.lru_cache(maxsize=None)
 def param_counts(preset: str) -> tuple:
     """(VAR, VQVAE) parameters of a preset, counted on the meta device (nothing allocated)."""
     config = vg.VARConfig.preset(preset)
@@ -1210,12 +1212,12 @@ def param_counts(preset: str) -> tuple:
 
 
 def memory_plan(preset: str, card: str, **kw) -> vr.GpuMemory:
-    """vargrpo_run.gpu_memory_plan of a preset at the paper's shape (a minibatch of 32: a share
-    of 32 / world samples per process), with a CLIP reward, bf16."""
+    """vargrpo_run.gpu_memory_plan of a preset at the paper's shape (a minibatch of 32 and 512
+    samples per step, split across `world` processes), with a CLIP reward, bf16."""
     config = vg.VARConfig.preset(preset)
     vae_params = param_counts(preset)[1]
-    share = 32 // kw.get("world", 1)
-    return vr.gpu_memory_plan(config, vae_params, CARDS[card], share,
+    world = kw.get("world", 1)
+    return vr.gpu_memory_plan(config, vae_params, CARDS[card], 32 // world, rows=512 // world,
                               clip_params=vr.CLIP_L14_PARAMS, **kw)
 
 
@@ -1233,8 +1235,9 @@ def memory_plan_tables() -> list:
     (no GPU, nothing measured)."""
     lines = ["| model | parameters | weights, AdamW, reference, VQVAE (GiB) | CLIP | gradients"
              " | bf16 weight casts | activations / sample (of which logits) | with checkpointing"
-             " | 40 GB | 40 GB, checkpointing | 80 GB | 80 GB, checkpointing |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | 40 GB | 40 GB, checkpointing | 80 GB | 80 GB, checkpointing"
+             " | sample() rows per call, 40 / 80 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in PLAN_PRESETS:
         m = memory_plan(preset, "80 GB")
         ck = memory_plan(preset, "80 GB", checkpointing=True)
@@ -1249,7 +1252,16 @@ def memory_plan_tables() -> list:
             for checkpointing in (False, True):
                 plan = memory_plan(preset, card, checkpointing=checkpointing)
                 cells.append(fit_cell(plan))
+        rows = [memory_plan(preset, card).sample_rows for card in CARDS]
+        cells.append(" / ".join(str(n) if n else "does not fit" for n in rows))
         lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "| model | on 80 GB (GiB): update, --micro-batch 0 | a sample() call,"
+              " --sample-batch 0 | the reference's pass, 64 rows |", "|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB")
+        peaks = (m.update_peak, m.sample_peak, m.reference_peak)
+        lines.append(f"| {preset} | " + " | ".join(f"{b / 2**30:.1f}" for b in peaks) + " |")
 
     lines += ["", "| model | static per GPU, 8 GPUs (GiB) | bf16 weight casts | gathered blocks"
               " | sampling copy | fp32 traffic per pass (GiB) | 40 GB | 40 GB, checkpointing"
