@@ -2061,25 +2061,33 @@ def command_line(argv, cls, train):
     except RUN_ERRORS as e:
         exit_with(e, "vargrpo")
     except RuntimeError as e:
-        if not collective_timed_out(e):
+        failed = collective_failed(e, args)
+        if failed is None:
             raise
-        exit_with(waited_too_long(e, args.dist_timeout), "vargrpo")
+        exit_with(failed, "vargrpo")
 
 
-def collective_timed_out(e: BaseException) -> bool:
-    """Whether e is a collective of a torchrun job that waited past the process group's
-    timeout (gloo raises it; NCCL's watchdog ends the process itself, with its own log)."""
-    timed_out = re.search(r"timed out", str(e), re.IGNORECASE)
-    return "RANK" in os.environ and bool(timed_out)
-
-
-def waited_too_long(e: BaseException, minutes: float) -> RunFailed:
+def collective_failed(e: BaseException, args) -> RunFailed | None:
+    """A collective of a torchrun job that failed, as one line: it waited past the process
+    group's timeout (--dist-timeout; gloo raises it, NCCL's watchdog ends the process itself
+    with its own log), or another process left the job. None for any other error."""
+    if "RANK" not in os.environ:
+        return None
     rank = os.environ["RANK"]
-    return RunFailed(
-        f"process {rank} waited more than --dist-timeout {minutes:g} minutes for the other"
-        f" processes ({first_line(e)}); if process 0 was saving a checkpoint on slow"
-        " storage, raise --dist-timeout and continue with --resume"
-    )
+    text = str(e)
+
+    if re.search(r"timed out", text, re.IGNORECASE):
+        return RunFailed(
+            f"process {rank} waited more than --dist-timeout {args.dist_timeout:g} minutes"
+            f" for the other processes ({first_line(e)}); if process 0 was saving a"
+            " checkpoint on slow storage, raise --dist-timeout and continue with --resume"
+        )
+    if re.search(r"connection (closed|reset) by peer", text, re.IGNORECASE):
+        return RunFailed(
+            f"process {rank}: another process left the job ({first_line(e)}); its own"
+            " message says why"
+        )
+    return None
 
 
 # ---- Launching: torchrun with the processes' own exit code.

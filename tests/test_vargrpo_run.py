@@ -383,6 +383,59 @@ def test_torchrun_reward_failing_on_one_process(tmp_path):
     assert policy_state(tmp_path / "run")["step"] == 0
 
 
+def test_process_group_options_timeout_and_device():
+    """--dist-timeout is the process group's timeout; on a GPU the process's device is bound too
+    (device_id); a timeout that is not a positive number of minutes is refused in one line."""
+    import datetime
+    assert vr.process_group_options("cpu", 0.5) == dict(timeout=datetime.timedelta(seconds=30))
+    cuda = vr.process_group_options("cuda:1", 60)
+    assert cuda == dict(timeout=datetime.timedelta(hours=1), device_id=torch.device("cuda:1"))
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(vr.UsageError, match="--dist-timeout must be a positive number of minutes"):
+            vr.process_group_options("cpu", bad)
+    assert vg.TrainArgs().dist_timeout == vr.DIST_TIMEOUT_MINUTES == 60
+
+
+# Process 0's checkpoint writes take SLOW_SAVE_S seconds longer: slow storage
+SLOW_SAVE = """import os, sys, time
+import vargrpo as vg, vargrpo_run as vr
+real_save = vr.RunFolder.save
+def slow_save(self, policy, opt, step):
+    if os.environ["RANK"] == "0":
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))
+    return real_save(self, policy, opt, step)
+vr.RunFolder.save = slow_save
+vg.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_dist_timeout_reaches_the_process_group_and_outlasts_a_slow_save(tmp_path):
+    """Fault: process 0's checkpoint takes 15 s longer (slow storage) while process 1 waits for it
+    in a collective (gloo, 2 processes, 1 step). With --dist-timeout 0.1 (6 s) process 1 gives up:
+    exit 1 and one line naming --dist-timeout, process 0's checkpoint still written whole; with
+    --dist-timeout 1 the same run finishes."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    env = {"PYTHONPATH": str(ROOT), "SLOW_SAVE_S": "15", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    results = {}
+    for minutes in ("0.1", "1"):
+        out = tmp_path / f"run_{minutes}"
+        cmd, kw = torchrun(str(script), "train", *TINY, "--labels-per-step", "4", "--minibatch", "8",
+                           "--steps", "1", "--image-every", "0", "--out", str(out), "--dist-timeout",
+                           minutes, launcher=True, env=env)
+        results[minutes] = subprocess.run(cmd, capture_output=True, text=True, timeout=TRAIN_TIMEOUT, **kw)
+
+    short = results["0.1"]
+    line = [l for l in short.stderr.splitlines() if l.startswith("vargrpo: error: process 1 waited")]
+    assert short.returncode == 1 and len(line) == 1, short.stderr[-3000:]
+    assert "--dist-timeout 0.1 minutes" in line[0] and "raise --dist-timeout" in line[0]
+    assert "Traceback" not in short.stderr, short.stderr[-3000:]  # process 0: one line too
+    assert policy_state(tmp_path / "run_0.1")["step"] == 1  # process 0 got as far as its save
+    assert results["1"].returncode == 0, results["1"].stderr[-3000:]
+    assert policy_state(tmp_path / "run_1")["step"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["launcher, Ctrl-C", "run.sh, SIGTERM"])
 def test_signals_under_torchrun_exit_130_and_143(tmp_path, how):
