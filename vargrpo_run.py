@@ -1171,10 +1171,10 @@ def gpu_memory_plan(config, vae_params: int, card_bytes: int, share: int, *,
                     world: int = 1, fsdp: bool = False, checkpointing: bool = False,
                     dtype_bytes: int = 2, kl_exact: bool = False) -> GpuMemory:
     """One process of a run on a card of card_bytes (share: its samples per minibatch; rows: its
-    samples per step, at most one sample() call's), as the trainer sizes it: CUDA_CONTEXT_BYTES kept free, the rest read as free by
-    micro_batch_that_fits and rows_that_fit. --fsdp over `world` processes: a 1/world shard of
-    the policy, its gradients and AdamW moments and of the reference; sampling adds a gathered
-    fp32 copy of the policy."""
+    samples per step, at most one sample() call's), as the trainer sizes it: CUDA_CONTEXT_BYTES
+    kept free, the rest read as free by micro_batch_that_fits and rows_that_fit. --fsdp over
+    `world` processes: a 1/world shard of the policy, its gradients and AdamW moments and of the
+    reference; sampling adds a gathered fp32 copy of the policy."""
     P = var_param_count(config)
     shards = world if fsdp else 1
     resident = {"policy": 4 * P // shards, "AdamW moments": 8 * P // shards,

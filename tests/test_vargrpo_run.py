@@ -516,6 +516,7 @@ def test_config_files_with_unknown_keys_are_refused(tmp_path_factory, key):
     (["--preset", "d17"], "--preset 'd17'"),
     (["--clip-eps", "1.5"], "0 < --clip-eps < 1"),
     (["--steps", "0"], "--steps must be > 0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
     (["--reward", "brightnes"], "cannot parse reward term 'brightnes'"),
     (["--vmr-k", "3"], "--vmr-k only act with --vmr"),
     (["--mp-keep", "0.3"], "--mp-keep only act with"),
