@@ -165,6 +165,18 @@ def setup_distributed(device=None, timeout_minutes: float = DIST_TIMEOUT_MINUTES
     return Dist(rank, world, local, device)
 
 
+def run_dist_timeout(args, given) -> float:
+    """The process group's timeout: --dist-timeout, or resuming without it the run's own, from
+    its args.json (the group starts before the checkpoint is read)."""
+    if not args.resume or "dist_timeout" in given:
+        return args.dist_timeout
+    try:
+        saved = json.loads((Path(args.resume) / "args.json").read_text())
+        return float(saved["dist_timeout"])
+    except (OSError, ValueError, KeyError, TypeError):  # an older run; its checks come later
+        return args.dist_timeout
+
+
 def why_no_cuda() -> str:
     """Why torch cannot use a CUDA GPU, in its own words: the warning torch.cuda.is_available()
     gives (a driver too old for this wheel) or the error of torch.cuda.init()."""
@@ -1964,7 +1976,7 @@ class Run:
     folder, unlocks DIR and leaves the process group."""
 
     def __init__(self, args, given, presets: dict):
-        self.dist = setup_distributed(args.device, args.dist_timeout)
+        self.dist = setup_distributed(args.device, run_dist_timeout(args, given))
         self.device = self.dist.device
         self.stop = StopRequest()
         out = Path(args.resume or args.out)

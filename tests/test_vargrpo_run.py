@@ -396,6 +396,20 @@ def test_process_group_options_timeout_and_device():
     assert vg.TrainArgs().dist_timeout == vr.DIST_TIMEOUT_MINUTES == 60
 
 
+def test_a_resumed_run_keeps_its_dist_timeout(tmp_path):
+    """The process group starts before the checkpoint is read: resuming without --dist-timeout
+    takes the run's own from its args.json, with it the value given; a fresh run the flag's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"dist_timeout": 240.0}))
+    resume = vg.TrainArgs(resume=str(run))
+    assert vr.run_dist_timeout(resume, set()) == 240
+    assert vr.run_dist_timeout(dataclasses.replace(resume, dist_timeout=5.0), {"dist_timeout"}) == 5
+    assert vr.run_dist_timeout(vg.TrainArgs(out=str(run)), set()) == 60
+    (run / "args.json").write_text("{}")  # an older run
+    assert vr.run_dist_timeout(resume, set()) == 60
+
+
 # Process 0's checkpoint writes take SLOW_SAVE_S seconds longer: slow storage
 SLOW_SAVE = """import os, sys, time
 import vargrpo as vg, vargrpo_run as vr
