@@ -1067,8 +1067,8 @@ class TrainArgs:
         " groups [paper: 16]")
     minibatch: int = arg(32, "samples per optimizer step, global [paper: 32];"
         " labels*G/minibatch updates per step")
-    micro_batch: int = arg(0, "samples per forward/backward on each process (gradient"
-        " accumulation); 0 = minibatch/processes")
+    micro_batch: int = arg(0, "samples per forward/backward on each process, dividing minibatch/processes"
+        " (0 = on a GPU the largest that fits its free memory, docs/memory.md; on the CPU all)")
     sample_batch: int = arg(0, "rows per sample() call on each process, in whole groups (0 = as"
         " many as fit in the GPU's free memory; on the CPU all of the process's rows)")
     ppo_epochs: int = arg(1, "passes over each rollout batch")
@@ -1124,6 +1124,7 @@ class TrainArgs:
         " pass (less activation memory)")
     fsdp: bool = arg(False, "shard weights, gradients and AdamW state (and the reference) across"
         " the torchrun processes, FSDP2: d30 on 40 GB cards (README)")
+    dist_timeout: float = arg(60.0, "minutes a process may wait for the others (rank 0 alone saves: 32 GB for d30)")
     device: str = arg(None, "cpu or cuda (default: cuda; without one, d16-d30 stop, digits/tiny use the CPU)", type=str)
     dtype: str = arg("auto", "autocast dtype for the model: auto (bf16 on GPU, fp32 on CPU),"
         " bf16, fp32", choices=("auto", "bf16", "fp32"))

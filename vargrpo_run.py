@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import importlib.util
 import json
@@ -119,7 +120,25 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device=None) -> Dist:
+# How long a process waits for the others in a collective (--dist-timeout): process 0 alone
+# writes a checkpoint while the others wait in their next collective, and a d30 checkpoint (24 GB
+# of .pt and an 8 GB safetensors built in memory) can take many minutes on network storage.
+# NCCL's own default is 10 minutes, gloo's 30.
+DIST_TIMEOUT_MINUTES = 60.0
+
+
+def process_group_options(device: str, minutes: float) -> dict:
+    """init_process_group's settings: the timeout of every collective (--dist-timeout) and, on
+    a GPU, this process's device (NCCL binds its communicator to it at once)."""
+    need(math.isfinite(minutes) and minutes > 0,
+         f"--dist-timeout must be a positive number of minutes, got {minutes}")
+    options = dict(timeout=datetime.timedelta(minutes=minutes))
+    if device.startswith("cuda"):
+        options["device_id"] = torch.device(device)
+    return options
+
+
+def setup_distributed(device=None, timeout_minutes: float = DIST_TIMEOUT_MINUTES) -> Dist:
     if device is None:
         device = "cpu"
         if torch.cuda.is_available():
@@ -140,9 +159,22 @@ def setup_distributed(device=None) -> Dist:
         backend = "gloo"
         if device.startswith("cuda"):
             backend = "nccl"
-        torch.distributed.init_process_group(backend)
+        options = process_group_options(device, timeout_minutes)
+        torch.distributed.init_process_group(backend, **options)
 
     return Dist(rank, world, local, device)
+
+
+def run_dist_timeout(args, given) -> float:
+    """The process group's timeout: --dist-timeout, or resuming without it the run's own, from
+    its args.json (the group starts before the checkpoint is read)."""
+    if not args.resume or "dist_timeout" in given:
+        return args.dist_timeout
+    try:
+        saved = json.loads((Path(args.resume) / "args.json").read_text())
+        return float(saved["dist_timeout"])
+    except (OSError, ValueError, KeyError, TypeError):  # an older run; its checks come later
+        return args.dist_timeout
 
 
 def why_no_cuda() -> str:
@@ -339,7 +371,7 @@ def exit_with(e: BaseException, prog: str):
 RESUME_OVERRIDABLE = (
     "steps", "save_every", "keep_last", "image_every", "tracker",
     "device", "micro_batch", "sample_batch", "reward_batch",
-    "grad_checkpointing", "weights_dir", "fsdp",
+    "grad_checkpointing", "weights_dir", "fsdp", "dist_timeout",
 )
 
 
@@ -361,7 +393,7 @@ def check_train_args(a, world: int, presets: dict):
     check_weights_dir(a, [name for _, name, _ in terms])
 
     positive = ("steps", "labels_per_step", "minibatch", "ppo_epochs", "lr", "temperature",
-                "save_every", "keep_last", "reward_batch", "adv_eps")
+                "save_every", "keep_last", "reward_batch", "adv_eps", "dist_timeout")
     for name in positive:
         value = getattr(a, name)
         need(value > 0, f"{flag(name)} must be > 0, got {value}")
@@ -955,10 +987,7 @@ def rows_that_fit(free_bytes: int, config, dtype_bytes: int, group_size: int) ->
     """The rows of one sample() call that fit in free_bytes: whole groups, at least one
     group. Under autocast (dtype_bytes < 4) the blocks' weights are first cast to that dtype
     and the casts kept (18 C^2 weights per block)."""
-    C = config.embed_dim
-    fixed = 0
-    if dtype_bytes < 4:
-        fixed = 18 * config.depth * C * C * dtype_bytes
+    fixed = weight_cast_bytes(config, dtype_bytes)
     usable = free_bytes * SAMPLE_MEMORY_SHARE - fixed
     rows = max(0, int(usable)) // sample_row_bytes(config, dtype_bytes)
     groups = max(1, rows // group_size)
@@ -983,6 +1012,217 @@ def groups_per_sample_call(sample_batch: int, group_size: int, n_groups: int, co
         dtype = torch.get_autocast_dtype("cuda")
     rows = rows_that_fit(free, config, dtype.itemsize, group_size)
     return min(n_groups, rows // group_size)
+
+
+# ---- How many samples a forward/backward pass of the update takes (--micro-batch 0 on a
+# GPU), and what a run holds on one. docs/memory.md's tables are these numbers (`python
+# vargrpo_tools.py bench --memory-plan`): worked out, not measured.
+def weight_cast_bytes(config, dtype_bytes: int) -> int:
+    """The blocks' weights cast to the autocast dtype (dtype_bytes < 4; 0 in fp32), which a pass
+    keeps whole: autocast's cache while it runs, the backward's saved tensors after it. 18 C^2
+    per block: qkv 3, proj 1, FFN 8, adaLN 6."""
+    if dtype_bytes >= 4:
+        return 0
+    return 18 * config.depth * config.embed_dim ** 2 * dtype_bytes
+
+
+# Per token and channel of one block: the bytes autograd keeps for the backward pass.
+#   fp32 (4 bytes each): both LayerNorms' inputs (the residual) and outputs, the normalised q the
+#     learned scale multiplies, and under autocast the fp32 copies of q and k that F.normalize
+#     makes (CUDA autocast runs norm in fp32): 7 tensors, or 5 in fp32
+#   the autocast dtype (s bytes): the inputs of qkv, proj and fc1 (3), qkv (3), q and k cast for
+#     attention (2), attention's output (1), the proj and fc2 outputs the gates multiply (2),
+#     fc1's and the GELU's outputs (8): 19
+# 7 x 4 + 19 x 2 = 66 bytes under bf16 autocast, 5 x 4 + 19 x 4 = 96 in fp32.
+BLOCK_SAVED_FP32 = {2: 7, 4: 5}
+BLOCK_SAVED_CAST = 19
+# fp32 (L, V) logits tensors per sample: the kept logits, the previous micro-batch's (held until
+# the next forward returns) and four in the backward of log-softmax and gather; the exact KL adds
+# the reference's logits, both log-softmaxes and its terms (12)
+LOGITS_TENSORS = 6
+EXACT_KL_LOGITS_TENSORS = 12
+
+
+def update_sample_bytes(config, dtype_bytes: int, checkpointing: bool = False,
+                        kl_exact: bool = False) -> int:
+    """Peak bytes one sample adds to the update's forward and backward pass (all L tokens
+    teacher-forced), as CUDA autocast runs it (LayerNorm and F.normalize in fp32). D blocks, width
+    C, vocabulary V:
+      blocks    D L C (4 f + 19 s)     what each block keeps for the backward (f fp32 tensors:
+                                       7 under autocast, 5 in fp32; above)
+                with checkpointing: each block's fp32 input, and one block's set again
+      head      12 L C                 fp32 LayerNorm input and output, the head's input
+      logits    4 L V n                n fp32 (L, V) tensors: 6 (k3), 18 (exact KL)"""
+    L = config.seq_len
+    C = config.embed_dim
+    s = dtype_bytes
+    block = L * C * (4 * BLOCK_SAVED_FP32[s] + BLOCK_SAVED_CAST * s)
+    blocks = config.depth * block
+    if checkpointing:
+        blocks = config.depth * L * C * 4 + block
+
+    n = LOGITS_TENSORS
+    if kl_exact:
+        n += EXACT_KL_LOGITS_TENSORS
+    return blocks + 12 * L * C + 4 * L * config.vocab_size * n
+
+
+def largest_divisor_up_to(n: int, most: int) -> int:
+    """The largest divisor of n that is <= most (1 when most < 1)."""
+    for d in range(min(n, most), 1, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def micro_batch_that_fits(free_bytes: int, share: int, config, dtype_bytes: int,
+                          pending_bytes: int = 0, checkpointing: bool = False,
+                          kl_exact: bool = False) -> int:
+    """Samples per forward/backward pass: the largest divisor of the process's share of a
+    minibatch whose pass fits in SAMPLE_MEMORY_SHARE of free_bytes, after pending_bytes (what
+    the pass allocates besides its activations: the gradients; under --fsdp the gathered blocks)
+    and the weight casts. At least 1."""
+    fixed = pending_bytes + weight_cast_bytes(config, dtype_bytes)
+    usable = free_bytes * SAMPLE_MEMORY_SHARE - fixed
+    per_sample = update_sample_bytes(config, dtype_bytes, checkpointing, kl_exact)
+    fit = max(0, int(usable)) // per_sample
+    return largest_divisor_up_to(share, fit)
+
+
+def var_param_count(config) -> int:
+    """The VAR's parameters (tested against the model): per block 18 C^2 + 14 C + heads; the
+    embeddings, positions and the head."""
+    C = config.embed_dim
+    V = config.vocab_size
+    block = 18 * C * C + 14 * C + config.num_heads
+    first = config.patch_nums[0] ** 2
+    rows = config.num_classes + 1 + first + config.seq_len + config.num_scales
+    embeddings = config.z_channels * C + C + rows * C
+    head = 2 * C * C + 2 * C + C * V + V
+    return config.depth * block + embeddings + head
+
+
+def fsdp_transient_bytes(config) -> int:
+    """What --fsdp gathers whole while a pass runs: two blocks (the running one and the
+    prefetched next) and the root (embeddings, head), in fp32, and their unsharded gradients."""
+    C = config.embed_dim
+    block = 18 * C * C + 14 * C + config.num_heads
+    root = var_param_count(config) - config.depth * block
+    return 2 * 4 * (2 * block + root)
+
+
+def pending_update_bytes(model, config) -> int:
+    """What the update allocates besides activations and weight casts, on this process: the
+    gradients the optimizer set to None (DDP keeps them in its buckets, allocated), and under
+    --fsdp the gathered blocks (fsdp_transient_bytes)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return 0
+    grads = 0
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            if hasattr(p, "to_local"):  # a DTensor: this process's shard
+                p = p.to_local()
+            grads += 4 * p.numel()
+    if is_sharded(model):
+        grads += fsdp_transient_bytes(config)
+    return grads
+
+
+def micro_batch_size(model, a, share: int, device) -> int:
+    """--micro-batch; 0: on a GPU the largest divisor of `share` that fits its free memory now
+    (micro_batch_that_fits: torch.cuda.mem_get_info plus what PyTorch's allocator holds unused),
+    on the CPU `share`."""
+    if a.micro_batch:
+        return a.micro_batch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return share
+
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    config = getattr(model, "module", model).config
+    dtype_bytes = 2
+    if a.dtype == "fp32":
+        dtype_bytes = 4
+    pending = pending_update_bytes(model, config)
+    return micro_batch_that_fits(free, share, config, dtype_bytes, pending,
+                                 a.grad_checkpointing, a.kl == "exact")
+
+
+# What the memory plan keeps free besides: the CUDA context and the allocator's own
+CUDA_CONTEXT_BYTES = 2 * 2**30
+# open_clip's ViT-L-14(-quickgelu), both towers (the aesthetic and clip rewards share one): 1.59
+# GiB in fp32
+CLIP_L14_PARAMS = 427_616_513
+# the reference's log-prob pass (step 4): rows per chunk (vargrpo.reference_logprobs), and per
+# row its fp32 logits, their tempered copy and log-softmax's exponentials (3 L V), and at most
+# 40 bytes per token and channel of one block's temporaries (no graph is kept)
+REFERENCE_CHUNK = 64
+
+
+@dataclass
+class GpuMemory:
+    """What one process of a run holds on its GPU, in bytes, worked out (gpu_memory_plan):
+    resident all run long; each update pass's own allocations besides its activations; the
+    samples per pass that fit and --micro-batch 0's choice; the peaks of the update, of a
+    sample() call (--sample-batch 0's rows) and of the reference's pass."""
+
+    resident: dict  # name -> bytes: weights, AdamW moments, VQVAE, CLIP
+    pass_fixed: dict  # name -> bytes: gradients, weight casts, --fsdp's gathered blocks
+    per_sample: int  # update_sample_bytes
+    samples_fit: int  # samples per pass that fit (0: not one)
+    micro_batch: int  # --micro-batch 0's choice, a divisor of the share
+    update_peak: int
+    sample_rows: int  # rows per sample() call, whole groups, at most `rows` (0: not one group)
+    sample_peak: int
+    reference_peak: int
+
+
+def gpu_memory_plan(config, vae_params: int, card_bytes: int, share: int, *,
+                    group_size: int = 16, rows: int = 512, clip_params: int = 0,
+                    world: int = 1, fsdp: bool = False, checkpointing: bool = False,
+                    dtype_bytes: int = 2, kl_exact: bool = False) -> GpuMemory:
+    """One process of a run on a card of card_bytes (share: its samples per minibatch; rows: its
+    samples per step, at most one sample() call's), as the trainer sizes it: CUDA_CONTEXT_BYTES
+    kept free, the rest read as free by micro_batch_that_fits and rows_that_fit. --fsdp over
+    `world` processes: a 1/world shard of the policy, its gradients and AdamW moments and of the
+    reference; sampling adds a gathered fp32 copy of the policy."""
+    P = var_param_count(config)
+    shards = world if fsdp else 1
+    resident = {"policy": 4 * P // shards, "AdamW moments": 8 * P // shards,
+                "reference": 4 * P // shards, "VQVAE": 4 * vae_params,
+                "CLIP": 4 * clip_params}
+    pass_fixed = {"gradients": 4 * P // shards,
+                  "weight casts": weight_cast_bytes(config, dtype_bytes)}
+    if fsdp:
+        pass_fixed["FSDP gathers"] = fsdp_transient_bytes(config)
+    held = CUDA_CONTEXT_BYTES + sum(resident.values())
+    free = max(0, card_bytes - held)
+
+    pending = sum(pass_fixed.values()) - pass_fixed["weight casts"]
+    per_sample = update_sample_bytes(config, dtype_bytes, checkpointing, kl_exact)
+    usable = free * SAMPLE_MEMORY_SHARE - sum(pass_fixed.values())
+    fit = max(0, int(usable)) // per_sample
+    micro = micro_batch_that_fits(free, share, config, dtype_bytes, pending, checkpointing,
+                                  kl_exact)
+    update_peak = held + sum(pass_fixed.values()) + micro * per_sample
+
+    copy = 0
+    if fsdp:
+        copy = 4 * P
+    per_call = rows_that_fit(max(0, free - copy), config, dtype_bytes, group_size)
+    per_call = min(per_call, rows)
+    row_bytes = sample_row_bytes(config, dtype_bytes)
+    casts = weight_cast_bytes(config, dtype_bytes)
+    if per_call * row_bytes + casts > (free - copy) * SAMPLE_MEMORY_SHARE:
+        per_call = 0  # not even one group
+    sample_peak = held + copy + casts + per_call * row_bytes
+
+    L = config.seq_len
+    ref_row = 4 * L * config.vocab_size * 3 + 40 * L * config.embed_dim
+    reference_peak = held + REFERENCE_CHUNK * ref_row
+    return GpuMemory(resident, pass_fixed, per_sample, fit, micro, update_peak, per_call,
+                     sample_peak, reference_peak)
 
 
 def reward_passes(reward, a) -> int:
@@ -1588,9 +1828,9 @@ def timed(name: str):
 
 def my_micro_batches(model, order, mb: int, a, device):
     """This process's share of minibatch `mb` of the global row `order` (the same on every
-    process), in --micro-batch parts: (ids, part, sync) each, `part` its fraction of the share
-    (its loss weight: the parts' gradients add up to the share's), `sync` the context of its
-    backward pass (grad_sync: under DDP the last part all-reduces the sum)."""
+    process), in parts of micro_batch_size: (ids, part, sync) each, `part` its fraction of the
+    share (its loss weight: the parts' gradients add up to the share's), `sync` the context of
+    its backward pass (grad_sync: under DDP the last part all-reduces the sum)."""
     world = 1
     rank = 0
     if torch.distributed.is_initialized():
@@ -1598,7 +1838,7 @@ def my_micro_batches(model, order, mb: int, a, device):
         rank = torch.distributed.get_rank()
 
     share = a.minibatch // world
-    micro = a.micro_batch or share
+    micro = micro_batch_size(model, a, share, device)
     begin = mb * a.minibatch + rank * share
     mine = order[begin:][:share].to(device)
 
@@ -1736,7 +1976,7 @@ class Run:
     folder, unlocks DIR and leaves the process group."""
 
     def __init__(self, args, given, presets: dict):
-        self.dist = setup_distributed(args.device)
+        self.dist = setup_distributed(args.device, run_dist_timeout(args, given))
         self.device = self.dist.device
         self.stop = StopRequest()
         out = Path(args.resume or args.out)
@@ -1826,11 +2066,40 @@ def command_line(argv, cls, train):
     """`python vargrpo.py train ...` (argv; None: sys.argv): the settings (parse_train_args),
     then train(args, given); a user's mistake, a failed run or a signal ends in one line and
     its exit code (exit_with)."""
+    args = None
     try:
         args, given = parse_train_args(argv, cls)
         return train(args, given)
     except RUN_ERRORS as e:
         exit_with(e, "vargrpo")
+    except RuntimeError as e:
+        failed = collective_failed(e, args)
+        if failed is None:
+            raise
+        exit_with(failed, "vargrpo")
+
+
+def collective_failed(e: BaseException, args) -> RunFailed | None:
+    """A collective of a torchrun job that failed, as one line: it waited past the process
+    group's timeout (--dist-timeout; gloo raises it, NCCL's watchdog ends the process itself
+    with its own log), or another process left the job. None for any other error."""
+    if "RANK" not in os.environ:
+        return None
+    rank = os.environ["RANK"]
+    text = str(e)
+
+    if re.search(r"timed out", text, re.IGNORECASE):
+        return RunFailed(
+            f"process {rank} waited more than --dist-timeout {args.dist_timeout:g} minutes"
+            f" for the other processes ({first_line(e)}); if process 0 was saving a"
+            " checkpoint on slow storage, raise --dist-timeout and continue with --resume"
+        )
+    if re.search(r"connection (closed|reset) by peer", text, re.IGNORECASE):
+        return RunFailed(
+            f"process {rank}: another process left the job ({first_line(e)}); its own"
+            " message says why"
+        )
+    return None
 
 
 # ---- Launching: torchrun with the processes' own exit code.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -1193,6 +1194,94 @@ def bench_memory(presets: str):
               f"{gib(b16['plain'])} | {gib(b16['checkpointed'])} |", flush=True)
 
 
+# The cards of docs/memory.md's tables, in decimal bytes as sold: a little less than the 39.6 /
+# 79.6 GiB torch reports on A100 40GB / H100 80GB, so the tables err low
+CARDS = {"40 GB": 40 * 10**9, "80 GB": 80 * 10**9}
+PLAN_PRESETS = ("d16", "d20", "d24", "d30")
+
+
+@functools.lru_cache(maxsize=None)
+def param_counts(preset: str) -> tuple:
+    """(VAR, VQVAE) parameters of a preset, counted on the meta device (nothing allocated)."""
+    config = vg.VARConfig.preset(preset)
+    with torch.device("meta"):
+        vae, var = vg.build_vae_var(config)
+    n_var = sum(p.numel() for p in var.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    return n_var, n_vae
+
+
+def memory_plan(preset: str, card: str, **kw) -> vr.GpuMemory:
+    """vargrpo_run.gpu_memory_plan of a preset at the paper's shape (a minibatch of 32 and 512
+    samples per step, split across `world` processes), with a CLIP reward, bf16."""
+    config = vg.VARConfig.preset(preset)
+    vae_params = param_counts(preset)[1]
+    world = kw.get("world", 1)
+    return vr.gpu_memory_plan(config, vae_params, CARDS[card], 32 // world, rows=512 // world,
+                              clip_params=vr.CLIP_L14_PARAMS, **kw)
+
+
+def fit_cell(m: vr.GpuMemory) -> str:
+    """Samples per pass that fit, and --micro-batch 0's choice when it differs."""
+    if not m.samples_fit:
+        return "does not fit"
+    if m.micro_batch == m.samples_fit:
+        return str(m.micro_batch)
+    return f"{m.samples_fit} ({m.micro_batch})"
+
+
+def memory_plan_tables() -> list:
+    """bench --memory-plan: docs/memory.md's tables, worked out by vargrpo_run.gpu_memory_plan
+    (no GPU, nothing measured)."""
+    lines = ["| model | parameters | weights, AdamW, reference, VQVAE (GiB) | CLIP | gradients"
+             " | bf16 weight casts | activations / sample (of which logits) | with checkpointing"
+             " | 40 GB | 40 GB, checkpointing | 80 GB | 80 GB, checkpointing"
+             " | sample() rows per call, 40 / 80 GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB")
+        ck = memory_plan(preset, "80 GB", checkpointing=True)
+        config = vg.VARConfig.preset(preset)
+        logits = 4 * config.seq_len * config.vocab_size * vr.LOGITS_TENSORS
+        weights = sum(m.resident.values()) - m.resident["CLIP"]
+        cells = [preset, f"{param_counts(preset)[0] / 1e6:.0f} M", f"{weights / 2**30:.1f}",
+                 f"{m.resident['CLIP'] / 2**30:.2f}", f"{m.pass_fixed['gradients'] / 2**30:.2f}",
+                 f"{m.pass_fixed['weight casts'] / 2**30:.2f}",
+                 f"{m.per_sample / 2**30:.2f} ({logits / 2**30:.2f})", f"{ck.per_sample / 2**30:.2f}"]
+        for card in CARDS:
+            for checkpointing in (False, True):
+                plan = memory_plan(preset, card, checkpointing=checkpointing)
+                cells.append(fit_cell(plan))
+        rows = [memory_plan(preset, card).sample_rows for card in CARDS]
+        cells.append(" / ".join(str(n) if n else "does not fit" for n in rows))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "| model | on 80 GB (GiB): update, --micro-batch 0 | a sample() call,"
+              " --sample-batch 0 | the reference's pass, 64 rows |", "|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB")
+        peaks = (m.update_peak, m.sample_peak, m.reference_peak)
+        lines.append(f"| {preset} | " + " | ".join(f"{b / 2**30:.1f}" for b in peaks) + " |")
+
+    lines += ["", "| model | static per GPU, 8 GPUs (GiB) | bf16 weight casts | gathered blocks"
+              " | sampling copy | fp32 traffic per pass (GiB) | 40 GB | 40 GB, checkpointing"
+              " | 80 GB | 80 GB, checkpointing |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in PLAN_PRESETS:
+        m = memory_plan(preset, "80 GB", world=8, fsdp=True)
+        P = param_counts(preset)[0]
+        static = sum(m.resident.values()) + m.pass_fixed["gradients"]
+        traffic = 3 * 4 * P * 7 / 8  # all-gathers in forward and backward, reduce-scatter
+        cells = [preset, f"{static / 2**30:.1f}", f"{m.pass_fixed['weight casts'] / 2**30:.2f}",
+                 f"{m.pass_fixed['FSDP gathers'] / 2**30:.2f}", f"{4 * P / 2**30:.1f}",
+                 f"{traffic / 2**30:.1f}"]
+        for card in CARDS:
+            for checkpointing in (False, True):
+                plan = memory_plan(preset, card, world=8, fsdp=True, checkpointing=checkpointing)
+                cells.append(fit_cell(plan))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def bench_batches(preset: str, on_gpu: bool) -> dict:
     """The batch of each kind of row: (samples, teacher-forced rows, GRPO labels per step)."""
     if preset in ("tiny", "digits"):
@@ -1267,6 +1356,9 @@ def bench(args):
             device = "cuda"
     if args.memory:
         bench_memory(args.presets)
+        return
+    if args.memory_plan:
+        print("\n".join(memory_plan_tables()))
         return
     if args.row:  # child process: one measurement, printed as JSON
         preset, what, batch = args.row.split(":")
@@ -1346,19 +1438,33 @@ def gpu_check_shape(preset: str) -> dict:
     return dict(labels_per_step=4, group_size=4, minibatch=8, clip_model="tiny-random")
 
 
-def gpu_check_args(preset: str, device: str, variant: str, tmp: Path) -> TrainArgs:
-    """The trainer's settings of one variant (a random LAION head written into tmp)."""
+def gpu_check_args(preset: str, device: str, variant: str, tmp: Path,
+                   reward: str = "aesthetic") -> TrainArgs:
+    """The trainer's settings of one variant (for the aesthetic reward, a random LAION head
+    written into tmp)."""
     import reward_models as rm
     head = tmp / "aesthetic_head.pth"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         torch.save(rm.AestheticHead().state_dict(), head)
 
-    return TrainArgs(preset=preset, random_init=True, reward="aesthetic",
+    return TrainArgs(preset=preset, random_init=True, reward=reward,
                      clip_pretrained="none", aesthetic_head=str(head),
                      out=str(tmp / "run"), steps=3, image_every=0, device=device,
                      dtype="bf16", grad_checkpointing=variant == "grad_checkpointing",
                      fsdp=variant == "fsdp", **gpu_check_shape(preset))
+
+
+# The packages the check's step needs beyond torch and numpy (module: pip package). Without
+# one, the variants run the brightness reward, and one line says what is missing.
+GPU_CHECK_PACKAGES = {"open_clip": "open_clip_torch"}
+
+
+def gpu_check_missing() -> dict:
+    """The GPU_CHECK_PACKAGES (module: pip package) that this Python cannot import."""
+    import importlib.util
+    return {module: pip for module, pip in GPU_CHECK_PACKAGES.items()
+            if importlib.util.find_spec(module) is None}
 
 
 def no_checkpoint(self, policy, opt, step):
@@ -1383,12 +1489,14 @@ def patched(owner, replacements: dict):
 def count_launches(prof, device: str) -> dict:
     """Kernel launches of the profiled step, in total and per part: on a GPU the CUDA runtime's
     launch calls (cudaLaunchKernel and kin), on the CPU the aten ops that call no other aten op
-    (each runs its own kernel). An event belongs to the part whose time range holds its start (the
-    backward pass runs on another thread on GPUs)."""
+    (each runs its own kernel). An event belongs to the part whose time range (on the CPU: the
+    ranges' device copies are left out) holds its start (the backward pass runs on another thread
+    on GPUs)."""
+    from torch.autograd import DeviceType
     events = prof.events()
     ranges = {}
-    for e in events:
-        if e.name.startswith("gpu-check:"):
+    for e in events:  # the CPU side of each range (on GPUs kineto also shows it on the device)
+        if e.name.startswith("gpu-check:") and e.device_type == DeviceType.CPU:
             ranges[e.name.split(":", 1)[1]] = e.time_range
 
     on_gpu = str(device).startswith("cuda")
@@ -1407,7 +1515,8 @@ def count_launches(prof, device: str) -> dict:
                 launch_counter=counter)
 
 
-def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
+def gpu_check_variant(preset: str, device: str, variant: str,
+                      reward: str = "aesthetic") -> dict:
     """One variant, in this process (under torchrun for --fsdp): the trainer's 3 steps, with the
     step's parts wrapped in profiler ranges, its sample() calls counted, no checkpoint written.
     vargrpo's functions and RunFolder.save are the originals again when it returns or raises."""
@@ -1434,6 +1543,8 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
         seen["step"] = step + 1
         if step == 1:  # the timed step is done: its memory, then the profiled step
             seen["peak"] = peak_memory(device)
+            if on_gpu:
+                seen["reserved"] = torch.cuda.max_memory_reserved(device)
             activities = [ProfilerActivity.CPU]
             if on_gpu:
                 activities.append(ProfilerActivity.CUDA)
@@ -1455,13 +1566,17 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
         restore.enter_context(patched(vr, {"step_metrics": metrics_then_profile}))
         restore.enter_context(patched(vr.RunFolder, {"save": no_checkpoint}))
         tmp = restore.enter_context(tempfile.TemporaryDirectory())
-        vg.train(gpu_check_args(preset, device, variant, Path(tmp)))
+        vg.train(gpu_check_args(preset, device, variant, Path(tmp), reward))
 
     m = seen["metrics"][1]
     out = {f"{part}_s": m[f"time/{part}"] for part in GPU_CHECK_PARTS}
     peak_kind = "peak RSS of the process"
+    out["device_name"] = "cpu"
     if on_gpu:
         peak_kind = "torch.cuda.max_memory_allocated"
+        out["device_name"] = torch.cuda.get_device_name(device)
+        # what decides an out-of-memory: the allocator's pools, fragmentation included
+        out["peak_memory_reserved_bytes"] = seen["reserved"]
     ratio_dev = max(r["policy/ratio_dev_first_minibatch"] for r in seen["metrics"])
     out.update(step_s=m["time/step"], samples_per_s=m["perf/samples_per_s"],
                peak_memory_bytes=seen["peak"], peak_memory_kind=peak_kind,
@@ -1473,7 +1588,10 @@ def gpu_check_variant(preset: str, device: str, variant: str) -> dict:
 
 
 def gpu_check(args) -> dict:
-    """`bash run.sh gpu-check`: every variant in its own process, one JSON (--out)."""
+    """`bash run.sh gpu-check`: every variant in its own process (killed after
+    --child-timeout seconds), one JSON (--out) written again after each. This process never
+    creates a CUDA context (~0.5 GiB the variants would lose): torch.cuda.is_available only
+    counts the devices; the variants report the GPU's name."""
     device = args.device or "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
         build = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
@@ -1481,7 +1599,7 @@ def gpu_check(args) -> dict:
                          "`bash run.sh gpu-check --device cpu --preset tiny` runs the check on"
                          " the CPU")
     if args.variant:  # child process: one variant, printed as JSON (rank 0)
-        result = gpu_check_variant(args.preset, device, args.variant)
+        result = gpu_check_variant(args.preset, device, args.variant, args.reward)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         return result
@@ -1490,48 +1608,93 @@ def gpu_check(args) -> dict:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name the JSON file gpu-check writes")
     output_folder(out.parent, "the gpu-check JSON")
+    timeout_s = args.child_timeout
+    vr.need(math.isfinite(timeout_s) and timeout_s > 0,
+            f"--child-timeout must be a positive number of seconds, got {timeout_s}")
+
+    reward = "aesthetic"
+    reward_text = "aesthetic, random weights"
+    missing = gpu_check_missing()
+    if missing:
+        modules = ", ".join(missing)
+        reward = "brightness"
+        reward_text = f"brightness ({modules} not installed)"
+        print(f"[gpu-check] {modules} is not installed (pip install"
+              f" {' '.join(missing.values())}): the variants run the brightness reward"
+              " instead of the aesthetic one (CLIP ViT-L/14 and its memory not measured)",
+              flush=True)
 
     t0 = time.perf_counter()
-    device_name = "cpu"
-    if device.startswith("cuda"):
-        device_name = torch.cuda.get_device_name(device)
-    report = dict(device=device, device_name=device_name, torch=torch.__version__,
+    report = dict(device=device, device_name=None, torch=torch.__version__,
                   cuda=torch.version.cuda, preset=args.preset, dtype="bf16", steps=3,
-                  shape=gpu_check_shape(args.preset), reward="aesthetic, random weights",
-                  variants={})
-    failed = False
+                  shape=gpu_check_shape(args.preset), reward=reward_text,
+                  child_timeout_s=args.child_timeout, variants={},
+                  unfinished=list(GPU_CHECK_VARIANTS))
+    write_report(out, report)
     for name, flags in GPU_CHECK_VARIANTS.items():
-        report["variants"][name] = gpu_check_child(name, flags, device, args.preset)
-        failed = failed or "error" in report["variants"][name]
-        print(f"[gpu-check] {name}: {json.dumps(report['variants'][name])}", flush=True)
+        v = gpu_check_child(name, flags, device, args.preset, reward, timeout_s)
+        report["variants"][name] = v
+        report["unfinished"].remove(name)
+        report["device_name"] = report["device_name"] or v.get("device_name")
+        report["wall_s"] = time.perf_counter() - t0
+        write_report(out, report)  # a later variant that fails keeps this one's numbers
+        print(f"[gpu-check] {name}: {json.dumps(v)}", flush=True)
 
-    report["wall_s"] = time.perf_counter() - t0
+    print(f"[gpu-check] wrote {out} ({report['wall_s']:.0f} s)")
+    failed = [name for name, v in report["variants"].items() if "error" in v]
+    if failed:
+        raise vg.RunFailed(f"gpu-check: {', '.join(failed)} failed; {out} holds the error and"
+                           " the last lines of its stderr")
+    return report
+
+
+def write_report(out: Path, report: dict):
+    """The JSON, replaced atomically (a reader never sees half of it)."""
     text = json.dumps(report, indent=1).encode()
 
     def write(f):
         f.write(text)
 
     vr.atomic_write(out, write)
-    print(f"[gpu-check] wrote {out} ({report['wall_s']:.0f} s)")
-    if failed:
-        raise vg.RunFailed(f"a gpu-check variant failed; {out} holds its error")
-    return report
 
 
-def gpu_check_child(name: str, flags: list, device: str, preset: str) -> dict:
-    """One variant in its own process (--fsdp under torchrun): its JSON, or its error."""
-    import subprocess
-    cmd = [__file__, "gpu-check", "--variant", name, "--device", device, "--preset", preset]
+def gpu_check_command(name: str, device: str, preset: str, reward: str) -> list:
+    """The command of one variant's process (--fsdp under torchrun, one process)."""
+    cmd = [__file__, "gpu-check", "--variant", name, "--device", device, "--preset", preset,
+           "--reward", reward]
     if name == "fsdp":
         cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *cmd]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
-    res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+    return [sys.executable, *cmd]
 
-    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
-    if res.returncode != 0 or not lines:
-        error = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(flags=flags, error=error[:300])
-    return dict(flags=flags, **json.loads(lines[-1]))
+
+STDERR_TAIL = 30  # lines of a failed variant's stderr kept in the JSON
+
+
+def gpu_check_child(name: str, flags: list, device: str, preset: str, reward: str,
+                    timeout_s: float) -> dict:
+    """One variant in its own process group: its JSON, or its error and the last STDERR_TAIL
+    lines of its stderr. Past timeout_s the whole group is killed (torchrun and its trainer
+    too: a hung NCCL or FSDP call never ends by itself)."""
+    import subprocess
+    cmd = gpu_check_command(name, device, preset, reward)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    error = None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        error = f"killed after --child-timeout {timeout_s:g} s (hung or too slow)"
+
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if error is None and proc.returncode == 0 and lines:
+        return dict(flags=flags, **json.loads(lines[-1]))
+    tail = stderr.strip().splitlines()[-STDERR_TAIL:]
+    if error is None:
+        error = (tail or [f"exit code {proc.returncode}, no output"])[-1][:300]
+    return dict(flags=flags, error=error, exit_code=proc.returncode, stderr_tail=tail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2514,6 +2677,9 @@ def add_bench_parser(sub):
                    " weights")
     p.add_argument("--memory", action="store_true",
                    help="activation memory per sample of each preset (from the graph)")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="docs/memory.md's tables: what fits on 40 and 80 GB cards, worked out"
+                   " by vargrpo_run.gpu_memory_plan (nothing measured)")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one measurement
 
 
@@ -2526,9 +2692,15 @@ def add_gpu_check_parser(sub):
     p.add_argument("--preset", default="d16",
                    help="model (random weights): the paper's step for d16-d30, a small one for"
                    " tiny")
-    p.add_argument("--out", default="runs/gpu_check.json", help="the JSON written")
+    p.add_argument("--out", default="runs/gpu_check.json",
+                   help="the JSON, written again after each variant")
+    p.add_argument("--child-timeout", default=600.0, type=float, metavar="SECONDS",
+                   help="each variant's process (and its torchrun) is killed after this long,"
+                   " its error recorded, and the next one runs (default 600)")
     p.add_argument("--variant", default=None, choices=list(GPU_CHECK_VARIANTS),
                    help=argparse.SUPPRESS)  # internal: one variant
+    p.add_argument("--reward", default="aesthetic", choices=("aesthetic", "brightness"),
+                   help=argparse.SUPPRESS)  # internal: the variant's reward
 
 
 def add_prepare_parser(sub):

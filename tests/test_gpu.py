@@ -146,10 +146,52 @@ def test_sample_batch_0_fills_the_free_memory_without_running_out():
     assert 0.5 * free <= peak <= free
 
 
+def update_peak(var, rows):
+    """Bytes one forward+backward pass of the update adds at its peak for `rows` samples under
+    bf16 autocast, its weights' gradients included (set to None before, as the trainer does)."""
+    config = var.config
+    g = torch.Generator("cuda").manual_seed(0)
+    labels = (torch.arange(rows) % config.num_classes).cuda()
+    idx = torch.randint(0, config.vocab_size, (rows, config.seq_len), device="cuda", generator=g)
+    var.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with cuda_autocast("bf16"):
+        logp, logits = vg.token_logprobs(var, labels, idx, 0.7, return_logits=True)
+    logp.mean().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def test_micro_batch_0_fits_the_update_in_free_memory():
+    """--micro-batch 0 on a random VAR-d16, bf16: update_sample_bytes, the per-sample term, within
+    0.7x-1.1x of the measured slope (4 -> 8 samples); the micro-batch micro_batch_size picks for a
+    share of 720 (many divisors) runs a forward+backward pass without running out of memory, using
+    between half and all of the free memory it read (90% is its target)."""
+    config = vg.VARConfig.preset("d16")
+    vae, var = vg.build_vae_var(config)
+    var = var.cuda()
+    update_peak(var, 2)  # warm-up: kernels, the allocator's pools
+
+    slope = (update_peak(var, 8) - update_peak(var, 4)) / 4
+    assert 0.7 <= slope / vr.update_sample_bytes(config, 2) <= 1.1, slope
+
+    var.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    args = vg.TrainArgs(micro_batch=0, dtype="bf16")
+    micro = vr.micro_batch_size(var, args, 720, "cuda")
+    assert 720 % micro == 0
+    peak = update_peak(var, micro)
+    assert 0.5 * free <= peak <= free, (micro, peak, free)
+
+
 def test_gpu_check_runs_every_variant(tmp_path):
     """`bash run.sh gpu-check`'s command (VAR-d16, random weights, the paper's shape, bf16): exit 0,
     every variant (plain, checkpointing, --fsdp) measured without an error, each first minibatch's
-    ratio within expm1(0.1) of 1, its peak memory recorded. Its own bound: under 5 minutes."""
+    ratio within expm1(0.1) of 1, its peak memory recorded (allocated <= reserved), the GPU named
+    by the variants. Its own bound: under 5 minutes."""
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, "vargrpo_tools.py", "gpu-check", "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TRAIN_TIMEOUT,
@@ -158,8 +200,9 @@ def test_gpu_check_runs_every_variant(tmp_path):
 
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"plain", "grad_checkpointing", "fsdp"}
+    assert report["device_name"] == torch.cuda.get_device_name() and report["unfinished"] == []
     for name, v in report["variants"].items():
         assert "error" not in v, (name, v)
         assert v["ratio_dev_first_minibatch"] <= RATIO_BOUND_BF16, name
-        assert v["peak_memory_bytes"] > 0, name
+        assert 0 < v["peak_memory_bytes"] <= v["peak_memory_reserved_bytes"], name
     assert report["wall_s"] < 300

@@ -258,6 +258,146 @@ def test_gpu_check_on_the_cpu_writes_one_json(tmp_path):
     assert report["variants"]["grad_checkpointing"]["launches"]["update"] > report["variants"]["plain"]["launches"]["update"]
 
 
+# Stand-ins for the variants' processes (gpu_check_command monkeypatched): plain reports at once,
+# grad_checkpointing hangs (and so does a process it starts, as torchrun's trainer would), fsdp
+# fails with 40 lines of stderr.
+STAND_IN_VARIANT = """import json, subprocess, sys, time
+name, pid_file = sys.argv[1:]
+if name == "plain":
+    print(json.dumps({"device_name": "stand-in", "step_s": 1.0}))
+elif name == "grad_checkpointing":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(pid_file, "w").write(str(child.pid))
+    time.sleep(600)
+else:
+    for i in range(40):
+        print(f"stderr line {i}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def gone(pid: int) -> bool:
+    """Whether process pid has ended (absent, or a zombie no one has reaped yet)."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_gpu_check_kills_a_hung_variant_and_keeps_every_result(tmp_path, monkeypatch, capsys):
+    """A variant that hangs is killed after --child-timeout with the processes it started (its
+    error says so); the next variant still runs; the JSON holds each variant's result as soon as
+    it is known (written after each); a failed variant's error is its last stderr line, and its last
+    30 lines are kept. Exit 1 with one line."""
+    script = tmp_path / "variant.py"
+    script.write_text(STAND_IN_VARIANT)
+    pid_file = tmp_path / "grandchild.pid"
+    out = tmp_path / "check.json"
+
+    def stand_in_command(name, device, preset, reward):
+        return [sys.executable, str(script), name, str(pid_file)]
+
+    seen_before = {}
+    real_child = tools.gpu_check_child
+
+    def child(name, *args):
+        seen_before[name] = sorted(json.loads(out.read_text())["variants"])
+        return real_child(name, *args)
+
+    monkeypatch.setattr(tools, "gpu_check_command", stand_in_command)
+    monkeypatch.setattr(tools, "gpu_check_child", child)
+    t0 = time.perf_counter()
+    code, err = tools_main(["gpu-check", "--device", "cpu", "--preset", "tiny", "--out", str(out),
+                            "--child-timeout", "3"], capsys)
+    assert code == 1 and "grad_checkpointing, fsdp failed" in one_line(err)
+    assert time.perf_counter() - t0 < 60
+
+    assert seen_before == {"plain": [], "grad_checkpointing": ["plain"],
+                           "fsdp": ["grad_checkpointing", "plain"]}
+    report = json.loads(out.read_text())
+    assert report["unfinished"] == [] and report["device_name"] == "stand-in"
+    v = report["variants"]
+    assert v["plain"] == {"flags": [], "device_name": "stand-in", "step_s": 1.0}
+    assert v["grad_checkpointing"]["error"] == "killed after --child-timeout 3 s (hung or too slow)"
+    deadline = time.time() + 10
+    while not gone(int(pid_file.read_text())):
+        assert time.time() < deadline, "the hung variant's own process was left running"
+        time.sleep(0.1)
+    assert v["fsdp"]["error"] == "stderr line 39" and v["fsdp"]["exit_code"] == 3
+    assert v["fsdp"]["stderr_tail"] == [f"stderr line {i}" for i in range(10, 40)]
+
+
+def test_gpu_check_parent_creates_no_cuda_context_and_names_what_is_missing(tmp_path, monkeypatch,
+                                                                           capsys):
+    """On a GPU (stood in for: torch.cuda.is_available patched True) the parent process never
+    initialises CUDA (torch.cuda._lazy_init, behind every call that makes a context, raises here):
+    the variants report the GPU's name. open_clip missing: one line naming it and its pip package,
+    and the variants run the brightness reward."""
+    def no_context(*args, **kw):
+        raise AssertionError("the gpu-check parent initialised CUDA")
+
+    calls = []
+
+    def stand_in_child(name, flags, device, preset, reward, timeout_s):
+        calls.append((name, device, reward))
+        return dict(flags=flags, device_name="Stand-in GPU")
+
+    def open_clip_missing():
+        return {"open_clip": "open_clip_torch"}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_context)
+    monkeypatch.setattr(torch.cuda, "init", no_context)
+    monkeypatch.setattr(tools, "gpu_check_child", stand_in_child)
+    monkeypatch.setattr(tools, "gpu_check_missing", open_clip_missing)
+    out = tmp_path / "check.json"
+    capsys.readouterr()
+    tools.main(["gpu-check", "--out", str(out)])
+    printed = [line for line in capsys.readouterr().out.splitlines() if "not installed" in line]
+
+    assert len(printed) == 1 and "open_clip is not installed (pip install open_clip_torch)" in printed[0]
+    assert calls == [(name, "cuda", "brightness") for name in ("plain", "grad_checkpointing", "fsdp")]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cuda" and report["device_name"] == "Stand-in GPU"
+    assert report["reward"] == "brightness (open_clip not installed)"
+
+
+def test_gpu_check_finds_open_clip_here():
+    """This environment has every package the check needs (the test above stands in for one that
+    does not)."""
+    assert tools.gpu_check_missing() == {}
+
+
+class ProfilerEvent:
+    """What count_launches reads of a torch.profiler event."""
+
+    def __init__(self, name, start, end, device_type):
+        from torch.autograd.profiler_util import Interval
+        self.name = name
+        self.time_range = Interval(start, end)
+        self.device_type = device_type
+        self.cpu_children = []
+
+
+def test_gpu_check_counts_launches_in_the_cpu_side_ranges():
+    """On a GPU the profiler shows each gpu-check range twice, on the CPU and as a device
+    annotation at the kernels' later device time: the launches (CPU-side cudaLaunchKernel calls)
+    are counted in the CPU range."""
+    from torch.autograd import DeviceType
+
+    class Profile:
+        def events(self):
+            return [ProfilerEvent("gpu-check:update", 0, 100, DeviceType.CPU),
+                    ProfilerEvent("cudaLaunchKernel", 10, 11, DeviceType.CPU),
+                    ProfilerEvent("cudaLaunchKernel", 20, 21, DeviceType.CPU),
+                    ProfilerEvent("gpu-check:update", 500, 600, DeviceType.CUDA),
+                    ProfilerEvent("cudaLaunchKernel", 550, 551, DeviceType.CPU)]
+
+    counted = tools.count_launches(Profile(), "cuda")
+    assert counted["launches"] == {"update": 2} and counted["launches_per_step"] == 2
+
+
 def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
     code, err = tools_main(["plot", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "metrics.jsonl does not exist: name a run folder" in one_line(err)

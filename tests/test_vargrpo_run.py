@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -382,6 +383,73 @@ def test_torchrun_reward_failing_on_one_process(tmp_path):
     assert policy_state(tmp_path / "run")["step"] == 0
 
 
+def test_process_group_options_timeout_and_device():
+    """--dist-timeout is the process group's timeout; on a GPU the process's device is bound too
+    (device_id); a timeout that is not a positive number of minutes is refused in one line."""
+    import datetime
+    assert vr.process_group_options("cpu", 0.5) == dict(timeout=datetime.timedelta(seconds=30))
+    cuda = vr.process_group_options("cuda:1", 60)
+    assert cuda == dict(timeout=datetime.timedelta(hours=1), device_id=torch.device("cuda:1"))
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(vr.UsageError, match="--dist-timeout must be a positive number of minutes"):
+            vr.process_group_options("cpu", bad)
+    assert vg.TrainArgs().dist_timeout == vr.DIST_TIMEOUT_MINUTES == 60
+
+
+def test_a_resumed_run_keeps_its_dist_timeout(tmp_path):
+    """The process group starts before the checkpoint is read: resuming without --dist-timeout
+    takes the run's own from its args.json, with it the value given; a fresh run the flag's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"dist_timeout": 240.0}))
+    resume = vg.TrainArgs(resume=str(run))
+    assert vr.run_dist_timeout(resume, set()) == 240
+    assert vr.run_dist_timeout(dataclasses.replace(resume, dist_timeout=5.0), {"dist_timeout"}) == 5
+    assert vr.run_dist_timeout(vg.TrainArgs(out=str(run)), set()) == 60
+    (run / "args.json").write_text("{}")  # an older run
+    assert vr.run_dist_timeout(resume, set()) == 60
+
+
+# Process 0's checkpoint writes take SLOW_SAVE_S seconds longer: slow storage
+SLOW_SAVE = """import os, sys, time
+import vargrpo as vg, vargrpo_run as vr
+real_save = vr.RunFolder.save
+def slow_save(self, policy, opt, step):
+    if os.environ["RANK"] == "0":
+        time.sleep(float(os.environ["SLOW_SAVE_S"]))
+    return real_save(self, policy, opt, step)
+vr.RunFolder.save = slow_save
+vg.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_dist_timeout_reaches_the_process_group_and_outlasts_a_slow_save(tmp_path):
+    """Fault: process 0's checkpoint takes 15 s longer (slow storage) while process 1 waits for it
+    in a collective (gloo, 2 processes, 1 step). With --dist-timeout 0.1 (6 s) process 1 gives up:
+    exit 1 and one line naming --dist-timeout, process 0's checkpoint still written whole; with
+    --dist-timeout 1 the same run finishes."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    env = {"PYTHONPATH": str(ROOT), "SLOW_SAVE_S": "15", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    results = {}
+    for minutes in ("0.1", "1"):
+        out = tmp_path / f"run_{minutes}"
+        cmd, kw = torchrun(str(script), "train", *TINY, "--labels-per-step", "4", "--minibatch", "8",
+                           "--steps", "1", "--image-every", "0", "--out", str(out), "--dist-timeout",
+                           minutes, launcher=True, env=env)
+        results[minutes] = subprocess.run(cmd, capture_output=True, text=True, timeout=TRAIN_TIMEOUT, **kw)
+
+    short = results["0.1"]
+    line = [l for l in short.stderr.splitlines() if l.startswith("vargrpo: error: process 1 waited")]
+    assert short.returncode == 1 and len(line) == 1, short.stderr[-3000:]
+    assert "--dist-timeout 0.1 minutes" in line[0] and "raise --dist-timeout" in line[0]
+    assert "Traceback" not in short.stderr, short.stderr[-3000:]  # process 0: one line too
+    assert policy_state(tmp_path / "run_0.1")["step"] == 1  # process 0 got as far as its save
+    assert results["1"].returncode == 0, results["1"].stderr[-3000:]
+    assert policy_state(tmp_path / "run_1")["step"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["launcher, Ctrl-C", "run.sh, SIGTERM"])
 def test_signals_under_torchrun_exit_130_and_143(tmp_path, how):
@@ -462,6 +530,7 @@ def test_config_files_with_unknown_keys_are_refused(tmp_path_factory, key):
     (["--preset", "d17"], "--preset 'd17'"),
     (["--clip-eps", "1.5"], "0 < --clip-eps < 1"),
     (["--steps", "0"], "--steps must be > 0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
     (["--reward", "brightnes"], "cannot parse reward term 'brightnes'"),
     (["--vmr-k", "3"], "--vmr-k only act with --vmr"),
     (["--mp-keep", "0.3"], "--mp-keep only act with"),
@@ -625,6 +694,170 @@ def test_sample_row_bytes_against_the_measured_cpu_peak(which):
         peaks.append(int(res.stdout))
     measured = (peaks[1] - peaks[0]) / 1000
     assert 0.75 <= measured / vr.sample_row_bytes(config, 4) <= 1.05, measured
+
+
+# ---- How many samples an update pass takes: update_sample_bytes, micro_batch_that_fits, and what a
+# run holds on one GPU (gpu_memory_plan: docs/memory.md's tables)
+
+SAVED_SHAPES = {"V=64": dict(depth=2, patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=64),
+                "V=512": dict(depth=3, patch_nums=(1, 2, 4, 8), vocab_size=512)}
+
+
+@pytest.mark.parametrize("shape", list(SAVED_SHAPES))
+def test_update_sample_bytes_counts_what_autograd_keeps_in_fp32(shape):
+    """fp32 on the CPU, where every tensor autograd saves is 4 bytes: the bytes a teacher-forced pass
+    saves for its backward per sample (B = 3 minus B = 1, halved; the weights left out), against
+    update_sample_bytes without the logits tensors that exist only in the backward or beside the pass
+    (all but the one it saves). Measured 0.97 of it on both shapes; one block tensor (4 bytes per
+    token and channel) more or less in the formula falls outside 0.95-1.0."""
+    import vargrpo_tools as tools
+    config = vg.VARConfig(z_channels=8, vae_ch=32, num_classes=10, **SAVED_SHAPES[shape])
+    vae, var = vg.build_vae_var(config)
+    weights = [*var.parameters(), *var.buffers(), *vae.parameters(), *vae.buffers()]
+    saved = {}
+    for B in (1, 3):
+        labels = torch.zeros(B, dtype=torch.long)
+        idx = torch.zeros(B, config.seq_len, dtype=torch.long)
+
+        def logprobs():
+            return vg.token_logprobs(var, labels, idx, 0.7)
+
+        saved[B] = tools.saved_bytes(logprobs, weights)
+    measured = (saved[3] - saved[1]) / 2
+    unsaved_logits = (vr.LOGITS_TENSORS - 1) * 4 * config.seq_len * config.vocab_size
+    counted = vr.update_sample_bytes(config, 4) - unsaved_logits
+    assert 0.95 <= measured / counted <= 1.0, measured / counted
+
+
+def test_update_sample_bytes_of_d16_and_d30():
+    """Under CUDA autocast 66 bytes per token and channel of each block (96 in fp32), the head's 12 and
+    6 fp32 logits tensors: d30 about 2.5 GiB per sample, d16 0.75; checkpointing keeps each block's
+    input and one block's set."""
+    d16, d30 = vg.VARConfig.preset("d16"), vg.VARConfig.preset("d30")
+    L, V = 680, 4096
+    for config in (d16, d30):
+        C, D = config.embed_dim, config.depth
+        logits = 6 * 4 * L * V
+        assert vr.update_sample_bytes(config, 2) == D * L * C * 66 + 12 * L * C + logits
+        assert vr.update_sample_bytes(config, 4) == D * L * C * 96 + 12 * L * C + logits
+        assert vr.update_sample_bytes(config, 2, checkpointing=True) == (D * 4 + 66) * L * C + 12 * L * C + logits
+        assert vr.update_sample_bytes(config, 2, kl_exact=True) == vr.update_sample_bytes(config, 2) + 12 * 4 * L * V
+    assert 2.3 * GiB <= vr.update_sample_bytes(d30, 2) <= 2.6 * GiB
+    assert vr.update_sample_bytes(d16, 2) / GiB == pytest.approx(0.755, abs=0.01)
+
+
+@given(free=st.integers(0, 2**40), more=st.integers(0, 2**38), share=st.integers(1, 64),
+       pending=st.integers(0, 2**36), preset=st.sampled_from(["tiny", "d16", "d30"]),
+       dtype_bytes=st.sampled_from([2, 4]), checkpointing=st.booleans(), kl_exact=st.booleans())
+def test_micro_batch_that_fits_is_the_largest_divisor_of_the_share_that_fits(
+        free, more, share, pending, preset, dtype_bytes, checkpointing, kl_exact):
+    config = vg.VARConfig.preset(preset)
+    kw = dict(checkpointing=checkpointing, kl_exact=kl_exact)
+    micro = vr.micro_batch_that_fits(free, share, config, dtype_bytes, pending, **kw)
+    assert 1 <= micro <= share and share % micro == 0
+    per_sample = vr.update_sample_bytes(config, dtype_bytes, **kw)
+    fixed = pending + vr.weight_cast_bytes(config, dtype_bytes)
+    budget = vr.SAMPLE_MEMORY_SHARE * free - fixed
+    if micro > 1:  # more than the one sample it always gets: they fit
+        assert micro * per_sample <= budget
+    larger = [d for d in range(micro + 1, share + 1) if share % d == 0]
+    assert not larger or larger[0] * per_sample > budget  # the next divisor would not fit
+    assert vr.micro_batch_that_fits(free + more, share, config, dtype_bytes, pending, **kw) >= micro
+
+
+def test_micro_batch_on_80_gb_d30_and_d16():
+    """On an 80 GB card with a CLIP reward, bf16: d30 fits 10 samples per pass (about 2.5 GiB
+    each next to 43 GiB of static memory and its casts and gradients), so --micro-batch 0 takes 8 of
+    the paper's 32; d16 fits 76 and takes all 32; 40 GB does not hold d30 at all."""
+    import vargrpo_tools as tools
+    d30 = tools.memory_plan("d30", "80 GB")
+    assert d30.samples_fit == 10 and d30.micro_batch == 8
+    assert d30.pass_fixed["weight casts"] / GiB == pytest.approx(3.71, abs=0.01)
+    assert d30.resident["CLIP"] / GiB == pytest.approx(1.59, abs=0.01)
+    d16 = tools.memory_plan("d16", "80 GB")
+    assert d16.samples_fit == 76 and d16.micro_batch == 32
+    assert d16.pass_fixed["weight casts"] / GiB == pytest.approx(0.5625)
+    assert tools.memory_plan("d30", "40 GB").samples_fit == 0
+
+
+def test_micro_batch_size_on_the_cpu_and_given():
+    """--micro-batch N is N; 0 on the CPU is the process's whole share."""
+    vae, policy, ref = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")
+    assert vr.micro_batch_size(policy, vg.TrainArgs(micro_batch=0), 8, "cpu") == 8
+    assert vr.micro_batch_size(policy, vg.TrainArgs(micro_batch=2), 8, torch.device("cpu")) == 2
+
+
+def test_pending_update_bytes_are_the_gradients_not_yet_allocated():
+    """Before a backward pass (gradients set to None) the update still has to allocate 4 bytes per
+    trainable parameter; after it, nothing."""
+    vae, policy, ref = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")
+    params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert vr.pending_update_bytes(policy, policy.config) == 4 * params
+    labels, idx = torch.arange(2), torch.zeros(2, policy.config.seq_len, dtype=torch.long)
+    vg.token_logprobs(policy, labels, idx).sum().backward()
+    assert vr.pending_update_bytes(policy, policy.config) == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "digits", "d16", "d20", "d24", "d30"])
+def test_var_param_count_is_the_models(preset):
+    import vargrpo_tools as tools
+    config = vg.VARConfig.preset(preset)
+    assert vr.var_param_count(config) == tools.param_counts(preset)[0]
+
+
+def test_clip_l14_params_is_open_clips_count():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIP
+    with torch.device("meta"):
+        clip = CLIP(**open_clip.get_model_config("ViT-L-14-quickgelu"))
+    assert sum(p.numel() for p in clip.parameters()) == vr.CLIP_L14_PARAMS
+
+
+def run_sh_preset(name: str) -> vg.TrainArgs:
+    """The settings `bash run.sh NAME` trains with: its preset line's flags, parsed as the trainer
+    parses them."""
+    text = (ROOT / "run.sh").read_text()
+    line = next(l for l in text.splitlines() if l.strip().startswith(f"{name}) preset {name} "))
+    flags = shlex.split(line.split(f"preset {name} ", 1)[1].split(" -- ")[0])
+    args, given = vr.parse_train_args(["train", *flags, "--out", "x"], vg.TrainArgs)
+    return args
+
+
+@pytest.mark.parametrize("name", ["painting", "aesthetic+painting"])
+def test_run_sh_d30_presets_fit_one_80_gb_gpu(name):
+    """`bash run.sh painting` and `aesthetic+painting` (d30, a CLIP reward, the defaults of run.sh's
+    line) on one 80 GB GPU, worked out: the update (weights, AdamW, reference, VQVAE, CLIP, gradients,
+    bf16 weight casts, --micro-batch 0's samples with their logits temporaries, 2 GiB for the CUDA
+    context), a sample() call of whole groups and the reference's pass all fit. The whole minibatch in
+    one pass (what --micro-batch 0 meant before) would not."""
+    import reward_models
+
+    a = run_sh_preset(name)
+    assert a.preset == "d30" and a.micro_batch == 0
+    names = {n for _, n, _ in reward_models.parse_spec(a.reward)}
+    clip = vr.CLIP_L14_PARAMS if names & {"clip", "aesthetic"} else 0
+    assert clip
+    import vargrpo_tools as tools
+    config = vg.VARConfig.preset(a.preset)
+    vae_params = tools.param_counts(a.preset)[1]
+    card = 80 * 10**9
+    m = vr.gpu_memory_plan(config, vae_params, card, a.minibatch, group_size=a.group_size,
+                           rows=a.labels_per_step * a.group_size, clip_params=clip,
+                           checkpointing=a.grad_checkpointing,
+                           kl_exact=a.kl == "exact")
+    assert m.samples_fit >= 1 and m.update_peak <= card
+    assert m.sample_rows >= a.group_size and m.sample_peak <= card
+    assert m.reference_peak <= card
+    whole = sum(m.resident.values()) + sum(m.pass_fixed.values()) + a.minibatch * m.per_sample
+    assert vr.CUDA_CONTEXT_BYTES + whole > card
+
+
+def test_docs_memory_tables_are_what_bench_memory_plan_prints():
+    """docs/memory.md's computed tables are `python vargrpo_tools.py bench --memory-plan`'s output."""
+    import vargrpo_tools as tools
+    doc = (ROOT / "docs" / "memory.md").read_text()
+    for line in tools.memory_plan_tables():
+        assert line in doc, line
 
 
 # ---- RunFolder: a new run never touches files that are not a run's
