@@ -138,3 +138,45 @@ def tmpfs(folder, size: str):
         pytest.skip("cannot mount a tmpfs here")
     yield folder
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+DIGITS = ["--preset", "digits", "--reward", "digit:correct", "--labels-per-step", "2", "--group-size", "2",
+          "--minibatch", "4"]
+
+
+def another_preparation(folder: Path) -> Path:
+    """A copy of the shipped digits files in `folder` whose VAR comes from another preparation: other
+    weights, recorded in its own digits.json (so that the folder is consistent in itself)."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    folder.mkdir()
+    record = json.loads((ROOT / "weights" / "digits.json").read_text())
+    for name in record["sha256"]:
+        shutil.copy(ROOT / "weights" / name, folder / name)
+    state = load_file(str(folder / "var_digits.safetensors"))
+    state["head.bias"] = state["head.bias"] + 0.5
+    save_file(state, str(folder / "var_digits.safetensors"))
+    record["sha256"]["var_digits.safetensors"] = hashlib.sha256((folder / "var_digits.safetensors").read_bytes()).hexdigest()
+    (folder / "digits.json").write_text(json.dumps(record))
+    return folder
+
+
+def flip_a_weight_bit(path: Path):
+    """One bit flipped in the lowest byte of a float32 inside the largest tensor of a .pt (a zip of
+    uncompressed storages) or a .safetensors file: the weight stays finite, a little changed."""
+    import struct
+    import zipfile
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".pt":
+        with zipfile.ZipFile(path) as z:
+            info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        start = info.header_offset + 30 + name_len + extra_len
+    else:
+        header_len = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8:8 + header_len])
+        begin, end = max((v["data_offsets"] for k, v in header.items() if k != "__metadata__"),
+                         key=lambda o: o[1] - o[0])
+        start = 8 + header_len + begin
+    data[start + 16] ^= 1
+    path.write_bytes(bytes(data))

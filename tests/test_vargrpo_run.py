@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
+from safetensors.torch import load_file, save_file
 
 import vargrpo as vg
 import vargrpo_run as vr
-from helpers import (HEAD, ROOT, TINY, copy_run, exit_and_stderr, labels_for, needs_head, policy_state, random_model,
-                     read_metrics, read_only, timeout, tmpfs)
+from helpers import (HEAD, ROOT, TINY, another_preparation, copy_run, exit_and_stderr, flip_a_weight_bit, labels_for,
+                     needs_head, policy_state, random_model, read_metrics, read_only, timeout, tmpfs)
 
 # a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
 REFUSAL_TIMEOUT = timeout(300)
@@ -912,6 +914,56 @@ def test_resume_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, 
     assert code == 2 and "not a vargrpo run checkpoint" in one_error_line(err)
 
 
+def test_resume_refuses_weights_of_another_preparation(digits_run, tmp_path, capsys):
+    """Silent: --resume RUN --weights-dir OTHER (another preparation of the preset) swapped the VQVAE
+    and the KL reference; the KL jumped, no word. A run records the sha256 of every weights file it
+    loaded (the VQVAE, the pre-trained VAR, its reward's judge); a resume that loads another is refused
+    in one line naming both, and a copy of the same files resumes."""
+    run = copy_run(digits_run, tmp_path / "run")
+    shipped = json.loads((ROOT / "weights" / "digits.json").read_text())["sha256"]
+    recorded = policy_state(run)["weights"]
+    assert {k: v["sha256"] for k, v in recorded.items()} == {
+        "VQVAE": shipped["vae_digits.safetensors"], "VAR": shipped["var_digits.safetensors"],
+        "DigitJudge": shipped["judge_digits.safetensors"]}
+    other = another_preparation(tmp_path / "other")
+    code, err = run_main(["train", "--resume", str(run), "--weights-dir", str(other), "--steps", "3"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"started from {ROOT / 'weights' / 'var_digits.safetensors'} (sha256" in line
+    assert f"not {other / 'var_digits.safetensors'} (sha256" in line and "new run" in line
+    judge_only = tmp_path / "judge_only"  # the reward's judge from another preparation
+    judge_only.mkdir()
+    state = load_file(str(ROOT / "weights" / "judge_digits.safetensors"))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()},
+              str(judge_only / "judge_digits.safetensors"))
+    code, err = run_main(["train", "--resume", str(run), "--weights-dir", str(judge_only), "--steps", "3"], capsys)
+    assert code == 2 and f"not {judge_only / 'judge_digits.safetensors'} (sha256" in one_error_line(err)
+    assert policy_state(run)["step"] == 2 and len(read_metrics(run)) == 2  # nothing trained
+    same = tmp_path / "same"
+    shutil.copytree(ROOT / "weights", same)
+    code, err = run_main(["train", "--resume", str(run), "--weights-dir", str(same), "--steps", "3"], capsys)
+    assert code == 0 and policy_state(run)["step"] == 3, err
+    assert policy_state(run)["weights"]["VAR"] == {**recorded["VAR"], "file": str(same / "var_digits.safetensors")}
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_names_the_previous_one(tiny_run, tmp_path, capsys):
+    """Silent: one bit flipped inside a weight of last.pt resumed and trained on the changed weights.
+    Every save records the sha256 of its contents; a resume refuses another content in one line naming
+    the file and how to resume from the previous checkpoint (it never falls back on its own)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    ck = run / "checkpoints"
+    (ck / "last.pt").unlink()
+    os.link(ck / "step_000002.pt", ck / "last.pt")  # a hard link, as the run left it
+    flip_a_weight_bit(ck / "last.pt")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"error: {ck / 'last.pt'} is damaged" in line
+    assert f"ln -f {ck / 'step_000001.pt'} {ck / 'last.pt'}" in line and len(read_metrics(run)) == 2
+    (ck / "last.pt").unlink()  # the advice followed
+    os.link(ck / "step_000001.pt", ck / "last.pt")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    assert code == 0 and policy_state(run)["step"] == 3 and [m["step"] for m in read_metrics(run)] == [0, 1, 2]
+
+
 # ---- RunFolder: what a run writes (its files, TensorBoard, the safetensors export)
 
 
@@ -954,8 +1006,8 @@ def test_safetensors_export_round_trips_and_loads_like_pretrained_weights(tiny_r
     vae2, var2 = vg.load_pretrained("tiny", weights)
     labels, idx = torch.tensor([1, 7]), torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
     assert torch.equal(var2(labels, idx), policy(labels, idx))
-    settings, state, step = tools.load_run_checkpoint(str(st))  # eval --ckpt accepts it
-    assert step == 2 and settings == json.loads((tiny_run / "args.json").read_text())
+    run = tools.load_run_checkpoint(str(st))  # eval --ckpt accepts it
+    assert run.step == 2 and run.settings == json.loads((tiny_run / "args.json").read_text())
 
 
 # ---- RunFolder: a failing reward, a diverged policy, a reward that cannot tell samples apart
