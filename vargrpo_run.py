@@ -1971,7 +1971,8 @@ class Run:
         the optimizer's state. Returns (opt, start): the optimizer and the step to continue
         from (0 for a new run); `run.model` is the model the update trains (held here alone:
         leaving the run drops it before the process group)."""
-        found = weights_record(policy.vae, ref, self.reward)
+        found = weights_record(policy.vae, ref, self.reward)  # the files loaded
+
         self.model = distribute(policy, ref, self.dist, self.args.fsdp)
         opt = make_optimizer(policy, self.args, self.device)
         self.policy = policy
