@@ -68,3 +68,16 @@ def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("shared") / "tiny_run"
     vg.main(["train", *TINY, "--out", str(run), "--steps", "2", "--save-every", "1"])
     return run
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A finished 2-step run of the digits preset on the shipped weights, its reward the digits
+    judge's (DIGITS settings, a checkpoint at every step): a run that records three weights files.
+    Read it; a test that changes a run works on a copy (helpers.copy_run)."""
+    import vargrpo as vg
+    from helpers import DIGITS
+
+    run = tmp_path_factory.mktemp("shared") / "digits_run"
+    vg.main(["train", *DIGITS, "--out", str(run), "--steps", "2", "--save-every", "1"])
+    return run

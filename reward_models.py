@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -292,36 +293,110 @@ class DigitJudge(nn.Module):
         return self.heads(images_B3HW)[1] * self.boldness_std + self.boldness_mean
 
 
-def check_recorded_sha256(path):
-    """A weight file whose sha256 a record beside it holds (<preset>.json's "sha256" map, written by
-    `vargrpo_tools.py prepare`; weights/ ships them) must have that hash: one ValueError naming the file
-    otherwise (a changed byte, or a file from another preparation than its neighbours)."""
-    path = Path(path)
-    for record in sorted(path.parent.glob("*.json")):
+SHA256_CACHE = {}  # (path, size, mtime_ns) -> sha256: each file is read once per process
+UNCHECKED_FOLDERS = set()  # folders whose missing or unreadable record was said
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file. A Hugging Face cache blob is named by its own (the hub's record of
+    it); any other file is read once per process (cached by path, size and modification time)."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and re.fullmatch("[0-9a-f]{64}", real.name):
+        return real.name
+
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    if key not in SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        SHA256_CACHE[key] = digest.hexdigest()
+    return SHA256_CACHE[key]
+
+
+def weight_records(folder) -> tuple[dict, list]:
+    """The <preset>.json records in `folder` (written by `vargrpo_tools.py prepare`; weights/ ships
+    them): ({file name: [(record, sha256), ...]}, [why each unreadable record cannot be read])."""
+    recorded = {}
+    unreadable = []
+    for record in sorted(Path(folder).glob("*.json")):
         try:
             digests = json.loads(record.read_text()).get("sha256")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError) as e:
+            unreadable.append(f"{record.name} is not readable JSON ({first_line(e)})")
             continue
-        if not isinstance(digests, dict) or path.name not in digests:
+        if isinstance(digests, dict):
+            for name, digest in digests.items():
+                recorded.setdefault(name, []).append((record, str(digest)))
+    return recorded, unreadable
+
+
+def check_recorded_sha256(path) -> bool:
+    """A weight file whose sha256 a record beside it holds (weight_records) must have that hash:
+    one ValueError naming the file otherwise (a changed byte, or a file from another preparation
+    than its neighbours). Returns whether a record lists it."""
+    path = Path(path)
+    recorded, _ = weight_records(path.parent)
+    for record, expected in recorded.get(path.name, []):
+        actual = file_sha256(path)
+        if actual == expected:
             continue
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != digests[path.name]:
-            raise ValueError(f"{path} is not the file {record} records (sha256 {actual[:12]}..., recorded "
-                             f"{str(digests[path.name])[:12]}...): it was changed, or comes from another "
-                             f"preparation than the files beside it; restore it (git checkout weights/ for the "
-                             f"shipped files) or build them all again with `python vargrpo_tools.py prepare`")
+        raise ValueError(f"{path} is not the file {record} records (sha256 {actual[:12]}..., recorded "
+                         f"{expected[:12]}...): it was changed, or comes from another "
+                         f"preparation than the files beside it; restore it (git checkout weights/ for the "
+                         f"shipped files) or build them all again with `python vargrpo_tools.py prepare`")
+    return path.name in recorded
+
+
+def check_prepared_file(path):
+    """check_recorded_sha256 of a prepared file (the digits models, the judges); where no readable
+    record lists it, one line on stderr, once per folder: it loads unchecked."""
+    path = Path(path)
+    if check_recorded_sha256(path):
+        return
+    folder = path.parent.resolve()
+    if folder in UNCHECKED_FOLDERS:
+        return
+    UNCHECKED_FOLDERS.add(folder)
+    _, unreadable = weight_records(folder)
+    why = "; ".join(unreadable) or "no <preset>.json there records it"
+    print(f"[vargrpo] {folder}: {why}, so {path.name} and the files beside it load without a check "
+          f"of their sha256; restore the record (git checkout weights/ for the shipped files)",
+          file=sys.stderr)
+
+
+def judge_path(default: Path, path=None, weights_dir=None) -> Path:
+    """The file a judge loads: `path`, else the file named like `default` in `weights_dir` if it is
+    there (as for the model: --weights-dir first), else `default`."""
+    local = Path(weights_dir or "") / default.name
+    if path:
+        return Path(path)
+    if weights_dir and local.is_file():
+        return local
+    return default
 
 
 def load_judge_weights(judge: nn.Module, default: Path, path, weights_dir, what: str, build: str = ""):
-    """`judge` with the weights of `path`, else of the file named like `default` in `weights_dir` if it
-    is there (as for the model: --weights-dir first), else of `default`; strictly, in eval mode, frozen."""
+    """`judge` with the weights of judge_path(default, path, weights_dir), checked (its record,
+    every name, shape and dtype kind, finite values); strictly, in eval mode, frozen."""
     from safetensors.torch import load_file
-    local = Path(weights_dir or "") / default.name
-    file = Path(path or (local if weights_dir and local.is_file() else default))
+    file = judge_path(default, path, weights_dir)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no {what} there; build it with `python vargrpo_tools.py prepare{build}`")
-    check_recorded_sha256(file)
-    judge.load_state_dict({k: v.float() for k, v in load_file(str(file)).items()}, strict=True)
+    check_prepared_file(file)
+    state = load_file(str(file))
+    own = judge.state_dict()
+    redo = f"build it again with `python vargrpo_tools.py prepare{build}`"
+    for k, v in state.items():
+        if k in own and v.is_floating_point() != own[k].is_floating_point():
+            raise ValueError(f"{file}: {k} is {v.dtype}, where the {what} holds"
+                             f" {own[k].dtype}; {redo}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{file}: {k} holds inf or NaN values, so the file is"
+                             f" damaged; {redo}")
+    judge.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    judge.loaded_from = file  # vargrpo_run.weights_record: a run records what it started from
     return judge.eval().requires_grad_(False)
 
 

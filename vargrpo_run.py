@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -606,12 +607,94 @@ def load_pth(path, hint: str):
 
 def load_run_checkpoint(path, hint: str, keys, advice: str = "") -> dict:
     """A vargrpo run checkpoint (load_pth) that holds `keys`: one CheckpointError otherwise,
-    ending with `advice`."""
+    ending with `advice`. Its contents must match the sha256 recorded when it was saved (a
+    checkpoint saved before they were recorded has none) and its weights be finite, else one
+    CheckpointError naming the file, ending with `hint`."""
     ckpt = load_pth(path, hint)
     if not (isinstance(ckpt, dict) and set(keys) <= ckpt.keys()):
         raise CheckpointError(f"{path} is not a vargrpo run checkpoint (it lacks"
                               f" {'/'.join(keys)}){advice}")
+    recorded = ckpt.pop("sha256", None)
+    check_sha256(path, ckpt, recorded, hint)
+    check_finite(path, ckpt["model"], hint)
     return ckpt
+
+
+def tensor_sha256(t: torch.Tensor) -> bytes:
+    """The sha256 of a tensor's bytes (row-major, on the CPU)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).digest()
+
+
+def state_sha256(state) -> str:
+    """The sha256 of a checkpoint's contents: every tensor's bytes, dtype and shape; numbers,
+    strings and containers by value. What a save records and a load checks. The tensors are
+    hashed in threads (hashlib releases the GIL): a d30 checkpoint's 24 GB in seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = []
+
+    def outline(obj):
+        if torch.is_tensor(obj):
+            tensors.append(obj)
+            return ["tensor", str(obj.dtype), list(obj.shape)]
+        if isinstance(obj, dict):
+            items = sorted(obj.items(), key=lambda kv: repr(kv[0]))
+            return ["dict", [[repr(k), outline(v)] for k, v in items]]
+        if isinstance(obj, (list, tuple)):
+            return ["list", [outline(v) for v in obj]]
+        return repr(obj)
+
+    digest = hashlib.sha256(json.dumps(outline(state)).encode())
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for tensor_digest in pool.map(tensor_sha256, tensors):
+            digest.update(tensor_digest)
+    return digest.hexdigest()
+
+
+def export_sha256(weights: dict, meta: dict) -> str:
+    """The sha256 of a .safetensors export: its tensors and its metadata (state_sha256)."""
+    meta = {k: v for k, v in meta.items() if k != "vargrpo_sha256"}
+    return state_sha256({"weights": weights, "metadata": meta})
+
+
+def check_export(path, weights: dict):
+    """A .safetensors export (its `weights` read) matches the sha256 in its metadata (an export
+    saved before they were recorded has none): one CheckpointError naming the file otherwise."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    recorded = meta.get("vargrpo_sha256")
+    if recorded is not None and export_sha256(weights, meta) != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its weights or settings are not what was saved (sha256"
+            f" {recorded[:12]}... recorded); use the run's .pt checkpoint, or another step's"
+        )
+
+
+def check_sha256(path, state, recorded: str | None, hint: str):
+    """state_sha256(state) is the `recorded` one (None: nothing recorded, nothing to check);
+    else one CheckpointError naming the file, ending with `hint`."""
+    if recorded is None:
+        return
+    actual = state_sha256(state)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its contents (sha256 {actual[:12]}...) are not what was"
+            f" saved (sha256 {str(recorded)[:12]}...); {hint}"
+        )
+
+
+def check_finite(path, state: dict, hint: str):
+    """Every floating weight of a state_dict finite (the block mask's -inf apart), else one
+    CheckpointError naming the file and the weight, ending with `hint`."""
+    for k, v in state.items():
+        if k == "attn_bias_for_masking":  # the block mask: -inf by design
+            continue
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: {k} holds inf or NaN values, so the file is"
+                                  f" damaged; {hint}")
 
 
 # ---- Pre-trained weights: where the files come from and what they hold.
@@ -635,9 +718,9 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
     names = (filename, Path(filename).stem + ".safetensors")
 
     for folder in folders:
-        for name in names:
-            if (folder / name).is_file():
-                return folder / name
+        found = [folder / name for name in names if (folder / name).is_file()]
+        if found:
+            return recorded_one(found)
 
     where = ", ".join(str(f) for f in folders)
     if filename not in OFFICIAL_FILES:
@@ -665,6 +748,33 @@ def find_or_download(filename: str, weights_dir=None) -> Path:
         ) from None
 
 
+def recorded_one(found: list[Path]) -> Path:
+    """Of a weights file's forms in one folder (X.pth, X.safetensors), the one that the folder's
+    record (<preset>.json) lists, else the only one; two that no record decides between, or a file
+    where the record lists its other form, are one CheckpointError."""
+    import reward_models
+
+    recorded, _ = reward_models.weight_records(found[0].parent)
+    listed = [p for p in found if p.name in recorded]
+    if len(listed) == 1:
+        return listed[0]
+
+    names = [p.name for p in found]
+    twin = names[0].replace(".pth", ".safetensors")
+    if len(found) == 1 and twin not in recorded:
+        return found[0]
+    if len(found) == 1:
+        record = recorded[twin][0][0]
+        raise CheckpointError(
+            f"{found[0]} is not the file {record} records ({twin}); put that file"
+            " back, or move the record away to load this one"
+        )
+    raise CheckpointError(
+        f"{found[0].parent} holds both {' and '.join(names)}, and no record there"
+        " lists just one of them; move the one that is not the preset's away"
+    )
+
+
 def read_state_dict(path) -> dict:
     """The state_dict in a .safetensors or .pth file: a plain state_dict, the official training
     script's wrapper (ckpt['trainer']['var_wo_ddp']) or a vargrpo checkpoint
@@ -677,12 +787,7 @@ def read_state_dict(path) -> dict:
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     state = read_tensors(path)
-    for k, v in state.items():
-        if k == "attn_bias_for_masking":  # the block mask: -inf by design
-            continue
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{path}: {k} holds inf or NaN values, so the file is damaged;"
-                                  " fetch or build it again")
+    check_finite(path, state, "fetch or build it again")
     return state
 
 
@@ -733,31 +838,43 @@ def check_depth(var_sd: dict, depth: int, path):
 
 def load_checked(module, state_dict: dict, path,
                  assign: bool = False):
-    """load_state_dict(strict=True), with a one-line error naming what differs."""
+    """load_state_dict(strict=True), with a one-line error naming what differs: names, shapes,
+    and the kind of each dtype (a float weight never loads from an integer tensor, which
+    load_state_dict would cast)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = []
+    kinds = []
 
     for k in own:
-        if k in state_dict and state_dict[k].shape != own[k].shape:
-            shapes = f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        if k not in state_dict:
+            continue
+        given = state_dict[k]
+        if given.shape != own[k].shape:
+            shapes = f"{tuple(given.shape)} vs {tuple(own[k].shape)}"
             wrong.append(f"{k} {shapes}")
+        if given.is_floating_point() != own[k].is_floating_point():
+            dtypes = f"{given.dtype} vs {own[k].dtype}".replace("torch.", "")
+            kinds.append(f"{k} {dtypes}")
 
     problems = []
 
     for name, keys in (("missing", missing), ("unexpected", unexpected),
-                       ("wrong shape", wrong)):
+                       ("wrong shape", wrong), ("wrong dtype", kinds)):
         if keys:
             more = ", ..." if len(keys) > 3 else ""
             shown = ", ".join(keys[:3])
             problems.append(f"{name} ({len(keys)}): {shown}{more}")
 
+    advice = "check that the file and the preset/config belong together"
+    if kinds:
+        advice = ("float weights cannot load from integers (a converted file): use the"
+                  " file as it was saved")
     if problems:
         raise CheckpointError(
             f"{path} does not match {type(module).__name__}:"
-            f" {'; '.join(problems)}; check that the file and the"
-            " preset/config belong together"
+            f" {'; '.join(problems)}; {advice}"
         )
 
     module.load_state_dict(state_dict, strict=True, assign=assign)
@@ -1267,6 +1384,7 @@ class RunFolder:
         self.created = False  # DIR made by this start
         self.made_lock = False  # and its lock file
         self.begun = False  # past `begin`: the run has written its settings
+        self.weights = {}  # the weights files the run started from (weights_record)
 
     def open(self, a, given):
         """The run's settings and, when resuming, its checkpoint; nothing is written yet.
@@ -1303,9 +1421,8 @@ class RunFolder:
                  f" it again: --config {a.resume}/args.json --out {a.resume} --overwrite")
             need(False, f"--resume {a.resume}: no checkpoints/last.pt there; start a new run"
                  " with --out instead")
-        hint = f"resume from another step: copy one of {self.last.parent}/step_*.pt to last.pt"
         keys = ("model", "optimizer", "step", "args")
-        ckpt = load_run_checkpoint(self.last, hint, keys)
+        ckpt = load_run_checkpoint(self.last, self.previous(), keys)
 
         try:
             recorded = json.loads((self.out / "args.json").read_text())
@@ -1320,6 +1437,29 @@ class RunFolder:
                  f" differ from {self.out}/args.json; put back this run's checkpoint, or"
                  " resume the run it comes from in a folder with that run's args.json")
         return ckpt
+
+    def previous(self) -> str:
+        """How to resume from the newest checkpoint other than last.pt (--resume never falls
+        back on its own)."""
+        folder = self.last.parent
+        steps = [p for p in folder.iterdir()
+                 if STEP_FILE.fullmatch(p.name) and p.suffix == ".pt"]
+        others = [p for p in sorted(steps) if not os.path.samefile(p, self.last)]
+        if not others:
+            return ("no other checkpoint is kept: start the run again with --config"
+                    f" {self.out}/args.json --out {self.out} --overwrite")
+        return (f"to resume from the previous checkpoint, {others[-1]}: ln -f"
+                f" {others[-1]} {self.last}, then --resume {self.out} again")
+
+    def check_weights(self, found: dict, ckpt):
+        """The run's weights files (weights_record), recorded in each checkpoint; resumed, they
+        must be those it started from (check_weights)."""
+        self.weights = found
+        if not ckpt:
+            return
+        advice = ("a run keeps the weights it started from: pass --weights-dir naming the"
+                  " folder that holds that file, or start a new run (--out) with these")
+        check_weights(ckpt.get("weights"), found, f"--resume {self.out}", advice)
 
     def claim(self, a):
         """Refuse a folder that holds something else; lock it."""
@@ -1670,11 +1810,17 @@ class RunFolder:
             "optimizer": optim_sd,
             "step": step,
             "args": asdict(a),
+            "weights": self.weights,  # the files it started from
         }
         weights = {}
 
         for k, v in model_sd.items():
             weights[k] = v.detach().cpu().contiguous()
+
+        # what a load checks: a changed bit is named, never trained on
+        meta["vargrpo_weights"] = json.dumps(self.weights)
+        meta["vargrpo_sha256"] = export_sha256(weights, meta)
+        state["sha256"] = state_sha256(state)
 
         def write_pt(f):
             torch.save(state, f)
@@ -1775,11 +1921,19 @@ def load_weight_files(var, vae, preset: str, weights_dir=None):
     """The pre-trained weights of a preset into `var` and `vae` (built on the meta device):
     the files found or downloaded (find_or_download), read, in float32, the VAR's depth checked,
     then loaded strictly (load_checked)."""
+    import reward_models
+
     vae_file = f"vae_{preset}.pth"
     if preset in OFFICIAL_PRESETS:
         vae_file = VAE_FILE
     var_path = find_or_download(f"var_{preset}.pth", weights_dir)
     vae_path = find_or_download(vae_file, weights_dir)
+    if preset not in OFFICIAL_PRESETS:  # prepared files: their record, or one line
+        try:
+            reward_models.check_prepared_file(var_path)
+            reward_models.check_prepared_file(vae_path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     var_sd = to_float32(read_state_dict(var_path))
     vae_sd = to_float32(read_state_dict(vae_path))
 
@@ -1787,6 +1941,47 @@ def load_weight_files(var, vae, preset: str, weights_dir=None):
     check_depth(var_sd, var.config.depth, var_path)
     load_checked(var, var_sd, var_path, assign=True)
     load_checked(vae, vae_sd, vae_path, assign=True)
+    var.loaded_from = var_path  # weights_record: what a run starts from
+    vae.loaded_from = vae_path
+
+
+def file_identity(path) -> dict:
+    """A weights file as a run records it: its path and its sha256 (reward_models.file_sha256:
+    read once per process; a Hugging Face cache file's is its name)."""
+    import reward_models
+
+    return {"file": str(Path(path).absolute()),
+            "sha256": reward_models.file_sha256(path)}
+
+
+def weights_record(*modules) -> dict:
+    """{class name: file_identity} of the weights files that `modules` (and their submodules:
+    a reward's judges) were loaded from (their `loaded_from`): a run's VQVAE, its pre-trained
+    VAR (the KL reference), the judges of its reward."""
+    record = {}
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for m in module.modules():
+            path = getattr(m, "loaded_from", None)
+            if path is not None:
+                record[type(m).__name__] = file_identity(path)
+    return record
+
+
+def check_weights(recorded, found: dict, what: str, advice: str):
+    """The weights files loaded now (`found`, weights_record) are the ones the run started
+    from (`recorded`; None for a checkpoint saved before runs recorded them): one
+    CheckpointError naming both files otherwise, ending with `advice`."""
+    for name, then in (recorded or {}).items():
+        now = found.get(name)
+        if now is None or now["sha256"] == then["sha256"]:
+            continue
+        raise CheckpointError(
+            f"{what}: the run started from {then['file']} (sha256 {then['sha256'][:12]}...),"
+            f" not {now['file']} (sha256 {now['sha256'][:12]}...): another preparation;"
+            f" {advice}"
+        )
 
 
 class StepClock:
@@ -2016,11 +2211,14 @@ class Run:
         the optimizer's state. Returns (opt, start): the optimizer and the step to continue
         from (0 for a new run); `run.model` is the model the update trains (held here alone:
         leaving the run drops it before the process group)."""
+        found = weights_record(policy.vae, ref, self.reward)  # the files loaded
+
         self.model = distribute(policy, ref, self.dist, self.args.fsdp)
         opt = make_optimizer(policy, self.args, self.device)
         self.policy = policy
         self.opt = opt
         with self.folder.starting():  # then all go on, or none
+            self.folder.check_weights(found, self.ckpt)  # resumed: the same files
             start = self.folder.restore(self.ckpt, opt, policy)
             self.folder.begin()  # a new run's args.json
         self.ckpt = None

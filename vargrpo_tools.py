@@ -156,8 +156,9 @@ def checkpoint_path(ckpt: str) -> Path:
     return path
 
 
-def export_settings(path: Path) -> tuple[dict, int]:
-    """(the run's settings, its step) from the metadata of a .safetensors export."""
+def export_settings(path: Path) -> tuple[dict, int, dict | None]:
+    """(the run's settings, its step, the weights files it started from: None if not
+    recorded) from the metadata of a .safetensors export."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
@@ -169,6 +170,7 @@ def export_settings(path: Path) -> tuple[dict, int]:
     try:
         settings = json.loads(meta["vargrpo_args"])
         step = int(meta["vargrpo_step"])
+        weights = json.loads(meta.get("vargrpo_weights", "null"))
         if not isinstance(settings, dict):
             raise ValueError("the settings are not a JSON object")
     except (KeyError, ValueError) as e:
@@ -176,30 +178,43 @@ def export_settings(path: Path) -> tuple[dict, int]:
             f"{path} has no readable vargrpo settings in its metadata"
             f" ({type(e).__name__}: {vr.first_line(e)}); pass a run's export"
             " (RUN/checkpoints/last.safetensors) or its .pt checkpoint") from None
-    return settings, step
+    return settings, step, weights
 
 
-def load_run_checkpoint(ckpt: str) -> tuple[dict, dict, int]:
-    """(the run's settings, the policy's state_dict, its step) from a run folder, a vargrpo .pt
-    checkpoint or a .safetensors export (settings in its metadata). Unlike resuming
+@dataclass
+class RunCheckpoint:
+    """What eval reads from a run's checkpoint or export."""
+
+    settings: dict  # the run's TrainArgs, as saved
+    state: dict  # the policy's state_dict
+    step: int  # steps done
+    weights: dict | None  # the files it started from (vr.weights_record); None: unrecorded
+
+
+def load_run_checkpoint(ckpt: str) -> RunCheckpoint:
+    """A run folder's, a vargrpo .pt checkpoint's or a .safetensors export's settings (in its
+    metadata), policy, step and weights record, its checksum checked. Unlike resuming
     (vr.RunFolder.read_checkpoint), any step_N.pt will do and no optimizer is needed."""
     path = checkpoint_path(ckpt)
     if path.suffix == ".safetensors":
-        settings, step = export_settings(path)
-        return settings, vg.read_state_dict(path), step
+        settings, step, weights = export_settings(path)
+        state = vg.read_state_dict(path)
+        vr.check_export(path, state)
+        return RunCheckpoint(settings, state, step, weights)
 
     obj = vr.load_run_checkpoint(path, "pass another vargrpo checkpoint",
                                  ("model", "args", "step"),
                                  "; pass RUN/checkpoints/last.pt")
-    return obj["args"], obj["model"], int(obj["step"])
+    return RunCheckpoint(obj["args"], obj["model"], int(obj["step"]), obj.get("weights"))
 
 
 def load_finetuned(ckpt: str, device, weights_dir=None):
     """(vae, fine-tuned policy, pre-trained reference, run settings, step) of a checkpoint.
-    device None: a GPU when torch can use one; the CPU only for the digits and tiny presets."""
-    saved, state, step = load_run_checkpoint(ckpt)
+    device None: a GPU when torch can use one; the CPU only for the digits and tiny presets.
+    The weights files must be those the run started from (its record)."""
+    run = load_run_checkpoint(ckpt)
     known = {f.name for f in fields(TrainArgs)}
-    a = TrainArgs(**{k: v for k, v in saved.items() if k in known})
+    a = TrainArgs(**{k: v for k, v in run.settings.items() if k in known})
     if weights_dir:
         import reward_models
         a.weights_dir = weights_dir
@@ -211,8 +226,27 @@ def load_finetuned(ckpt: str, device, weights_dir=None):
                          f" ({vr.why_no_cuda()}); pass --device cpu, or fix CUDA")
     device = vr.default_device(device, a.preset)  # before the official weights load
     vae, finetuned, pretrained = vg.build_models(a, device)
-    vg.load_checked(finetuned, state, ckpt)
-    return vae, finetuned, pretrained, a, step
+    found = vr.weights_record(vae, pretrained) | judges_found(run.weights, a.weights_dir)
+    advice = "evaluate with them: pass --weights-dir naming the folder that holds that file"
+    vr.check_weights(run.weights, found, f"eval --ckpt {ckpt}", advice)
+    vg.load_checked(finetuned, run.state, ckpt)
+    return vae, finetuned, pretrained, a, run.step
+
+
+def judges_found(recorded: dict | None, weights_dir) -> dict:
+    """The files that the judges a run recorded (the reward's) load from here
+    (reward_models.judge_path), as vr.weights_record names them."""
+    import reward_models
+
+    found = {}
+    for name, then in (recorded or {}).items():
+        if name in ("VQVAE", "VAR"):
+            continue
+        default = reward_models.DIGIT_JUDGE.with_name(Path(then["file"]).name)
+        path = reward_models.judge_path(default, None, weights_dir)
+        if path.is_file():
+            found[name] = vr.file_identity(path)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,3 +138,60 @@ def tmpfs(folder, size: str):
         pytest.skip("cannot mount a tmpfs here")
     yield folder
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+DIGITS = ["--preset", "digits", "--reward", "digit:correct", "--labels-per-step", "2",
+          "--group-size", "2", "--minibatch", "4"]
+
+
+def another_preparation(folder: Path) -> Path:
+    """A copy of the shipped digits files in `folder` whose VAR comes from another
+    preparation: other weights, recorded in its own digits.json (the folder is consistent in
+    itself)."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    folder.mkdir()
+    record = json.loads((ROOT / "weights" / "digits.json").read_text())
+    for name in record["sha256"]:
+        shutil.copy(ROOT / "weights" / name, folder / name)
+    state = load_file(str(folder / "var_digits.safetensors"))
+    state["head.weight"] = state["head.weight"] * 1.5  # sharper logits: another distribution
+    save_file(state, str(folder / "var_digits.safetensors"))
+    data = (folder / "var_digits.safetensors").read_bytes()
+    record["sha256"]["var_digits.safetensors"] = hashlib.sha256(data).hexdigest()
+    (folder / "digits.json").write_text(json.dumps(record))
+    return folder
+
+
+def flip_a_weight_bit(path: Path):
+    """One bit flipped in the lowest byte of a float32 inside the largest tensor of a .pt (a
+    zip of uncompressed storages) or a .safetensors file: the weight stays finite, a little
+    changed."""
+    import struct
+    import zipfile
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".pt":
+        with zipfile.ZipFile(path) as z:
+            storages = [i for i in z.infolist() if "/data/" in i.filename]
+        info = max(storages, key=lambda i: i.file_size)
+        local = info.header_offset  # a local file header: 30 bytes, the name, the extra field
+        name_len, extra_len = struct.unpack("<HH", data[local + 26:local + 30])
+        start = local + 30 + name_len + extra_len
+    else:
+        header_len = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8:8 + header_len])
+        offsets = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+        begin, end = max(offsets, key=lambda o: o[1] - o[0])
+        start = 8 + header_len + begin
+    data[start + 16] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def save_edited(ckpt: dict, path: Path):
+    """An edited run checkpoint saved with the checksum that a save of these contents
+    records (vargrpo_run.state_sha256): a checkpoint another run could have written. The old
+    file is removed first (last.pt is a hard link to a step's file)."""
+    import vargrpo_run as vr
+    body = {k: v for k, v in ckpt.items() if k != "sha256"}
+    Path(path).unlink(missing_ok=True)
+    torch.save({**body, "sha256": vr.state_sha256(body)}, path)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import reward_models as rm
 import vargrpo as vg
 import vargrpo_tools as vt
-from helpers import TINY, copy_run, outcome_seed, timeout
+from helpers import (DIGITS, TINY, copy_run, exit_and_stderr, flip_a_weight_bit, outcome_seed,
+                     timeout)
 
 ROOT = Path(vg.__file__).resolve().parent
 WEIGHTS = ROOT / "weights"
@@ -277,6 +278,57 @@ def test_a_weight_file_holding_inf_is_blamed_on_the_file(tmp_path):
     res = cli("vargrpo.py", "train", "--preset", "digits", "--weights-dir", str(folder), "--out", str(tmp_path / "run"))
     line = one_line(res.stderr, "vargrpo")
     assert res.returncode == 2 and "var_digits.safetensors: head.weight holds inf or NaN" in line and "--lr" not in line
+
+
+@pytest.mark.parametrize("record", ["removed", "not JSON"])
+def test_a_missing_or_unreadable_record_is_said_once(tmp_path, capsys, record):
+    """Silent: without weights/digits.json, or with one that is not JSON, a changed
+    var_digits.safetensors trained without a word. A weights folder whose record is missing
+    or unreadable says so once, in one line (three files load from it), and the run records
+    the sha256 of what it loaded."""
+    folder = shipped_copy(tmp_path / "weights")
+    flip_a_weight_bit(folder / "var_digits.safetensors")
+    if record == "removed":
+        (folder / "digits.json").unlink()
+    else:
+        (folder / "digits.json").write_text('{"sha256": {"var_digits.safetensors": ')
+    run = tmp_path / "run"
+    train = ["train", *DIGITS, "--weights-dir", str(folder), "--out", str(run), "--steps", "1"]
+    code, err = exit_and_stderr(vg.main, train, capsys)
+    said = [l for l in err.splitlines() if str(folder.resolve()) in l]
+    why = {"removed": "no <preset>.json there records it",
+           "not JSON": "digits.json is not readable JSON"}[record]
+    assert code == 0 and len(said) == 1, err
+    assert said[0].startswith("[vargrpo]") and why in said[0]
+    changed = hashlib.sha256((folder / "var_digits.safetensors").read_bytes()).hexdigest()
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["weights"]["VAR"]["sha256"] == changed
+
+
+def test_a_pth_beside_the_recorded_safetensors_is_resolved_by_the_record(tmp_path, capsys):
+    """Silent: a var_digits.pth (ignored by git) beside the recorded var_digits.safetensors
+    won, never hashed: the run's pre-trained model and KL reference changed. The record
+    decides which of the two loads, and only the file it names loads; with no record, two
+    candidates are refused in one line naming both."""
+    from safetensors.torch import load_file
+    folder = shipped_copy(tmp_path / "weights")
+    shipped = load_file(str(folder / "var_digits.safetensors"))
+    other = {**shipped, "head.bias": shipped["head.bias"] + 0.5}
+    torch.save(other, folder / "var_digits.pth")
+    _, var = vg.load_pretrained("digits", weights_dir=folder)
+    assert torch.equal(var.head.bias, shipped["head.bias"])
+    (folder / "var_digits.safetensors").rename(tmp_path / "away.safetensors")
+    with pytest.raises(vg.CheckpointError, match="var_digits.pth is not the file .*digits.json records"):
+        vg.load_pretrained("digits", weights_dir=folder)  # only the file the record names
+
+    (tmp_path / "away.safetensors").rename(folder / "var_digits.safetensors")
+    (folder / "digits.json").unlink()
+    run = tmp_path / "run"
+    train = ["train", *DIGITS, "--weights-dir", str(folder), "--out", str(run), "--steps", "1"]
+    code, err = exit_and_stderr(vg.main, train, capsys)
+    line = one_line(err, "vargrpo")
+    assert code == 2 and f"{folder} holds both var_digits.pth and var_digits.safetensors" in line
+    assert not run.exists()
 
 
 def test_a_missing_weight_file_is_named_as_prepare_writes_it(tmp_path):

@@ -5,6 +5,7 @@ have their own file, tests/test_digits.py.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import vargrpo as vg
 import vargrpo_tools as tools
-from helpers import HEAD, ROOT, TINY, copy_run, exit_and_stderr, needs_head, random_model, read_only, timeout
+from helpers import (HEAD, ROOT, TINY, another_preparation, copy_run, exit_and_stderr,
+                     flip_a_weight_bit, needs_head, random_model, read_only, save_edited,
+                     timeout)
 
 
 def tools_main(argv, capsys):
@@ -50,7 +54,7 @@ def test_eval_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, ca
         tools.main(["eval", "--ckpt", str(tmp_path / "weights_only.pt")])
     assert e.value.code == 2 and "not a vargrpo run checkpoint" in capsys.readouterr().err
     other = {**good, "model": {k.replace("blocks.1.", "blocks.7."): v for k, v in good["model"].items()}}
-    torch.save(other, tmp_path / "other.pt")
+    save_edited(other, tmp_path / "other.pt")
     with pytest.raises(SystemExit) as e:
         tools.main(["eval", "--ckpt", str(tmp_path / "other.pt")])
     err = capsys.readouterr().err.strip()
@@ -67,6 +71,85 @@ def test_eval_of_a_safetensors_with_broken_or_missing_metadata(tiny_run, tmp_pat
         save_file(weights, str(tmp_path / f"{name}.safetensors"), metadata=meta)
         code, err = tools_main(["eval", "--ckpt", str(tmp_path / f"{name}.safetensors")], capsys)
         assert code == 2 and "has no readable vargrpo settings in its metadata" in one_line(err), err
+
+
+EVAL_ONE = ["--samples-per-class", "1", "--max-classes", "1"]
+
+
+def test_eval_refuses_weights_of_another_preparation(digits_run, tmp_path, capsys):
+    """Silent: eval --weights-dir OTHER decoded a run's policy with a VQVAE it never saw and
+    took another KL reference (100% -> 10% accuracy, exit 0). eval checks the files it loads
+    against the run's record (the VQVAE, the pre-trained VAR, its reward's judge) and
+    refuses others in one line naming both, before sampling; the run's own files
+    evaluate."""
+    other = another_preparation(tmp_path / "other")
+    out = tmp_path / "eval"
+    evaluate = ["eval", "--ckpt", str(digits_run), *EVAL_ONE, "--out", str(out)]
+    code, err = tools_main([*evaluate, "--weights-dir", str(other)], capsys)
+    line = one_line(err)
+    was = ROOT / "weights" / "var_digits.safetensors"
+    assert code == 2 and f"started from {was} (sha256" in line
+    assert f"not {other / 'var_digits.safetensors'} (sha256" in line
+    assert not (out / "eval.md").exists()
+
+    judge_only = tmp_path / "judge_only"  # the reward's judge from another preparation
+    judge_only.mkdir()
+    state = load_file(str(ROOT / "weights" / "judge_digits.safetensors"))
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    save_file(changed, str(judge_only / "judge_digits.safetensors"))
+    code, err = tools_main([*evaluate, "--weights-dir", str(judge_only)], capsys)
+    line = one_line(err)
+    assert code == 2 and f"not {judge_only / 'judge_digits.safetensors'} (sha256" in line
+
+    code, err = tools_main(evaluate, capsys)
+    assert code == 0 and (out / "eval.md").is_file(), err
+
+
+def test_eval_refuses_a_damaged_checkpoint_or_export(digits_run, tmp_path, capsys):
+    """Silent: one bit flipped inside a weight of last.safetensors evaluated normally. Every
+    save records the sha256 of what it saved (in the .pt, in the export's metadata); eval
+    refuses another content in one line naming the file, and a checkpoint holding NaN."""
+    out = ["--out", str(tmp_path / "eval")]
+    for name in ("last.safetensors", "last.pt"):
+        damaged = tmp_path / name
+        shutil.copy(digits_run / "checkpoints" / name, damaged)
+        flip_a_weight_bit(damaged)
+        code, err = tools_main(["eval", "--ckpt", str(damaged), *EVAL_ONE, *out], capsys)
+        assert code == 2 and f"error: {damaged} is damaged" in one_line(err), name
+
+    ckpt = torch.load(digits_run / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["model"]["head.bias"][0] = math.nan  # saved with its checksum: refused all the same
+    save_edited(ckpt, tmp_path / "nan.pt")
+    code, err = tools_main(["eval", "--ckpt", str(tmp_path / "nan.pt"), *EVAL_ONE, *out],
+                           capsys)
+    assert code == 2 and "nan.pt: head.bias holds inf or NaN values" in one_line(err)
+
+
+def test_eval_refuses_an_export_whose_floats_became_integers(digits_run, tmp_path, capsys):
+    """Silent: a .safetensors export whose float weights were cast to int32 loaded and
+    evaluated (0% accuracy, exit 0): names and shapes were checked, dtypes were not. A float
+    weight never loads from an integer tensor (here without a checksum, as a converter that
+    drops unknown metadata writes it); with the export's checksum the file is named as
+    damaged first."""
+    from safetensors import safe_open
+    export = digits_run / "checkpoints" / "last.safetensors"
+    with safe_open(str(export), "pt") as f:
+        meta = f.metadata()
+    cast = {k: v.to(torch.int32) if v.is_floating_point() else v
+            for k, v in load_file(str(export)).items()}
+    converted = tmp_path / "int32.safetensors"
+    unsealed = {k: v for k, v in meta.items() if k != "vargrpo_sha256"}
+    save_file(cast, str(converted), metadata=unsealed)
+    evaluate = ["eval", "--ckpt", str(converted), *EVAL_ONE, "--out", str(tmp_path / "eval")]
+    code, err = tools_main(evaluate, capsys)
+    line = one_line(err)
+    assert code == 2 and f"{converted} does not match VAR: wrong dtype" in line
+    assert "int32 vs float32" in line
+
+    save_file(cast, str(converted), metadata=meta)
+    code, err = tools_main(evaluate, capsys)
+    assert code == 2 and f"error: {converted} is damaged" in one_line(err)
+    assert not (tmp_path / "eval" / "eval.md").exists()
 
 
 # ---- Evaluation [GRPO-VAR Table 1]

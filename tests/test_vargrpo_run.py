@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,11 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
+from safetensors.torch import load_file, save_file
 
 import vargrpo as vg
 import vargrpo_run as vr
-from helpers import (HEAD, ROOT, TINY, copy_run, exit_and_stderr, labels_for, needs_head, policy_state, random_model,
-                     read_metrics, read_only, timeout, tmpfs)
+from helpers import (HEAD, ROOT, TINY, another_preparation, copy_run, exit_and_stderr,
+                     flip_a_weight_bit, labels_for, needs_head, policy_state, random_model,
+                     read_metrics, read_only, save_edited, timeout, tmpfs)
 
 # a CLI call that refuses its arguments takes ~10 s on a loaded 2-core machine (importing torch)
 REFUSAL_TIMEOUT = timeout(300)
@@ -954,8 +957,7 @@ def test_resume_refuses_a_foreign_checkpoint(tiny_run, tmp_path, capsys):
     last = run / "checkpoints" / "last.pt"
     ckpt = torch.load(last, weights_only=True)
     ckpt["args"] = {**ckpt["args"], "seed": 7, "reward": "dark"}
-    last.unlink()
-    torch.save(ckpt, last)
+    save_edited(ckpt, last)
     code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
     line = one_error_line(err)
     assert code == 2 and "belongs to another run" in line and "--reward, --seed" in line, err
@@ -1136,13 +1138,77 @@ def test_resume_of_the_wrong_checkpoint_says_so_in_one_line(tiny_run, tmp_path, 
     last = run / "checkpoints" / "last.pt"
     good = torch.load(last, weights_only=True)
     bad = {**good, "model": {**good["model"], "head.weight": torch.zeros(3, 3)}}
-    last.unlink()
-    torch.save(bad, last)
+    save_edited(bad, last)
     code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
     assert code == 2 and "does not match VAR: wrong shape (1): head.weight (3, 3) vs (64, 128)" in one_error_line(err)
     torch.save({k: v for k, v in good.items() if k != "args"}, last)
     code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
     assert code == 2 and "not a vargrpo run checkpoint" in one_error_line(err)
+
+
+def test_resume_refuses_weights_of_another_preparation(digits_run, tmp_path, capsys):
+    """Silent: --resume RUN --weights-dir OTHER (another preparation of the preset) swapped
+    the VQVAE and the KL reference; the KL jumped, no word. A run records the sha256 of
+    every weights file it loaded (the VQVAE, the pre-trained VAR, its reward's judge); a
+    resume that loads another is refused in one line naming both, and a copy of the same
+    files resumes."""
+    run = copy_run(digits_run, tmp_path / "run")
+    shipped = json.loads((ROOT / "weights" / "digits.json").read_text())["sha256"]
+    recorded = policy_state(run)["weights"]
+    assert {k: v["sha256"] for k, v in recorded.items()} == {
+        "VQVAE": shipped["vae_digits.safetensors"],
+        "VAR": shipped["var_digits.safetensors"],
+        "DigitJudge": shipped["judge_digits.safetensors"]}
+
+    other = another_preparation(tmp_path / "other")
+    resume = ["train", "--resume", str(run), "--steps", "3", "--weights-dir"]
+    code, err = run_main([*resume, str(other)], capsys)
+    line = one_error_line(err)
+    was = ROOT / "weights" / "var_digits.safetensors"
+    assert code == 2 and f"started from {was} (sha256" in line and "new run" in line
+    assert f"not {other / 'var_digits.safetensors'} (sha256" in line
+
+    judge_only = tmp_path / "judge_only"  # the reward's judge from another preparation
+    judge_only.mkdir()
+    state = load_file(str(ROOT / "weights" / "judge_digits.safetensors"))
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    save_file(changed, str(judge_only / "judge_digits.safetensors"))
+    code, err = run_main([*resume, str(judge_only)], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"not {judge_only / 'judge_digits.safetensors'} (sha256" in line
+    assert policy_state(run)["step"] == 2 and len(read_metrics(run)) == 2  # nothing trained
+
+    same = tmp_path / "same"
+    shutil.copytree(ROOT / "weights", same)
+    code, err = run_main([*resume, str(same)], capsys)
+    assert code == 0 and policy_state(run)["step"] == 3, err
+    now = {**recorded["VAR"], "file": str(same / "var_digits.safetensors")}
+    assert policy_state(run)["weights"]["VAR"] == now
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_names_the_previous_one(tiny_run, tmp_path,
+                                                                         capsys):
+    """Silent: one bit flipped inside a weight of last.pt resumed and trained on the changed
+    weights. Every save records the sha256 of its contents; a resume refuses another content
+    in one line naming the file and how to resume from the previous checkpoint (it never
+    falls back on its own)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    ck = run / "checkpoints"
+    (ck / "last.pt").unlink()
+    os.link(ck / "step_000002.pt", ck / "last.pt")  # a hard link, as the run left it
+    flip_a_weight_bit(ck / "last.pt")
+    resume = ["train", "--resume", str(run), "--steps", "3"]
+    code, err = run_main(resume, capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"error: {ck / 'last.pt'} is damaged" in line
+    assert f"ln -f {ck / 'step_000001.pt'} {ck / 'last.pt'}" in line
+    assert len(read_metrics(run)) == 2
+
+    (ck / "last.pt").unlink()  # the advice followed
+    os.link(ck / "step_000001.pt", ck / "last.pt")
+    code, err = run_main(resume, capsys)
+    assert code == 0 and policy_state(run)["step"] == 3
+    assert [m["step"] for m in read_metrics(run)] == [0, 1, 2]
 
 
 # ---- RunFolder: what a run writes (its files, TensorBoard, the safetensors export)
@@ -1187,8 +1253,8 @@ def test_safetensors_export_round_trips_and_loads_like_pretrained_weights(tiny_r
     vae2, var2 = vg.load_pretrained("tiny", weights)
     labels, idx = torch.tensor([1, 7]), torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
     assert torch.equal(var2(labels, idx), policy(labels, idx))
-    settings, state, step = tools.load_run_checkpoint(str(st))  # eval --ckpt accepts it
-    assert step == 2 and settings == json.loads((tiny_run / "args.json").read_text())
+    run = tools.load_run_checkpoint(str(st))  # eval --ckpt accepts it
+    assert run.step == 2 and run.settings == json.loads((tiny_run / "args.json").read_text())
 
 
 # ---- RunFolder: a failing reward, a diverged policy, a reward that cannot tell samples apart
@@ -1231,14 +1297,20 @@ def test_nonfinite_rewards_and_a_failing_reward(tmp_path, capsys, flaky):
     assert policy_state(tmp_path / "b")["step"] == 1
 
 
-def test_a_diverged_policy_stops_the_run_with_one_line(tiny_run, tmp_path, capsys):
-    """Fault: the policy's weights went non-finite (as a diverged run's would): sampling is never fed
-    NaN probabilities (on a GPU that is an asynchronous device assert), the run stops, exit 1."""
+def test_a_diverged_policy_stops_the_run_with_one_line(tiny_run, tmp_path, capsys,
+                                                      monkeypatch):
+    """Fault: the policy's weights went non-finite (as a diverged run's would; here once
+    resumed, as a checkpoint holding inf is refused when it loads): sampling is never fed
+    NaN probabilities (on a GPU that is an asynchronous device assert), the run stops,
+    exit 1."""
     run = copy_run(tiny_run, tmp_path / "run")  # at step 2
-    good = policy_state(run)
-    good["model"]["head.bias"][3] = torch.inf
-    (run / "checkpoints" / "last.pt").unlink()
-    torch.save(good, run / "checkpoints" / "last.pt")
+    load_checkpoint = vr.Run.load_checkpoint
+
+    def diverged(self, policy):
+        load_checkpoint(self, policy)
+        with torch.no_grad():
+            policy.head.bias[3] = torch.inf
+    monkeypatch.setattr(vr.Run, "load_checkpoint", diverged)
     code, err = run_main(["train", "--resume", str(run), "--steps", "4"], capsys)
     line = one_error_line(err)
     assert code == 1 and "step 2: the sampling distribution" in line and "went non-finite" in line and "--lr" in line
