@@ -810,7 +810,9 @@ def check_reward_classes(reward, a, num_classes: int):
 
     for name, part in zip(reward.names, reward.parts):
         classes = reward_models.classes_of(part)
-        need(classes is None or num_classes <= classes,
+        if classes is None:
+            continue
+        need(num_classes <= classes,
              f"--reward {a.reward}: {name} is made for the classes 0-{classes - 1}, and"
              f" --preset {a.preset} draws {num_classes} classes; choose a reward for that"
              " preset (brightness, aesthetic, clip:PROMPT) or a preset it reads")
