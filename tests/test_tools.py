@@ -371,12 +371,12 @@ def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, caps
 # ---- Signals: every tool ends in one line
 
 # eval, sending itself a signal as it starts sampling (a real signal, through the tool's handler)
-SIGNAL_IN_EVAL = """import os, signal, sys, vargrpo_tools as tools
-real = tools.eval_one
-def eval_one(*args, **kw):
+SIGNAL_IN_EVAL = """import os, signal, sys, vargrpo as vg, vargrpo_tools as tools
+real = vg.sample
+def sample(*args, **kw):
     os.kill(os.getpid(), int(os.environ["SEND"]))
     return real(*args, **kw)
-tools.eval_one = eval_one
+vg.sample = sample
 tools.main(sys.argv[1:])
 """
 
