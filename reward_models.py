@@ -272,6 +272,8 @@ DIGIT_JUDGE2 = DIGIT_JUDGE.with_name("judge2_digits.safetensors")
 class DigitJudge(nn.Module):
     """Images in [0, 1] -> 10 class logits and the stroke boldness (in units of font size / 24),
     read at 32 px after per-image standardisation (so background colour does not matter)."""
+    reward_classes = 10  # as a reward (digit:bold): it reads drawings of the digits 0-9
+
     def __init__(self, width: int = 32):
         super().__init__()
         block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
@@ -451,6 +453,7 @@ class DigitCorrect(nn.Module):
     word accuracy). Label-aware: called as part(images, labels). Logs the judge's top-1 accuracy on the
     asked digit as digit:correct/accuracy."""
     needs_labels = True
+    reward_classes = 10  # the digits 0-9
 
     def __init__(self, judge: DigitJudge):
         super().__init__()
@@ -530,6 +533,7 @@ class OCR(nn.Module):
         self.engine = RapidOCR(intra_op_num_threads=threads,
                                inter_op_num_threads=1)
         self.digits = digits
+        self.reward_classes = 10 ** digits  # the numbers it reads: 0 .. 10**digits - 1
         self.size = size
         self.last = None
 
@@ -691,6 +695,41 @@ REGISTRY = {
 }
 
 
+RETURNS = ("a reward must return a (B,) float tensor, one value per image (finite, or NaN for an"
+           " image it cannot score)")
+
+
+class RewardReturnError(TypeError):
+    """A reward component returned something else than RETURNS says."""
+
+
+def described(values) -> str:
+    """What a reward returned, in a few words: its type, shape and dtype."""
+    if torch.is_tensor(values):
+        if values.dim() == 0:
+            return f"a 0-d tensor ({values.dtype})"
+        return f"a tensor of shape {tuple(values.shape)} ({values.dtype})"
+    if isinstance(values, (list, tuple)):
+        return f"a {type(values).__name__} of {len(values)}"
+    return f"a {type(values).__name__}"
+
+
+def checked(name: str, values, B: int) -> torch.Tensor:
+    """A component's rewards for B images as float32: a (B,) real tensor, else one
+    RewardReturnError saying what is needed and what came back."""
+    real = torch.is_tensor(values) and not values.is_complex()
+    if real and values.shape == (B,):
+        return values.float()
+    raise RewardReturnError(f"reward {name}: {RETURNS}; for {B} images it returned {described(values)}")
+
+
+def classes_of(part) -> int | None:
+    """The classes a reward component is made for (class labels 0..classes-1), or None for
+    any: label-aware components read the label (digit:correct 10, ocr:N 10**N); a judge
+    trained on one set of classes reads only those (digit:bold: the digits)."""
+    return getattr(part, "reward_classes", None)
+
+
 class Reward(nn.Module):
     """sum_i w_i * component_i(images[, labels]). Call: reward(images, labels) -> (B,), or with
     return_components=True -> ((B,), {component name: (B,)} plus logged extras such as CLIPScore).
@@ -720,8 +759,9 @@ class Reward(nn.Module):
         if self.needs_labels:
             labels = self.check_labels(images_B3HW, labels)
         call = lambda part: part(images_B3HW, labels) if getattr(part, "needs_labels", False) else part(images_B3HW)
+        B = len(images_B3HW)
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            values = {name: call(part).float() for name, part in zip(self.names, self.parts)}
+            values = {name: checked(name, call(part), B) for name, part in zip(self.names, self.parts)}
             total = sum(w * values[name] for w, name in zip(self.weights, self.names))
         if not return_components:
             return total

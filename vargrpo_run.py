@@ -424,8 +424,12 @@ def check_train_args(a, world: int, presets: dict):
     need(not cuda or torch.cuda.is_available(),
          f"--device {a.device}: this machine has no CUDA GPU")
     default_device(a.device, a.preset)  # an official preset: a GPU, or --device cpu
-    need(not a.fsdp or torch.distributed.is_initialized(),
-         "--fsdp shards the model across torchrun's processes: launch with torchrun"
+    sharded = not a.fsdp or torch.distributed.is_initialized()
+    need(sharded or not a.resume,
+         f"--resume {a.resume}: the run shards its model with --fsdp (its saved setting),"
+         " which needs torchrun's processes: resume it under torchrun (python"
+         f" vargrpo_run.py torchrun --nproc-per-node=N vargrpo.py train --resume {a.resume})")
+    need(sharded, "--fsdp shards the model across torchrun's processes: launch with torchrun"
          " (bash run.sh does) or drop --fsdp")
 
 
@@ -522,6 +526,26 @@ RUN_FILE = re.compile(
 )
 
 
+def lock_holder(out: Path) -> str | None:
+    """Who holds DIR/.vargrpo.lock now (its pid, host and since when), or None when no live
+    trainer does (the lock goes with its process, kill -9 included)."""
+    import fcntl  # POSIX
+
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # (closing the file releases it)
+    except BlockingIOError:
+        note = os.read(fd, 300).decode(errors="replace").strip()
+        return note or "a trainer"
+    finally:
+        os.close(fd)
+
+
 def run_files(out: Path) -> list[Path]:
     """The files of a run in DIR, found by their exact names."""
     found = []
@@ -599,10 +623,27 @@ def load_pth(path, hint: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if is_safetensors(path):
+            raise CheckpointError(
+                f"{path} is a safetensors file named .pth; rename it"
+                f" {Path(path).stem}.safetensors"
+            ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint"
             f" ({first_line(e)}); {hint}"
         ) from None
+
+
+def is_safetensors(path) -> bool:
+    """Whether a file begins as safetensors files do: an 8-byte header length, then the JSON
+    header ('{')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:] == b"{" and 0 < size < 100_000_000
 
 
 def load_run_checkpoint(path, hint: str, keys, advice: str = "") -> dict:
@@ -829,11 +870,15 @@ def check_depth(var_sd: dict, depth: int, path):
     """A VAR state_dict of another depth than the preset's: one CheckpointError."""
     depths = [int(k.split(".")[1]) + 1 for k in var_sd if k.startswith("blocks.")]
     found = max(depths, default=0)
-    if found != depth:
-        raise CheckpointError(
-            f"{path} holds a depth-{found} VAR (by its shapes), not depth {depth}; use the"
-            f" preset it was made for (d{found} for an official file)"
-        )
+    if found == depth:
+        return
+    advice = ("replace it with the preset's own file (an official preset's download, or"
+              " what `python vargrpo_tools.py prepare` builds)")
+    if f"d{found}" in OFFICIAL_PRESETS:
+        advice = f"use --preset d{found}, the preset it was made for, or {advice}"
+    raise CheckpointError(
+        f"{path} holds a depth-{found} VAR (by its shapes), not depth {depth}; {advice}"
+    )
 
 
 def load_checked(module, state_dict: dict, path,
@@ -905,6 +950,21 @@ def make_reward(spec: str, device, a, differentiable: bool = False):
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"reward {spec!r}: {e}") from None
+
+
+def check_reward_classes(reward, a, num_classes: int):
+    """A reward made for fewer classes than the preset draws (digit:correct reads the digits
+    0-9, a 1000-class preset asks for others): one UsageError, before anything is sampled."""
+    import reward_models
+
+    for name, part in zip(reward.names, reward.parts):
+        classes = reward_models.classes_of(part)
+        if classes is None:
+            continue
+        need(num_classes <= classes,
+             f"--reward {a.reward}: {name} is made for the classes 0-{classes - 1}, and"
+             f" --preset {a.preset} draws {num_classes} classes; choose a reward for that"
+             " preset (brightness, aesthetic, clip:PROMPT) or a preset it reads")
 
 
 def distribute(policy, ref, d, fsdp: bool = False):
@@ -1385,6 +1445,8 @@ class RunFolder:
         self.made_lock = False  # and its lock file
         self.begun = False  # past `begin`: the run has written its settings
         self.weights = {}  # the weights files the run started from (weights_record)
+        self.lost_args = None  # resumed without args.json: the checkpoint's settings
+        self.start = 0  # the step this start continues from
 
     def open(self, a, given):
         """The run's settings and, when resuming, its checkpoint; nothing is written yet.
@@ -1399,6 +1461,11 @@ class RunFolder:
 
         ckpt = None
         saved = None
+        if a.resume and self.d.main:
+            holder = lock_holder(self.out)
+            need(not holder, f"--resume {a.resume}: {self.out} is in use by another trainer"
+                 f" ({holder}); wait for it to end, or stop it first (kill -TERM on its pid"
+                 " saves and stops it)")
         if a.resume:
             ckpt = self.read_checkpoint(a)
             saved = ckpt["args"]
@@ -1424,10 +1491,7 @@ class RunFolder:
         keys = ("model", "optimizer", "step", "args")
         ckpt = load_run_checkpoint(self.last, self.previous(), keys)
 
-        try:
-            recorded = json.loads((self.out / "args.json").read_text())
-        except (OSError, ValueError):
-            recorded = None
+        recorded = self.recorded_args(ckpt)
         if isinstance(recorded, dict):
             differ = sorted(k for k in ckpt["args"]
                             if k not in RESUME_OVERRIDABLE + ("resume", "out", "overwrite")
@@ -1460,6 +1524,22 @@ class RunFolder:
         advice = ("a run keeps the weights it started from: pass --weights-dir naming the"
                   " folder that holds that file, or start a new run (--out) with these")
         check_weights(ckpt.get("weights"), found, f"--resume {self.out}", advice)
+
+    def recorded_args(self, ckpt: dict):
+        """The run's args.json when resuming; when it is gone, `begin` writes it again from
+        the checkpoint (one line says so); an unreadable one is refused."""
+        args_json = self.out / "args.json"
+        if not args_json.exists():
+            self.lost_args = ckpt["args"]
+            return None
+
+        try:
+            return json.loads(args_json.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"{args_json} is unreadable ({first_line(e)}); put back the run's, or"
+                f" delete it: --resume then writes it again from {self.last}"
+            ) from None
 
     def claim(self, a):
         """Refuse a folder that holds something else; lock it."""
@@ -1505,6 +1585,14 @@ class RunFolder:
             text = json.dumps(asdict(a), indent=1).encode()
             atomic_write(self.out / "args.json", lambda f: f.write(text),
                          "nothing else was written: fix that and start again")
+
+        elif self.lost_args:  # the run's settings, as its checkpoint holds them
+            path = self.out / "args.json"
+            text = json.dumps(self.lost_args, indent=1).encode()
+            atomic_write(path, lambda f: f.write(text))
+            print(f"[vargrpo] {path} was missing: written again from {self.last}",
+                  file=sys.stderr)
+
         if a.tracker == "tensorboard":  # the curves, also in DIR/tb
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1556,6 +1644,14 @@ class RunFolder:
                 " wait for it to end or choose another --out"
             ) from None
         except OSError as e:
+            lock = self.out / LOCK_NAME
+
+            if lock.exists() and not cannot_write(self.out):
+                raise UsageError(
+                    f"cannot open the lock file {lock}: {e.strerror}; it records"
+                    " only which trainer holds the folder: remove it, or make it"
+                    " a file you can write"
+                ) from None
             raise UsageError(
                 f"cannot write in {self.out}: {e.strerror}; choose a"
                 " folder you can write to"
@@ -1594,9 +1690,11 @@ class RunFolder:
         back to the steps it covers (a later line is redone now; a torn last line, from a
         crash mid-write, is dropped). Returns the step to continue from (0 without a
         checkpoint)."""
+        self.start = 0
         if not ckpt:
             return 0
         start = int(ckpt["step"])
+        self.start = start
 
         try:
             load_optimizer(opt, policy, ckpt["optimizer"])
@@ -1734,13 +1832,19 @@ class RunFolder:
     def retry_once(self, score, step: int, policy, opt):
         """score() (step 2), retried once if it raises. If it raises again (on any process) the
         run saves the steps done and stops."""
+        import reward_models
+
         error = None
         result = None
+        returned = ""  # what a reward returned that it must not
 
         for attempt in (1, 2):
             try:
                 result = score()
                 error = None
+                break
+            except reward_models.RewardReturnError as e:  # retrying cannot help
+                error = returned = first_line(e)
                 break
             except Exception as e:  # a user's reward can fail any way
                 error = f"{type(e).__name__}: {first_line(e)}"
@@ -1752,22 +1856,40 @@ class RunFolder:
                     file=sys.stderr,
                 )
 
-        errors = all_gather_objects(error)  # every process's, None where it worked
-        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        # every process's, None where it worked
+        errors = all_gather_objects((error, returned))
+        failed = [(rank, e, r) for rank, (e, r) in enumerate(errors) if e]
         if failed:
-            self.together = True  # every process saw it
-            path = self.save(policy, opt, step)
-            rank, error = failed[0]
-            where = ""
-            if self.d.world > 1:
-                where = f" on process {rank}"
+            self.reward_failed(failed[0], step, policy, opt)
+        return result
+
+    def reward_failed(self, failed: tuple, step: int, policy, opt):
+        """The reward failed at `step` on process `rank`: raised twice (error), or returned
+        what a reward must not (returned: never retried, and at a start's first step
+        nothing is saved, as the checks of a start save nothing). Every process raises."""
+        rank, error, returned = failed
+        self.together = True  # every process saw it
+        where = ""
+        if self.d.world > 1:
+            where = f" on process {rank}"
+
+        if returned and step == self.start:
+            raise everywhere(UsageError(
+                f"{returned}{where}; nothing was saved: fix the reward and run"
+                " the same command again"
+            ))
+        path = self.save(policy, opt, step)
+        if returned:
             raise everywhere(RunFailed(
-                f"the reward raised twice at step {step}{where} ({error}); saved {path}"
-                f" (the {step} steps done); fix the reward and continue with --resume"
-                f" {self.out}"
+                f"{returned}{where} at step {step}; saved {path}: fix the reward"
+                f" and continue with --resume {self.out}"
             ))
 
-        return result
+        raise everywhere(RunFailed(
+            f"the reward raised twice at step {step}{where} ({error}); saved {path}"
+            f" (the {step} steps done); fix the reward and continue with --resume"
+            f" {self.out}"
+        ))
 
     def save_or_stop(self, signum: int, policy, opt, done: int):
         """After step `done`: a checkpoint every --save-every steps, at the end, and when a
@@ -1890,9 +2012,13 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signum:
-            # under torchrun a Ctrl-C reaches a process twice at once (from the terminal, and
-            # passed on by torchrun): that is one request; a later Ctrl-C aborts
-            if signum == signal.SIGINT and time.monotonic() > self.since + 1:
+            if signum != signal.SIGINT:
+                return
+            if under_launcher():  # it aborts every trainer, and says so
+                os._exit(128 + signum)
+            # under plain torchrun a Ctrl-C reaches a process twice at once (from the
+            # terminal, and passed on by torchrun): that is one request; a later one aborts
+            if time.monotonic() > self.since + 1:
                 raise KeyboardInterrupt
             return
 
@@ -2171,9 +2297,10 @@ class Run:
     folder, unlocks DIR and leaves the process group."""
 
     def __init__(self, args, given, presets: dict):
+        self.stop = StopRequest()  # first: a signal from now on stops the run
+        follow_launcher()  # under torchrun: dies with it
         self.dist = setup_distributed(args.device, run_dist_timeout(args, given))
         self.device = self.dist.device
-        self.stop = StopRequest()
         out = Path(args.resume or args.out)
         self.folder = RunFolder(out, self.dist, presets)
         self.model = None
@@ -2198,6 +2325,8 @@ class Run:
         self.args = args
         mp = args.mask_propagation
         self.reward = make_reward(args.reward, self.device, args, mp)
+        classes = self.folder.presets[args.preset].num_classes
+        check_reward_classes(self.reward, args, classes)
         self.amp = autocast(args.dtype, self.device)
         return args, self.reward
 
@@ -2270,6 +2399,11 @@ def command_line(argv, cls, train):
         return train(args, given)
     except RUN_ERRORS as e:
         exit_with(e, "vargrpo")
+    except KeyboardInterrupt:  # a second Ctrl-C (StopRequest)
+        out = None
+        if args is not None:
+            out = args.resume or args.out
+        exit_with(aborted(out), "vargrpo")
     except RuntimeError as e:
         failed = collective_failed(e, args)
         if failed is None:
@@ -2300,43 +2434,215 @@ def collective_failed(e: BaseException, args) -> RunFailed | None:
     return None
 
 
-# ---- Launching: torchrun with the processes' own exit code.
+# ---- Launching: torchrun with the processes' own exit code, owning its trainers.
+LAUNCHER_DIR = "VARGRPO_LAUNCHER_DIR"  # set by `launch`: each trainer records its pid there
+LAUNCHER_PID = "VARGRPO_LAUNCHER_PID"  # the launcher's pid, the trainers' parent
+ABORT_GRACE_S = 3  # a second Ctrl-C: seconds before a trainer still running is killed
+
+
+def follow_launcher():
+    """A trainer started by torchrun dies with it: Linux's PR_SET_PDEATHSIG sends it SIGKILL
+    when the process that started it ends (kill -9 included), so no trainer trains on as an
+    orphan. Under `launch` it also records its pid, for the launcher to pass on signals."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher and os.getppid() != int(launcher):
+        os._exit(128 + signal.SIGKILL)  # it ended before this process could follow it
+    folder = os.environ.get(LAUNCHER_DIR)
+    if folder:
+        (Path(folder) / f"trainer_{os.getpid()}").touch()
+
+
+def under_launcher() -> bool:
+    return bool(os.environ.get(LAUNCHER_DIR))
+
+
+def aborted(out) -> Stopped:
+    """Ctrl-C a second time (or before the run could stop at a step's end): the run DIR
+    (`out`) aborted without saving, and what it holds."""
+    last = None
+    if out:
+        last = Path(out) / "checkpoints" / "last.pt"
+
+    advice = "nothing was saved"
+    if last and last.is_file():
+        advice = f"its last checkpoint is intact: continue with --resume {out}"
+    elif last and (Path(out) / "args.json").is_file():
+        advice = (f"it saved no checkpoint: start it again with --config {out}/args.json"
+                  f" --out {out} --overwrite")
+    return Stopped(
+        signal.SIGINT,
+        f"Ctrl-C aborted the run without saving the step in progress; {advice}",
+    )
+
+
+def run_dir_in(argv) -> str | None:
+    """The run folder a trainer's command line names (--resume DIR, else --out DIR)."""
+    for name in ("--resume", "--out"):
+        for i, arg in enumerate(argv):
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def send(pid: int, signum: int):
+    """signum to a trainer's process group (torchrun starts each in its own), or to the
+    trainer alone; a trainer already gone is skipped."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signum)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+class Trainers:
+    """The launcher's side of its trainers' signals. Ctrl-C / SIGTERM / SIGHUP reach the
+    launcher (torchrun starts each trainer in a session of its own, out of the terminal's
+    reach): the first is passed on to every trainer (each finishes its step, saves and exits
+    128 + the signal), also to one that starts later; a later Ctrl-C aborts: Ctrl-C to every
+    trainer (it exits at once, saving nothing), SIGKILL after ABORT_GRACE_S to one still
+    running (blocked in a reward or a collective)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.received = []
+        self.signum = 0
+        self.told = set()
+        self.abort = False
+
+    def handle(self, signum, frame):
+        self.received.append(signum)
+
+    def pids(self) -> list:
+        names = [p.name for p in self.folder.glob("trainer_*")]
+        return [int(n.split("_")[1]) for n in names]
+
+    def pass_on(self):
+        """The signals received since the last call: the first one to every trainer (new
+        ones included), a later Ctrl-C an abort."""
+        while self.received:
+            signum = self.received.pop(0)
+            if not self.signum:
+                self.signum = signum
+            elif signum == signal.SIGINT:
+                self.abort = True
+        if not self.signum:
+            return
+        for pid in self.pids():
+            if pid not in self.told:
+                self.told.add(pid)
+                send(pid, self.signum)
+
+    def kill(self, job):
+        """The abort: Ctrl-C to every trainer, then SIGKILL after ABORT_GRACE_S."""
+        for pid in self.pids():
+            send(pid, signal.SIGINT)
+        job.join(ABORT_GRACE_S)
+        for pid in self.pids():
+            send(pid, signal.SIGKILL)
+        job.join(ABORT_GRACE_S)
+
+
 def launch(argv) -> int:
-    """`python vargrpo_run.py torchrun [torchrun flags] vargrpo.py train ...`: torchrun, run in
-    this process, that exits as its processes did (2 a refusal, 1 a failed run, 130 / 143 after
-    a signal); torchrun itself ends any failure or signal with a traceback and exit code 1.
+    """`python vargrpo_run.py torchrun [torchrun flags] vargrpo.py train ...`: torchrun, run in a
+    thread of this process, that exits as its processes did (2 a refusal, 1 a failed run, 130 /
+    143 / 129 after a signal); torchrun itself ends any failure or signal with a traceback and
+    exit code 1.
 
     The first process to fail records its exit code in a file (exit_with); a process that
-    died without recording one (a crash, a kill) gives 1. Ctrl-C / SIGTERM reach this process
-    (and, from a terminal, the trainers too): torchrun passes the signal on and waits up to
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (an hour here, not 30 s) for the trainers to
-    finish their step and save."""
+    died without recording one (a crash, a kill) gives 1. This process owns the trainers'
+    signals (Trainers): the first Ctrl-C / SIGTERM / SIGHUP is passed on, and the trainers
+    finish their step and save (a trainer that fails meanwhile: torchrun stops the others,
+    waiting up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, an hour here, not 30 s, for them
+    to save); a second Ctrl-C aborts them all, in one line; they die with this process
+    (follow_launcher)."""
     import logging
     import tempfile
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import parse_args
 
+    args = parse_args(argv)
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
     # torchrun's own log of a failure: our one line instead
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory() as tmp:
         recorded = Path(tmp) / "exit_code"
         os.environ[EXIT_FILE] = str(recorded)
+        os.environ[LAUNCHER_DIR] = tmp
+        os.environ[LAUNCHER_PID] = str(os.getpid())
+        trainers = Trainers(Path(tmp))
+        job = TorchrunJob(args)
+        previous = {}
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, trainers.handle)
+
         try:
-            run(parse_args(argv))
+            job.start()  # torchrun, in a thread: this one keeps the signals
+            while job.is_alive() and not trainers.abort:
+                job.join(0.2)
+                trainers.pass_on()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        if trainers.abort:
+            trainers.kill(job)
+            stopped = aborted(run_dir_in(argv))
+            print(f"vargrpo: stopped: {stopped}", file=sys.stderr, flush=True)
+            if job.is_alive():  # torchrun itself is stuck: leave without it
+                shutil.rmtree(tmp, ignore_errors=True)
+                os._exit(exit_code(stopped))
+            return exit_code(stopped)
+        return job.exit_code(recorded)
+
+
+class TorchrunJob(threading.Thread):
+    """torch.distributed.run.run(args) in a thread (torchrun then sets no signal handlers:
+    Python allows them in the main thread alone); `error`: what it raised."""
+
+    def __init__(self, args):
+        super().__init__(daemon=True)
+        self.args = args
+        self.error = None
+
+    def run(self):
+        from torch.distributed.run import run
+
+        try:
+            run(self.args)
+        except BaseException as e:
+            self.error = e
+
+    def exit_code(self, recorded: Path) -> int:
+        """The trainers' exit code: the one recorded first, else 0 when all ended well, else
+        1 with one line naming the processes' codes."""
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        e = self.error
+        if e is None:
             return 0
-        except (ChildFailedError, SignalException) as e:
-            if recorded.is_file():
-                return int(recorded.read_text())
-            if isinstance(e, SignalException):
-                print(f"torchrun: stopped by signal {e.sigval.name}", file=sys.stderr)
-                return 128 + int(e.sigval)
-            codes = {rank: f.exitcode for rank, f in e.failures.items()}
-            print(f"torchrun: error: processes failed (rank: exit code {codes}, a negative code"
-                  " is a signal); their messages are above", file=sys.stderr)
-            return 1
+        if recorded.is_file():
+            return int(recorded.read_text())
+        if isinstance(e, SystemExit):
+            return e.code
+        if not isinstance(e, ChildFailedError):
+            raise e
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        print(f"torchrun: error: processes failed (rank: exit code {codes}, a negative code"
+              " is a signal); their messages are above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

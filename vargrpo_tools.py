@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -2613,6 +2614,18 @@ def demo(argv) -> dict:
     seconds = time.perf_counter() - t0
 
     run = Path(a.resume or a.out)
+    try:
+        return demo_pictures(run, seconds)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (Interrupted): the run is saved
+        signum = getattr(e, "signum", signal.SIGINT)
+        raise vg.Stopped(signum, f"demo interrupted while drawing its pictures; the run and"
+                         f" its checkpoint are saved in {run} (evaluate it with:"
+                         f" python vargrpo_tools.py eval --ckpt {run})") from None
+
+
+def demo_pictures(run: Path, seconds: float) -> dict:
+    """The demo's pictures of a trained run: before.png / after.png, reward_curve.png and
+    summary.json."""
     ckpt = vr.load_pth(run / "checkpoints" / "last.pt", "run the demo again")
     a = TrainArgs(**ckpt["args"])  # the run's settings
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -2789,24 +2802,62 @@ def run_command(args):
                        overwrite=args.overwrite)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGHUP during a tool, raised where it runs as Ctrl-C raises
+    KeyboardInterrupt (a trainer inside it handles them itself: it saves, then Stopped)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP end a tool as Ctrl-C does: one line, 128 + the signal."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(argv, e: KeyboardInterrupt) -> vg.Stopped:
+    """The one line of a tool stopped by Ctrl-C / SIGTERM / SIGHUP: what it saved."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = "nothing was saved"
+    if argv[:1] == ["prepare"]:
+        what = ("the model files in --out are as they were; run the same command again to"
+                " go on from the saved progress")
+    if argv[:1] == ["eval"]:
+        what = "eval.md and eval.json were not written; run the same command again"
+    how = "Ctrl-C"
+    if signum != signal.SIGINT:
+        how = signal.Signals(signum).name
+    return vg.Stopped(signum, f"{argv[0]} interrupted by {how}; {what}")
+
+
 def main(argv=None):
     parser = make_parser()
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["demo"]:
-            return demo(argv[1:])
-        return run_command(parser.parse_args(argv))
+        with signals_interrupt():
+            if argv[:1] == ["demo"]:
+                return demo(argv[1:])
+            return run_command(parser.parse_args(argv))
     except FileNotFoundError as e:
         vr.exit_with(UsageError(str(e)), "vargrpo_tools")
     except (UsageError, CheckpointError, vg.RunFailed, vg.Stopped, vg.PeerFailed) as e:
         vr.exit_with(e, "vargrpo_tools")
-    except KeyboardInterrupt:  # prepare, eval, ...: Ctrl-C (the trainer saves and raises Stopped)
-        what = "nothing was saved"
-        if argv[:1] == ["prepare"]:
-            what = ("the model files in --out are as they were; run the same command again to"
-                    " go on from the saved progress")
-        stopped = vg.Stopped(signal.SIGINT, f"{argv[0]} interrupted by Ctrl-C; {what}")
-        vr.exit_with(stopped, "vargrpo_tools")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM (the trainer saves and raises Stopped)
+        vr.exit_with(interrupted(argv, e), "vargrpo_tools")
 
 
 if __name__ == "__main__":

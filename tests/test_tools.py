@@ -589,3 +589,69 @@ def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, caps
     locked = read_only(copy_run(tiny_run, tmp_path / "locked"))
     code, err = tools_main(["plot", str(locked)], capsys)
     assert code == 2 and "cannot write" in one_line(err)
+
+
+# ---- Signals: every tool ends in one line
+
+# eval, sending itself a signal as it starts sampling (a real signal, through the tool's handler)
+SIGNAL_IN_EVAL = """import os, signal, sys, vargrpo as vg, vargrpo_tools as tools
+real = vg.sample
+def sample(*args, **kw):
+    os.kill(os.getpid(), int(os.environ["SEND"]))
+    return real(*args, **kw)
+vg.sample = sample
+tools.main(sys.argv[1:])
+"""
+
+
+@needs_head
+def test_eval_and_prepare_say_one_line_on_sigterm(tiny_run, tmp_path, quick_eval):
+    """SIGTERM during eval (as it samples) and during prepare: one line, exit 143, no traceback
+    (both died silently, as SIGTERM's default does)."""
+    script = tmp_path / "eval_signalled.py"
+    script.write_text(SIGNAL_IN_EVAL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SEND": str(int(signal.SIGTERM))}
+    res = subprocess.run([sys.executable, str(script), "eval", "--ckpt", str(tiny_run), "--out", str(tmp_path / "ev"),
+                          *quick_eval], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    line = one_line(res.stderr)
+    assert res.returncode == 143 and "eval interrupted by SIGTERM; eval.md and eval.json were not written" in line
+    assert not (tmp_path / "ev" / "eval.md").exists()
+
+    out = tmp_path / "weights"
+    proc = subprocess.Popen([sys.executable, "vargrpo_tools.py", "prepare", "--quick", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "[prepare]" in proc.stdout.readline()  # at work
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=600)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "prepare interrupted by SIGTERM" in one_line(err), err[-2000:]
+    assert [p.name for p in out.iterdir()] in ([], [".prepare-digits"])
+
+
+# the demo, sending itself a signal as it draws its first picture
+SIGNAL_IN_DEMO = """import os, signal, sys, vargrpo_tools as tools
+real = tools.preview
+def preview(*args, **kw):
+    os.kill(os.getpid(), int(os.environ["SEND"]))
+    return real(*args, **kw)
+tools.preview = preview
+tools.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_interrupted_during_its_pictures_says_the_run_is_saved(tmp_path, sig):
+    """Ctrl-C / SIGTERM while the demo draws its pictures, after the training saved: the one
+    line says the run and its checkpoint are saved (it said "nothing was saved")."""
+    script = tmp_path / "demo_signalled.py"
+    script.write_text(SIGNAL_IN_DEMO)
+    run = tmp_path / "demo"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SEND": str(int(sig))}
+    res = subprocess.run([sys.executable, str(script), "demo", *TINY, "--steps", "1", "--out", str(run)], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)
+    line = one_line(res.stderr)
+    assert res.returncode == 128 + sig and "nothing was saved" not in line, res.stderr[-2000:]
+    assert f"interrupted while drawing its pictures; the run and its checkpoint are saved in {run}" in line
+    assert (run / "checkpoints" / "last.pt").is_file()

@@ -1393,3 +1393,252 @@ def test_no_sequence_of_actions_loses_a_saved_step(tmp_path_factory, monkeypatch
         if now:
             assert [r["step"] for r in read_metrics(run)][:now] == list(range(now))  # the log covers every saved step
         saved = max(saved, now)
+
+
+# ---- The launcher owns its trainers: a second Ctrl-C aborts them all, none outlives it
+
+# brightness, blocking for an hour from its second call on process BLOCK_RANK (as a reward stuck on
+# a server would): the first call is step 0's
+BLOCKING = """import os, sys, time, torch, reward_models as rm, vargrpo as vg
+calls = [0]
+class Blocking(torch.nn.Module):
+    def forward(self, images):
+        calls[0] += 1
+        if os.environ.get("RANK", "0") == os.environ["BLOCK_RANK"] and calls[0] > 1:
+            time.sleep(3600)
+        return rm.luma(images)
+rm.REGISTRY["blocking"] = lambda arg, ctx: Blocking()
+vg.main(sys.argv[1:])
+"""
+ABORT_TIMEOUT = 60  # the launcher's grace is 3 s; a hung launcher would wait an hour
+
+
+def children(pid: int) -> list:
+    """The processes whose parent is pid (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def gone_within(pids, seconds: float) -> list:
+    """The pids still alive after `seconds`."""
+    deadline = time.time() + seconds
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def launch_blocking(tmp_path, block_rank: str, launcher=True):
+    """`python vargrpo_run.py torchrun` (2 gloo processes; launcher=False: one plain `python`
+    trainer) with the blocking reward, its stderr in a file (a pipe would stay open as long as
+    any trainer lives); returns (proc, run, stderr file) once step 0 is logged."""
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKING)
+    run = tmp_path / "run"
+    flags = [str(script), "train", *TINY, "--labels-per-step", "4", "--minibatch", "8", "--reward", "blocking",
+             "--image-every", "0", "--out", str(run), "--steps", "1000"]
+    env = {"PYTHONPATH": str(ROOT), "BLOCK_RANK": block_rank}
+    if launcher:
+        cmd, kw = torchrun(*flags, launcher=True, env=env)
+    else:
+        cmd, kw = [sys.executable, *flags], dict(cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, stderr=f, start_new_session=True, **kw)
+    wait_for_first_step(proc, run)
+    return proc, run, err
+
+
+def end_all(proc, pids):
+    for pid in [proc.pid, *pids]:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_launcher_second_ctrl_c_aborts_every_trainer_even_a_blocked_one(tmp_path):
+    """Ctrl-C twice at the launcher while process 1 is stuck in its reward (process 0 waits
+    for it in a collective): the launcher exits 130 within seconds with one line, and no
+    trainer outlives it (it used to return with both trainers still running, the stuck one for
+    up to an hour)."""
+    proc, run, err = launch_blocking(tmp_path, block_rank="1")
+    trainers = children(proc.pid)
+    try:
+        assert len(trainers) == 2, trainers
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does
+        time.sleep(1.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=ABORT_TIMEOUT)
+        left = gone_within(trainers, 10)
+    finally:
+        end_all(proc, trainers)
+    text = err.read_text()
+    assert proc.returncode == 130 and not left, (left, text[-3000:])
+    line = one_error_line(text)
+    assert "Ctrl-C aborted the run without saving" in line and "Traceback" not in text, text[-3000:]
+    assert not (run / "checkpoints" / "last.pt").exists()
+    assert f"--config {run}/args.json --out {run} --overwrite" in line  # no checkpoint yet
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_trainers_die_with_their_launcher(tmp_path):
+    """kill -9 of the launcher: its trainers die with it (they used to train on as orphans)."""
+    proc, run, err = launch_blocking(tmp_path, block_rank="none")
+    trainers = children(proc.pid)
+    try:
+        assert len(trainers) == 2, trainers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        left = gone_within(trainers, 10)
+    finally:
+        end_all(proc, trainers)
+    assert not left, err.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_in_one_process_is_one_line(tmp_path):
+    """A plain `python vargrpo.py train` stuck in its reward: Ctrl-C, then Ctrl-C again aborts
+    with one line and exit 130 (it used to print a 45-line KeyboardInterrupt traceback)."""
+    proc, run, err = launch_blocking(tmp_path, block_rank="0", launcher=False)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=ABORT_TIMEOUT)
+    finally:
+        end_all(proc, [])
+    text = err.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    assert "Ctrl-C aborted the run without saving the step in progress" in one_error_line(text)
+
+
+@pytest.mark.slow
+def test_resume_of_a_folder_a_live_run_holds_names_the_holder(tmp_path):
+    """`--resume DIR` while DIR's trainer runs, before its first checkpoint: refused in one line
+    naming the folder and the holder's pid (it used to say the run had stopped before its first
+    checkpoint and advise --overwrite)."""
+    proc, run, err = launch_blocking(tmp_path, block_rank="none", launcher=False)
+    try:
+        assert not (run / "checkpoints" / "last.pt").exists()
+        code, text = train_cli("--resume", str(run), "--steps", "5")
+    finally:
+        end_all(proc, [])
+    line = one_error_line(text)
+    assert code == 2 and f"{run} is in use by another trainer (pid {proc.pid} " in line, text
+
+
+# ---- Rewards checked at the boundary: what they return, the classes they read
+
+
+@pytest.mark.parametrize("returned, said", [
+    (lambda images: images.mean((1, 2, 3))[1:], "a tensor of shape (7,) (torch.float32)"),
+    (lambda images: images.mean(), "a 0-d tensor (torch.float32)"),
+    (lambda images: images.mean((1, 2, 3)).tolist(), "a list of 8"),
+])
+def test_a_reward_returning_the_wrong_thing_is_one_line_before_anything_is_saved(tmp_path, capsys, monkeypatch,
+                                                                                  returned, said):
+    """Fault: a custom reward returns B-1 values, a 0-d tensor, a list: one line saying what a
+    reward must return and what it returned, exit 2, no retry and no checkpoint (it used to be
+    "the reward raised ..." with torch's message, retried, and a step-0 checkpoint)."""
+    import reward_models as rm
+
+    class Wrong(torch.nn.Module):
+        def forward(self, images):
+            return returned(images)
+
+    monkeypatch.setitem(rm.REGISTRY, "wrong", lambda arg, ctx: Wrong())
+    run = tmp_path / "run"
+    code, err = run_main(["train", *TINY, "--reward", "wrong", "--reward-batch", "8", "--out", str(run),
+                          "--steps", "2"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "must return a (B,) float tensor, one value per image" in line, err
+    assert f"for 8 images it returned {said}" in line and "retrying" not in err
+    assert not (run / "checkpoints").exists() and vr.run_state(run) == "new"
+
+
+@pytest.mark.parametrize("preset, reward", [("d16", "digit:correct"), ("numbers", "digit:bold"),
+                                            ("numbers", "ocr:1")])
+def test_a_reward_made_for_other_classes_is_refused_before_sampling(tmp_path, capsys, preset, reward):
+    """digit:correct (the digits 0-9) on a 1000-class preset, the digits judge on the numbers
+    00-99: refused in one line before any weights load or sample is drawn, nothing written (it
+    used to sample, fail at step 0, save a step-0 checkpoint and advise --resume)."""
+    run = tmp_path / "run"
+    code, err = run_main(["train", "--preset", preset, "--device", "cpu", "--reward", reward, "--out", str(run)],
+                         capsys)
+    line = one_error_line(err)
+    assert code == 2 and "is made for the classes 0-9" in line and f"--preset {preset} draws" in line, err
+    assert not run.exists()
+
+
+# ---- A run's args.json, the lock file, and advice that can be followed
+
+
+def test_resume_writes_a_missing_args_json_again_from_the_checkpoint(tiny_run, tmp_path, capsys):
+    """Fault: args.json deleted from a run: --resume says so in one line and writes it again from
+    the checkpoint (it trained on without a word and never wrote it again)."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    saved = json.loads((run / "args.json").read_text())
+    (run / "args.json").unlink()
+    settings = policy_state(run)["args"]
+    vg.main(["train", "--resume", str(run), "--steps", "3"])
+    assert f"{run}/args.json was missing: written again from" in capsys.readouterr().err
+    assert json.loads((run / "args.json").read_text()) == settings
+    assert {k: settings[k] for k in ("preset", "reward", "seed", "lr")} == {k: saved[k] for k in ("preset", "reward", "seed", "lr")}
+    (run / "args.json").write_text("{not json")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "4"], capsys)
+    assert code == 2 and "args.json is unreadable" in one_error_line(err)
+
+
+def test_advice_names_only_what_the_user_can_do(tiny_run, tmp_path, capsys):
+    """Messages that named what cannot be done: resuming an --fsdp run in one process said "or
+    drop --fsdp" (a saved setting no flag turns off); a tiny state dict as var_d16.pth said "use
+    the preset it was made for (d2 ...)" (there is no d2); a lock file that cannot be opened was
+    blamed on the folder; a .safetensors file renamed .pth got torch's text and "partial
+    download, delete it"."""
+    run = copy_run(tiny_run, tmp_path / "run")
+    ckpt = policy_state(run)
+    ckpt["args"]["fsdp"] = True
+    (run / "checkpoints" / "last.pt").unlink()  # (a hard link to step_000002.pt)
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "resume it under torchrun" in line and "drop --fsdp" not in line, line
+
+    tiny_sd = ckpt["model"]
+    with pytest.raises(vr.CheckpointError) as e:
+        vr.check_depth(tiny_sd, 16, "var_d16.pth")
+    assert "depth-2" in str(e.value) and "d2" not in str(e.value).replace("depth-2", ""), e.value
+    d16_like = {f"blocks.{i}.w": torch.zeros(1) for i in range(16)}
+    with pytest.raises(vr.CheckpointError, match="use --preset d16"):
+        vr.check_depth(d16_like, 3, "var_digits.pth")
+
+    from safetensors.torch import save_file
+    renamed = tmp_path / "var_digits.pth"
+    save_file(tiny_sd, str(renamed))
+    with pytest.raises(vr.CheckpointError) as e:
+        vr.read_state_dict(renamed)
+    assert "is a safetensors file named .pth; rename it var_digits.safetensors" in str(e.value), e.value
+    assert "partial download" not in str(e.value)
+
+    locked = tmp_path / "locked"
+    (locked / vr.LOCK_NAME).mkdir(parents=True)  # a lock file that cannot be opened
+    code, err = run_main(["train", *TINY, "--out", str(locked), "--steps", "1"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"cannot open the lock file {locked / vr.LOCK_NAME}" in line, line
