@@ -661,7 +661,7 @@ def test_groups_per_sample_call_on_the_cpu_and_given():
     assert vr.groups_per_sample_call(3, 4, 7, tiny, "cpu") == 1
 
 
-MEASURE = """
+MEASURE = r"""
 import re, sys, torch, vargrpo as vg
 torch.set_num_threads(1)
 config = vg.VARConfig.preset("tiny")
@@ -788,6 +788,27 @@ def test_micro_batch_size_on_the_cpu_and_given():
     vae, policy, ref = vg.build_models(vg.TrainArgs(preset="tiny"), "cpu")
     assert vr.micro_batch_size(policy, vg.TrainArgs(micro_batch=0), 8, "cpu") == 8
     assert vr.micro_batch_size(policy, vg.TrainArgs(micro_batch=2), 8, torch.device("cpu")) == 2
+
+
+def test_micro_batch_size_on_a_gpu_reads_its_free_memory(monkeypatch):
+    """0 on a GPU (its memory queries stood in for): the free memory plus what the allocator
+    holds unused, at 2 bytes a weight under bf16 autocast and 4 under --dtype fp32."""
+    with torch.device("meta"):
+        vae, policy = vg.build_vae_var(vg.VARConfig.preset("d16"))
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (20 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 9 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * gib)
+    pending = vr.pending_update_bytes(policy, policy.config)
+
+    for dtype, dtype_bytes in (("bf16", 2), ("fp32", 4)):
+        a = vg.TrainArgs(micro_batch=0, dtype=dtype)
+        got = vr.micro_batch_size(policy, a, 64, "cuda")
+        want = vr.micro_batch_that_fits(26 * gib, 64, policy.config, dtype_bytes, pending)
+        assert got == want, dtype
+    sizes = [vr.micro_batch_that_fits(free * gib, 64, policy.config, 2, pending)
+             for free in (14, 20, 26, 32)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # the test tells them apart
 
 
 def test_pending_update_bytes_are_the_gradients_not_yet_allocated():
