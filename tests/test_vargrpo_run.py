@@ -768,6 +768,23 @@ def test_micro_batch_that_fits_is_the_largest_divisor_of_the_share_that_fits(
     assert vr.micro_batch_that_fits(free + more, share, config, dtype_bytes, pending, **kw) >= micro
 
 
+@pytest.mark.parametrize("k", [3, 7, 10])
+def test_micro_batch_that_fits_takes_exactly_what_fits(k):
+    """Free memory for k samples and a half, after the gradients and the weight casts, with a
+    share that k and k - 1 divide (5040 = 7!): exactly k samples per pass; a quarter sample
+    less, k - 1."""
+    config = vg.VARConfig.preset("d16")
+    per_sample = vr.update_sample_bytes(config, 2)
+    fixed = 3 * 2**30 + vr.weight_cast_bytes(config, 2)
+
+    def free_for(samples):
+        return math.ceil((fixed + samples * per_sample) / vr.SAMPLE_MEMORY_SHARE)
+
+    micro = vr.micro_batch_that_fits(free_for(k + 0.5), 5040, config, 2, 3 * 2**30)
+    fewer = vr.micro_batch_that_fits(free_for(k - 0.25), 5040, config, 2, 3 * 2**30)
+    assert (micro, fewer) == (k, k - 1)
+
+
 def test_micro_batch_on_80_gb_d30_and_d16():
     """On an 80 GB card with a CLIP reward, bf16: d30 fits 10 samples per pass (about 2.5 GiB
     each next to 43 GiB of static memory and its casts and gradients), so --micro-batch 0 takes 8 of
