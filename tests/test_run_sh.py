@@ -123,12 +123,14 @@ def test_the_python_given_or_active_runs_the_command_in_the_callers_folder(proje
 
 
 def test_tests_run_in_the_project_folder(project, caller, tmp_path):
-    """`run.sh test` runs pytest in the project (pytest.ini's testpaths are read from there)."""
+    """`run.sh test` runs pytest in the project (pytest.ini's testpaths are read from there), one
+    pytest-xdist worker per core, each test file on one worker."""
     python = recording_python(tmp_path / "env")
     res = run_sh(project, caller, "test", "-m", "not slow", VARGRPO_PYTHON=str(python))
 
     assert res.returncode == 0, res.stderr
-    assert called(python) == [str(project), "-m", "pytest", "-q", "-m", "not slow"]
+    xdist = ["-n", "auto", "--dist", "loadfile"]
+    assert called(python) == [str(project), "-m", "pytest", "-q", *xdist, "-m", "not slow"]
 
 
 @pytest.mark.parametrize("missing, named", [
