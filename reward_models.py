@@ -715,10 +715,11 @@ def described(values) -> str:
 
 
 def checked(name: str, values, B: int) -> torch.Tensor:
-    """A component's rewards for B images as float32: a (B,) real tensor, else one
-    RewardReturnError saying what is needed and what came back."""
-    real = torch.is_tensor(values) and not values.is_complex()
-    if real and values.shape == (B,):
+    """A component's rewards for B images as float32: a (B,) floating-point tensor, else one
+    RewardReturnError saying what is needed and what came back (integers too: a 0/1 reward
+    is returned as floats, `.float()`)."""
+    floats = torch.is_tensor(values) and values.is_floating_point()
+    if floats and values.shape == (B,):
         return values.float()
     raise RewardReturnError(f"reward {name}: {RETURNS}; for {B} images it returned {described(values)}")
 

@@ -2398,6 +2398,8 @@ def command_line(argv, cls, train):
         args, given = parse_train_args(argv, cls)
         return train(args, given)
     except RUN_ERRORS as e:
+        if launcher_aborting():
+            os._exit(128 + signal.SIGINT)
         exit_with(e, "vargrpo")
     except KeyboardInterrupt:  # a second Ctrl-C (StopRequest)
         out = None
@@ -2405,6 +2407,8 @@ def command_line(argv, cls, train):
             out = args.resume or args.out
         exit_with(aborted(out), "vargrpo")
     except RuntimeError as e:
+        if launcher_aborting():
+            os._exit(128 + signal.SIGINT)
         failed = collective_failed(e, args)
         if failed is None:
             raise
@@ -2438,6 +2442,7 @@ def collective_failed(e: BaseException, args) -> RunFailed | None:
 LAUNCHER_DIR = "VARGRPO_LAUNCHER_DIR"  # set by `launch`: each trainer records its pid there
 LAUNCHER_PID = "VARGRPO_LAUNCHER_PID"  # the launcher's pid, the trainers' parent
 ABORT_GRACE_S = 3  # a second Ctrl-C: seconds before a trainer still running is killed
+ABORTING = "aborting"  # the file in LAUNCHER_DIR that says the launcher is aborting
 
 
 def follow_launcher():
@@ -2463,6 +2468,13 @@ def follow_launcher():
 
 def under_launcher() -> bool:
     return bool(os.environ.get(LAUNCHER_DIR))
+
+
+def launcher_aborting() -> bool:
+    """The launcher aborts its trainers (a second Ctrl-C; it says so itself): a trainer whose
+    collective failed as a peer ended first has nothing to add."""
+    folder = os.environ.get(LAUNCHER_DIR)
+    return bool(folder) and (Path(folder) / ABORTING).exists()
 
 
 def aborted(out) -> Stopped:
@@ -2545,7 +2557,9 @@ class Trainers:
                 send(pid, self.signum)
 
     def kill(self, job):
-        """The abort: Ctrl-C to every trainer, then SIGKILL after ABORT_GRACE_S."""
+        """The abort: Ctrl-C to every trainer, then SIGKILL after ABORT_GRACE_S. (A trainer
+        that a peer's end wakes first ends without a word: launcher_aborting.)"""
+        (self.folder / ABORTING).touch()
         for pid in self.pids():
             send(pid, signal.SIGINT)
         job.join(ABORT_GRACE_S)

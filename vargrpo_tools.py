@@ -628,7 +628,8 @@ def vmr_sweep(args) -> list:
         sweep = [int(m) for m in args.vmr_m.split(",")]
     if any(not 1 <= m < K for m in sweep):
         raise UsageError(f"--vmr-m {args.vmr_m}: the split must be a scale in 1..{K - 1} of"
-                         f" {args.preset}")
+                         f" {args.preset}; pass --vmr-m with those (e.g. --vmr-m {K // 2}),"
+                         " or --vmr-m '' for no sweep")
     return sweep
 
 
@@ -879,7 +880,8 @@ def plot_reward_curve(run: Path, out_path: Path | None = None, title: str | None
     out_path = out_path or run / "reward_curve.png"
     problem = vr.cannot_write(out_path.parent)
     if problem:
-        raise UsageError(f"cannot write {out_path} ({problem})")
+        raise UsageError(f"cannot write {out_path} ({problem}); pass --out a PNG path in a"
+                         " folder you can write")
     rows = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:
@@ -1642,6 +1644,9 @@ def gpu_check(args) -> dict:
     out = Path(args.out)  # checked before the minutes of measuring
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name the JSON file gpu-check writes")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it (or --out"
+                         " another file)")
     output_folder(out.parent, "the gpu-check JSON")
     timeout_s = args.child_timeout
     vr.need(math.isfinite(timeout_s) and timeout_s > 0,
@@ -2603,8 +2608,11 @@ def demo(argv) -> dict:
     """`bash run.sh demo [train flags]`: GRPO on the digits model with DEMO_FLAGS (flags given
     win), then before.png / after.png (the pre-trained and the fine-tuned model on the same
     labels and seed), reward_curve.png and summary.json in the run folder."""
-    parser = argparse.ArgumentParser(prog="vargrpo_tools.py demo", add_help=False,
-                                     argument_default=argparse.SUPPRESS)
+    defaults = [f"{vr.flag(k)} {v}" for k, v in DEMO_FLAGS.items()]
+    parser = argparse.ArgumentParser(
+        prog="vargrpo_tools.py demo", argument_default=argparse.SUPPRESS,
+        description="GRPO on the digits model, with train's flags; the demo's"
+        f" defaults where not given: {' '.join(defaults)}")
     vr.add_dataclass_args(parser, TrainArgs)
     given = vars(parser.parse_args(argv))
     a = TrainArgs(**{**DEMO_FLAGS, **given})
@@ -2741,6 +2749,8 @@ def add_gpu_check_parser(sub):
                    " tiny")
     p.add_argument("--out", default="runs/gpu_check.json",
                    help="the JSON, written again after each variant")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file")
     p.add_argument("--child-timeout", default=600.0, type=float, metavar="SECONDS",
                    help="each variant's process (and its torchrun) is killed after this long,"
                    " its error recorded, and the next one runs (default 600)")
@@ -2778,6 +2788,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_gpu_check_parser(sub)
     p = sub.add_parser("plot", help="reward_curve.png of a run")
     p.add_argument("run", help="the run directory")
+    p.add_argument("--out", default=None,
+                   help="the PNG to write (default: RUN/reward_curve.png)")
     sub.add_parser("demo", add_help=False,
                    help="the CPU demo: GRPO on the digits model, then before/after pictures and"
                    " summary.json")
@@ -2796,7 +2808,10 @@ def run_command(args):
     if args.command == "ablate":
         return ablate(args)
     if args.command == "plot":
-        return plot_reward_curve(Path(args.run))
+        out = None
+        if args.out:
+            out = Path(args.out)
+        return plot_reward_curve(Path(args.run), out)
     if args.command == "prepare":
         return prepare(Path(args.out), DIGITS_RECIPES[args.preset], quick=args.quick,
                        overwrite=args.overwrite)

@@ -481,6 +481,22 @@ def test_gpu_check_counts_launches_in_the_cpu_side_ranges():
     assert counted["launches"] == {"update": 2} and counted["launches_per_step"] == 2
 
 
+def test_ablate_names_the_flag_of_a_default_sweep_that_does_not_fit(tmp_path, capsys):
+    """tiny has 4 scales: the default --vmr-m 2,5 does not fit it; the line says what does."""
+    argv = ["ablate", "--preset", "tiny", "--seeds", "0", "--out", str(tmp_path / "a")]
+    code, err = tools_main(argv, capsys)
+    line = one_line(err)
+    assert code == 2 and "1..3 of tiny" in line and "--vmr-m ''" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_demo_help_lists_its_flags_and_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        tools.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--steps" in out and "the demo's defaults" in out
+
+
 def test_plot_of_a_missing_run_is_one_line(tmp_path, capsys):
     code, err = tools_main(["plot", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "metrics.jsonl does not exist: name a run folder" in one_line(err)
@@ -514,8 +530,8 @@ def test_bench_refuses_an_unknown_preset_before_measuring(capsys):
 
 
 def test_gpu_check_checks_its_out_before_measuring(tmp_path, capsys, read_only):
-    """--out an existing folder, or in a read-only folder: one line at once, not after the
-    minutes of measuring."""
+    """--out an existing folder, a file that exists (a user's, without --overwrite), or in a
+    read-only folder: one line at once, not after the minutes of measuring."""
     t0 = time.perf_counter()
     argv = ["gpu-check", "--device", "cpu", "--preset", "tiny", "--out", str(tmp_path)]
     code, err = tools_main(argv, capsys)
@@ -524,6 +540,11 @@ def test_gpu_check_checks_its_out_before_measuring(tmp_path, capsys, read_only):
     locked = read_only(tmp_path / "locked")
     code, err = tools_main([*argv[:-1], str(locked / "check.json")], capsys)
     assert code == 2 and "cannot write in" in one_line(err)
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"x": 1}')
+    code, err = tools_main([*argv[:-1], str(mine)], capsys)
+    assert code == 2 and "exists; pass --overwrite" in one_line(err)
+    assert mine.read_text() == '{"x": 1}'
     assert time.perf_counter() - t0 < 30  # nothing was measured (a variant takes ~20 s)
 
 
@@ -580,7 +601,7 @@ def test_eval_device_cuda_without_a_gpu_is_one_line(tiny_run, capsys):
 
 def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, capsys, read_only):
     """plot of a run without args.json titles the curve by the folder; a read-only run folder
-    is one line."""
+    is one line that names --out, and --out writes the curve elsewhere."""
     run = copy_run(tiny_run, tmp_path / "run")
     (run / "args.json").unlink()
     (run / "reward_curve.png").unlink(missing_ok=True)
@@ -588,7 +609,9 @@ def test_plot_without_args_json_or_into_a_read_only_run(tiny_run, tmp_path, caps
     assert (run / "reward_curve.png").is_file()
     locked = read_only(copy_run(tiny_run, tmp_path / "locked"))
     code, err = tools_main(["plot", str(locked)], capsys)
-    assert code == 2 and "cannot write" in one_line(err)
+    assert code == 2 and "cannot write" in one_line(err) and "pass --out" in one_line(err)
+    tools.main(["plot", str(locked), "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").is_file()
 
 
 # ---- Signals: every tool ends in one line

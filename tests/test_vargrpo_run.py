@@ -1589,6 +1589,7 @@ def test_resume_of_a_folder_a_live_run_holds_names_the_holder(tmp_path):
     (lambda images: images.mean((1, 2, 3))[1:], "a tensor of shape (7,) (torch.float32)"),
     (lambda images: images.mean(), "a 0-d tensor (torch.float32)"),
     (lambda images: images.mean((1, 2, 3)).tolist(), "a list of 8"),
+    (lambda images: (images.mean((1, 2, 3)) > 0.5).long(), "a tensor of shape (8,) (torch.int64)"),
 ])
 def test_a_reward_returning_the_wrong_thing_is_one_line_before_anything_is_saved(tmp_path, capsys, monkeypatch,
                                                                                   returned, said):
