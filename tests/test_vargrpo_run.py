@@ -818,14 +818,17 @@ def test_micro_batch_size_on_a_gpu_reads_its_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * gib)
     pending = vr.pending_update_bytes(policy, policy.config)
 
-    for dtype, dtype_bytes in (("bf16", 2), ("fp32", 4)):
-        a = vg.TrainArgs(micro_batch=0, dtype=dtype)
-        got = vr.micro_batch_size(policy, a, 64, "cuda")
-        want = vr.micro_batch_that_fits(26 * gib, 64, policy.config, dtype_bytes, pending)
-        assert got == want, dtype
-    sizes = [vr.micro_batch_that_fits(free * gib, 64, policy.config, 2, pending)
+    wants = []
+    for dtype, dtype_bytes, kl in (("bf16", 2, "k3"), ("fp32", 4, "k3"), ("bf16", 2, "exact")):
+        a = vg.TrainArgs(micro_batch=0, dtype=dtype, kl=kl)
+        got = vr.micro_batch_size(policy, a, 5040, "cuda")
+        wants.append(vr.micro_batch_that_fits(26 * gib, 5040, policy.config, dtype_bytes,
+                                              pending, kl_exact=kl == "exact"))
+        assert got == wants[-1], (dtype, kl)
+    assert len(set(wants)) == 3, wants  # the test tells them apart
+    sizes = [vr.micro_batch_that_fits(free * gib, 5040, policy.config, 2, pending)
              for free in (14, 20, 26, 32)]
-    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # the test tells them apart
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
 
 
 def test_pending_update_bytes_are_the_gradients_not_yet_allocated():
