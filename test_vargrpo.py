@@ -279,7 +279,7 @@ def test_load_pretrained_wrong_depth_names_the_depth(isolated_cache):
         vg.load_pretrained("d16", weights_dir=isolated_cache)
     d20 = {f"blocks.{i}.attn.q_bias": torch.zeros(1) for i in range(20)}
     torch.save(d20, isolated_cache / "var_d16.pth")
-    with pytest.raises(vg.CheckpointError, match="depth-20 .*d20 for an official file"):
+    with pytest.raises(vg.CheckpointError, match="depth-20 .*use --preset d20, the preset it was made for"):
         vg.load_pretrained("d16", weights_dir=isolated_cache)
 
 

@@ -2394,6 +2394,7 @@ def command_line(argv, cls, train):
     then train(args, given); a user's mistake, a failed run or a signal ends in one line and
     its exit code (exit_with)."""
     args = None
+
     try:
         args, given = parse_train_args(argv, cls)
         return train(args, given)

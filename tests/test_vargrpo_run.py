@@ -1657,8 +1657,7 @@ def test_advice_names_only_what_the_user_can_do(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path / "run")
     ckpt = policy_state(run)
     ckpt["args"]["fsdp"] = True
-    (run / "checkpoints" / "last.pt").unlink()  # (a hard link to step_000002.pt)
-    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    save_edited(ckpt, run / "checkpoints" / "last.pt")
     code, err = run_main(["train", "--resume", str(run), "--steps", "3"], capsys)
     line = one_error_line(err)
     assert code == 2 and "resume it under torchrun" in line and "drop --fsdp" not in line, line
