@@ -1266,12 +1266,18 @@ def micro_batch_that_fits(free_bytes: int, share: int, config, dtype_bytes: int,
     return largest_divisor_up_to(share, fit)
 
 
+def var_block_params(config) -> int:
+    """One transformer block's parameters: 18 C^2 + 14 C + heads."""
+    C = config.embed_dim
+    return 18 * C * C + 14 * C + config.num_heads
+
+
 def var_param_count(config) -> int:
-    """The VAR's parameters (tested against the model): per block 18 C^2 + 14 C + heads; the
+    """The VAR's parameters (tested against the model): its blocks (var_block_params); the
     embeddings, positions and the head."""
     C = config.embed_dim
     V = config.vocab_size
-    block = 18 * C * C + 14 * C + config.num_heads
+    block = var_block_params(config)
     first = config.patch_nums[0] ** 2
     rows = config.num_classes + 1 + first + config.seq_len + config.num_scales
     embeddings = config.z_channels * C + C + rows * C
@@ -1282,8 +1288,7 @@ def var_param_count(config) -> int:
 def fsdp_transient_bytes(config) -> int:
     """What --fsdp gathers whole while a pass runs: two blocks (the running one and the
     prefetched next) and the root (embeddings, head), in fp32, and their unsharded gradients."""
-    C = config.embed_dim
-    block = 18 * C * C + 14 * C + config.num_heads
+    block = var_block_params(config)
     root = var_param_count(config) - config.depth * block
     return 2 * 4 * (2 * block + root)
 
